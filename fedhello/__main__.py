@@ -1,0 +1,3 @@
+from fedhello.cli import main
+
+raise SystemExit(main())

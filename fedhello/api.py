@@ -1,0 +1,32 @@
+"""The Python entry point: run an experiment from a config object, get its summary back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedhello.config import ExperimentConfig
+from fedhello.engine.local import RoundCallback, default_run_dir, run_local
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    on_round_end: RoundCallback | None = None,
+) -> dict[str, Any]:
+    """Run `cfg` (or resume the run in `out_dir`) and return its summary.
+
+    Example::
+
+        from fedhello import load_config, run_experiment
+        cfg = load_config(overrides=["federation.rounds=3", "method=gd-bottleneck"])
+        summary = run_experiment(cfg, "runs/demo")
+        print(summary["final_test_accuracy"])
+
+    The run directory receives config.yaml, metrics.jsonl, summary.json, plots and a
+    checkpoint after every round; `resume=True` continues from the last completed round.
+    """
+    run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    return run_local(cfg, run_dir, resume=resume, on_round_end=on_round_end)

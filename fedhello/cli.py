@@ -1,0 +1,194 @@
+"""Command line: `fedhello run`, `fedhello allocate`, `fedhello partition`.
+
+User errors print one line and exit with status 2; nothing else is printed for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhello.errors import UserError
+
+
+def _floats_or_ints(text: str, what: str) -> list[int | float]:
+    out: list[int | float] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            out.append(int(part))
+        except ValueError:
+            try:
+                out.append(float(part))
+            except ValueError:
+                raise UserError(f"{what}: '{part}' is not a number") from None
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedhello.api import run_experiment
+    from fedhello.config import load_config
+
+    if args.resume:
+        if args.out is None:
+            raise UserError("--resume needs --out DIR (the run directory to continue)")
+        if args.config is not None or args.overrides:
+            raise UserError("--resume continues a run with its saved config; drop the config and overrides")
+        cfg = load_config(Path(args.out) / "config.yaml")
+    else:
+        cfg = load_config(args.config, args.overrides)
+    try:
+        summary = run_experiment(cfg, args.out, resume=args.resume)
+    except KeyboardInterrupt:
+        where = f" --out {args.out}" if args.out else ""
+        print(f"interrupted; completed rounds are saved: fedhello run --resume{where}", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    from fedhello.method.allocation import (
+        allocate_layers,
+        build_strategy,
+        collective_distribution,
+        inclusion_frequency,
+    )
+    from fedhello.method.groups import resolve_budget
+    from fedhello.seeding import Stream, numpy_rng
+
+    L = args.num_layers
+    if L < 1:
+        raise UserError("--num-layers: must be at least 1")
+    budgets = [resolve_budget(b, L, "--budgets") for b in _floats_or_ints(args.budgets, "--budgets")]
+    shares = _floats_or_ints(args.shares, "--shares") if args.shares else [1.0] * len(budgets)
+    if len(shares) != len(budgets):
+        raise UserError(f"--shares: {len(shares)} shares for {len(budgets)} budgets")
+    if any(s <= 0 for s in shares):
+        raise UserError("--shares: every share must be positive")
+    if args.strategy in ("gd", "rgd") and args.pattern is None:
+        raise UserError(f"--pattern is required for strategy '{args.strategy}'")
+    method = args.strategy if args.strategy in ("full", "random") else f"{args.strategy}-{args.pattern}"
+    strategy = build_strategy(method, L, budgets, [float(s) for s in shares])
+    round1 = allocate_layers(strategy, 1, dict(enumerate(budgets)), args.seed)
+    result: dict[str, Any] = {"method": method, "num_layers": L, "groups": []}
+    probabilities = getattr(strategy, "probabilities", None)
+    for g, (n, s) in enumerate(zip(budgets, shares, strict=True)):
+        entry: dict[str, Any] = {"group": g, "budget": n, "share": s}
+        if probabilities is None:
+            entry["layers"] = list(round1[g])
+        else:
+            entry["example_draw"] = list(round1[g])
+            freq = inclusion_frequency(probabilities, n, args.draws, numpy_rng(args.seed, Stream.ALLOCATION, g))
+            entry["inclusion_frequency"] = [round(float(x), 4) for x in freq]
+        result["groups"].append(entry)
+    if args.pattern is not None:
+        c = collective_distribution(args.pattern, budgets, shares, L)
+        result["collective_distribution"] = [round(float(x), 6) for x in c]
+        result["collective_counts"] = [round(float(x) * len(budgets), 6) for x in c]
+    if probabilities is not None:
+        result["probabilities"] = [round(float(x), 6) for x in probabilities]
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_allocation_table(result))
+    return 0
+
+
+def _allocation_table(result: dict[str, Any]) -> str:
+    L = result["num_layers"]
+    lines = [f"{result['method']}  (L={L}; layer 0 = input side)"]
+    lines.append("group  budget  share  " + " ".join(f"{i:>3d}" for i in range(L)))
+    for g in result["groups"]:
+        if "layers" in g:
+            cells = ["  x" if i in g["layers"] else "  ." for i in range(L)]
+        else:
+            cells = [f"{x:3.2f}"[1:] if x < 1 else "1.0" for x in g["inclusion_frequency"]]
+            cells = [f"{c:>3s}" for c in cells]
+        lines.append(f"{g['group']:>5d}  {g['budget']:>6d}  {g['share']:>5g}  " + " ".join(cells))
+    if "collective_distribution" in result:
+        lines.append("collective distribution: " + " ".join(f"{x:.3f}" for x in result["collective_distribution"]))
+    if "probabilities" in result:
+        lines.append("sampling probabilities:  " + " ".join(f"{x:.3f}" for x in result["probabilities"]))
+    return "\n".join(lines)
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from fedhello.config import load_config
+    from fedhello.data import describe_partition, format_partition_table, load_examples, partition_indices
+    from fedhello.data import split_examples
+
+    cfg = load_config(args.config, args.overrides)
+    examples = load_examples(cfg.data, seed=cfg.seed)
+    splits = split_examples(examples.labels, cfg.data.val_size, cfg.data.test_size, cfg.seed)
+    labels = examples.labels[splits["train"]]
+    parts = partition_indices(labels, cfg.partition, cfg.seed)
+    desc = describe_partition(labels, parts, examples.label_names)
+    if args.json:
+        print(json.dumps(desc, indent=2))
+    else:
+        print(format_partition_table(desc, examples.label_names))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedhello", description="Federated LoRA fine-tuning with heterogeneous LoRA allocation."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a federated fine-tuning experiment")
+    run.add_argument("config", nargs="?", help="YAML config file (optional)")
+    run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=0.01")
+    run.add_argument("--out", help="run directory (default: runs/<method>-seed<seed>-<time>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run.set_defaults(func=cmd_run)
+
+    alloc = sub.add_parser("allocate", help="print the layer sets a strategy gives each group")
+    alloc.add_argument("--strategy", choices=["full", "gd", "rgd", "random"], required=True)
+    alloc.add_argument("--pattern", choices=["triangle", "inverted_triangle", "bottleneck", "uniform"])
+    alloc.add_argument("--num-layers", type=int, required=True)
+    alloc.add_argument("--budgets", required=True, help="per group: layer counts (6,9,12) or fractions")
+    alloc.add_argument("--shares", help="client shares per group (default equal), e.g. 6,3,1")
+    alloc.add_argument("--seed", type=int, default=0)
+    alloc.add_argument("--draws", type=int, default=10000, help="draws for realised inclusion frequencies")
+    alloc.add_argument("--json", action="store_true")
+    alloc.set_defaults(func=cmd_allocate)
+
+    part = sub.add_parser("partition", help="print per-client sizes and class histograms")
+    part.add_argument("config", nargs="?", help="YAML config file (optional)")
+    part.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. partition.scheme=dirichlet")
+    part.add_argument("--json", action="store_true")
+    part.set_defaults(func=cmd_partition)
+    return parser
+
+
+def _split_config_and_overrides(args: argparse.Namespace) -> None:
+    # argparse fills `config` with the first positional; a `key=value` there is an override.
+    cfg = getattr(args, "config", None)
+    if cfg is not None and "=" in cfg and not Path(cfg).exists():
+        args.overrides = [cfg, *args.overrides]
+        args.config = None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    _split_config_and_overrides(args)
+    np.set_printoptions(precision=4)
+    try:
+        return int(args.func(args))
+    except UserError as e:
+        print(f"fedhello: error: {e}", file=sys.stderr)
+        return 2

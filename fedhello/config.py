@@ -1,0 +1,280 @@
+"""Experiment configuration: one validated object, loadable from YAML plus dotted overrides.
+
+Every knob of a run lives here, so a run directory's `config.yaml` reproduces the run.
+Unknown keys and bad values are rejected with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedhello.errors import UserError
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Which foundation model to fine-tune."""
+
+    name: str = Field(
+        "minilm",
+        description="'minilm' (offline all-MiniLM-L6-v2), 'mpnet' (offline all-mpnet-base-v2), "
+        "a local path, or a Hugging Face hub name.",
+    )
+    max_length: int = Field(64, ge=8, le=4096, description="Tokens per example (truncation).")
+
+
+class LoraConfig(_Strict):
+    """LoRA adapters; defaults follow the paper (r=16, alpha=16, dropout 0.1, query+value)."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        None, description="Projection names inside each block; null = discover query and value."
+    )
+
+
+class DataConfig(_Strict):
+    """Where examples come from and how they are split."""
+
+    source: Literal["wiki_vital", "csv", "jsonl", "hf"] = "wiki_vital"
+    path: str | None = Field(None, description="File (csv/jsonl), dataset name or saved dataset dir (hf).")
+    language: Literal["en-us", "fr-fr", "es-es"] = "en-us"
+    text_column: str = "text"
+    label_column: str = "label"
+    hf_split: str = "train"
+    val_size: float | int = Field(500, description="Validation examples (int) or fraction (float).")
+    test_size: float | int = Field(1000, description="Test examples (int) or fraction (float).")
+    max_examples: int | None = Field(None, ge=10, description="Subsample the source (stratified).")
+    cache_dir: str | None = Field(None, description="Tokenization cache; null = ~/.cache/fedhello.")
+
+    @field_validator("val_size", "test_size")
+    @classmethod
+    def _positive_size(cls, v: float | int) -> float | int:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError("a fraction must be between 0 and 1")
+        if isinstance(v, int) and v < 1:
+            raise ValueError("a count must be at least 1")
+        return v
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.source != "wiki_vital" and not self.path:
+            raise ValueError(f"data.path is required for source '{self.source}'")
+        return self
+
+
+class PartitionConfig(_Strict):
+    """How the training split is divided among clients."""
+
+    scheme: Literal["iid", "dirichlet", "pathological"] = "iid"
+    num_clients: int = Field(20, ge=1)
+    alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration.")
+    classes_per_client: int = Field(2, ge=1, description="Pathological: classes each client holds.")
+    beta: float = Field(1.0, gt=0, description="Pathological: Dirichlet quantities within a class.")
+    min_per_share: int = Field(10, ge=0, description="Pathological: minimum examples per class share.")
+
+
+class GroupConfig(_Strict):
+    """A resource-capability group: a share of the clients and a layer budget."""
+
+    name: str
+    share: float = Field(gt=0, description="Relative share of clients (e.g. 6, 3, 1).")
+    budget: int | float = Field(
+        description="Layers this group may train: an int is a count, a float in (0, 1] a fraction of L."
+    )
+    rank: int | None = Field(None, ge=1, description="LoRA rank for rank-heterogeneous methods.")
+
+    @field_validator("budget")
+    @classmethod
+    def _valid_budget(cls, v: int | float) -> int | float:
+        if isinstance(v, bool):
+            raise ValueError("must be a number")
+        if isinstance(v, float) and not 0 < v <= 1:
+            raise ValueError("a fractional budget must be in (0, 1]; use an int for a layer count")
+        if isinstance(v, int) and v < 1:
+            raise ValueError("a layer count must be at least 1")
+        return v
+
+
+def _default_groups() -> list[GroupConfig]:
+    return [
+        GroupConfig(name="low", share=1, budget=0.5),
+        GroupConfig(name="mid", share=1, budget=0.75),
+        GroupConfig(name="high", share=1, budget=1.0),
+    ]
+
+
+class FederationConfig(_Strict):
+    """The server loop."""
+
+    rounds: int = Field(10, ge=1)
+    clients_per_round: int = Field(5, ge=1)
+    weighting: Literal["samples", "uniform"] = Field(
+        "samples", description="Per-tensor mean weighted by sample count, or unweighted (released)."
+    )
+    head: Literal["aggregate", "frozen"] = Field(
+        "aggregate",
+        description="Train and average the classification head, or keep it frozen at a seeded init (released).",
+    )
+
+
+class TrainConfig(_Strict):
+    """Local training on a client."""
+
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1, description="If set, stop after this many steps.")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    freezing: Literal["real", "lr0"] = Field(
+        "real",
+        description="'real' freezes untrained layers; 'lr0' is the released pseudo-freezing (benchmarks only).",
+    )
+
+
+class EvalConfig(_Strict):
+    """Evaluation of the global model."""
+
+    every: int = Field(1, ge=1, description="Evaluate every N rounds (the last round always).")
+    batch_size: int = Field(128, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    """A whole experiment. `fedhello run` and `fedhello.run_experiment` take one of these."""
+
+    seed: int = 0
+    method: str = Field(
+        "rgd-bottleneck",
+        description="full | gd-<pattern> | rgd-<pattern> | random; pattern: triangle, inverted_triangle, "
+        "bottleneck or uniform",
+    )
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default.")
+    quiet: bool = False
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    groups: list[GroupConfig] = Field(default_factory=_default_groups)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from fedhello.method.allocation import parse_method
+
+        parse_method(v)
+        return v
+
+    @field_validator("groups")
+    @classmethod
+    def _some_groups(cls, v: list[GroupConfig]) -> list[GroupConfig]:
+        if not v:
+            raise ValueError("at least one group is needed")
+        names = [g.name for g in v]
+        if len(set(names)) != len(names):
+            raise ValueError("group names must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        if self.federation.clients_per_round > self.partition.num_clients:
+            raise ValueError(
+                "federation.clients_per_round must not exceed partition.num_clients "
+                f"({self.federation.clients_per_round} > {self.partition.num_clients})"
+            )
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    where = f"{source}: " if source else ""
+    return f"{where}{loc}: {msg}" if loc else f"{where}{msg}"
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"override {key}: '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ['train.lr=0.01', 'groups=[...]'] into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}': expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Build a validated config from an optional YAML file and dotted overrides."""
+    tree: dict[str, Any] = {}
+    source = ""
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise UserError(f"{p}: not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{p}: top level must be a mapping of keys")
+        tree = loaded
+    if overrides:
+        tree = _deep_merge(tree, parse_overrides(overrides))
+        source = source or "override"
+    return config_from_dict(tree, source)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_format_error(e, source)) from None
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,63 @@
+"""Resource-capability groups: which share of the clients can afford how many LoRA layers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedhello.config import GroupConfig
+from fedhello.errors import UserError
+from fedhello.seeding import Stream, numpy_rng
+
+
+@dataclass(frozen=True)
+class ResourceGroup:
+    """A group after its budget is resolved against the model's depth L."""
+
+    name: str
+    share: float
+    num_layers: int
+    rank: int | None = None
+
+
+def resolve_budget(budget: int | float, num_layers: int, where: str = "budget") -> int:
+    """An int is a layer count; a float in (0, 1] a fraction of L, rounded down (what fits), at least 1."""
+    if isinstance(budget, float):
+        return max(1, math.floor(budget * num_layers + 1e-9))
+    if budget > num_layers:
+        raise UserError(f"{where}: {budget} layers requested but the model has {num_layers}")
+    return budget
+
+
+def resolve_groups(groups: Sequence[GroupConfig], num_layers: int) -> list[ResourceGroup]:
+    return [
+        ResourceGroup(g.name, g.share, resolve_budget(g.budget, num_layers, f"groups.{i}.budget"), g.rank)
+        for i, g in enumerate(groups)
+    ]
+
+
+def group_sizes(num_clients: int, shares: Sequence[float]) -> list[int]:
+    """Clients per group by largest remainder, so 20 clients at 6:3:1 give 12/6/2."""
+    total = float(sum(shares))
+    exact = [num_clients * s / total for s in shares]
+    sizes = [math.floor(x) for x in exact]
+    order = sorted(range(len(shares)), key=lambda i: (-(exact[i] - sizes[i]), i))
+    for i in order[: num_clients - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+def assign_clients_to_groups(num_clients: int, groups: Sequence[ResourceGroup], seed: int) -> np.ndarray:
+    """Group index of each client: sizes from the shares, membership shuffled by the seed."""
+    sizes = group_sizes(num_clients, [g.share for g in groups])
+    membership = np.repeat(np.arange(len(groups)), sizes)
+    return numpy_rng(seed, Stream.GROUPS).permutation(membership)
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round_index: int) -> list[int]:
+    """The clients of one round: uniform without replacement, sorted."""
+    rng = numpy_rng(seed, Stream.CLIENT_SAMPLING, round_index)
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
