@@ -33,7 +33,7 @@ class LoraConfig(_Strict):
     """LoRA adapters; defaults follow the paper (r=16, alpha=16, dropout 0.1, query+value)."""
 
     r: int = Field(16, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    alpha: int = Field(16, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] | None = Field(
         None, description="Projection names inside each block; null = discover query and value."

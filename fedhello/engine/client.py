@@ -165,7 +165,7 @@ def train_client(
     groups: list[dict[str, object]] = [{"params": trainable}]
     if cfg.freezing == "lr0":
         groups.append({"params": [params[k] for k in sorted(requires - set(keys))], "lr": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     meter = MemoryMeter(device, list(params.values()))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

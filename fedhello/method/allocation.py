@@ -30,10 +30,11 @@ def geometric_layers(pattern: str, budget: int, num_layers: int) -> tuple[int, .
     n, L = budget, num_layers
     if not 1 <= n <= L:
         raise UserError(f"budget {n} must be between 1 and the number of layers {L}")
+    layers: list[int]
     if pattern == "triangle":
-        layers = range(n)
+        layers = list(range(n))
     elif pattern == "inverted_triangle":
-        layers = range(L - n, L)
+        layers = list(range(L - n, L))
     elif pattern == "bottleneck":
         low, high = math.ceil(n / 2), n // 2
         layers = [*range(low), *range(L - high, L)]

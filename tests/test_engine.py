@@ -1,0 +1,222 @@
+"""Engine mechanics on a tiny BERT: real freezing, exact uploads, rejection, resume, determinism."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedhello import load_config, run_experiment
+from fedhello.cli import main
+from fedhello.engine import local as local_engine
+from fedhello.engine.client import ClientResult, train_client, trained_keys
+from fedhello.engine.setup import Experiment, prepare_experiment
+from fedhello.method.aggregation import payload_bytes
+
+TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "round_seconds", "peak_memory_bytes"}
+
+
+def _strip_timing(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_strip_timing(v) for v in obj]
+    return obj
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def tiny_exp(tiny_overrides: Callable[..., list[str]]) -> Experiment:
+    return prepare_experiment(load_config(None, tiny_overrides()))
+
+
+def _train(exp: Experiment, layers: tuple[int, ...], **kw: Any) -> ClientResult:
+    cfg = exp.cfg.train.model_copy(update=kw)
+    return train_client(
+        exp.lm,
+        exp.lm.lora_state(),
+        0,
+        layers,
+        exp.tokens,
+        exp.client_indices[0],
+        cfg,
+        train_head=True,
+        seed=0,
+        round_index=1,
+        pad_id=exp.pad_id,
+        device=exp.device,
+    )
+
+
+def test_frozen_tensors_get_no_gradient_and_do_not_change(
+    tiny_exp: Experiment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lm = tiny_exp.lm
+    before = lm.lora_state()
+    grads_seen: set[str] = set()
+    real_step = torch.optim.AdamW.step
+
+    def spy_step(self: torch.optim.Optimizer, *a: Any, **kw: Any) -> Any:
+        grads_seen.update(n for n, p in lm.model.named_parameters() if p.grad is not None)
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy_step)
+    result = _train(tiny_exp, (2, 3))
+    after = lm.lora_state()
+    trained = set(trained_keys(lm, (2, 3), True))
+    assert grads_seen == trained  # over every parameter of the model, base weights included
+    for key in before:
+        changed = not torch.equal(before[key], after[key])
+        if key in trained and "lora_A" in key:
+            assert changed, f"{key} should have been trained"
+        if key not in trained:
+            assert not changed, f"{key} is frozen but changed"
+    assert set(result.update.deltas) == trained
+    assert result.steps == 3
+
+
+def test_only_trained_tensors_uploaded_with_exact_bytes(tiny_exp: Experiment) -> None:
+    lm = tiny_exp.lm
+    result = _train(tiny_exp, (1,))
+    expected = trained_keys(lm, (1,), True)
+    assert sorted(result.update.deltas) == sorted(expected)
+    params = dict(lm.model.named_parameters())
+    assert payload_bytes(result.update.deltas) == sum(params[k].numel() * 4 for k in expected)
+    # layer 1 of a 4-block model with LoRA r=4 on query+value (hidden 32): 2 x 4 x (32 + 32) floats
+    assert sum(result.update.deltas[k].numel() for k in lm.layer_params[1]) == 2 * 4 * 64
+
+
+def test_no_autograd_graph_below_lowest_trained_block(tiny_exp: Experiment) -> None:
+    lm = tiny_exp.lm
+    needs_grad: dict[int, bool] = {}
+    hooks = [
+        b.register_forward_hook(
+            lambda _m, _a, out, i=i: needs_grad.__setitem__(i, (out[0] if isinstance(out, tuple) else out).requires_grad)
+        )
+        for i, b in enumerate(lm.blocks)
+    ]
+    _train(tiny_exp, (2, 3), local_steps=1)
+    assert needs_grad == {0: False, 1: False, 2: True, 3: True}
+    _train(tiny_exp, (2, 3), local_steps=1, freezing="lr0")  # the released pseudo-freezing builds it all
+    for h in hooks:
+        h.remove()
+    assert needs_grad == {0: True, 1: True, 2: True, 3: True}
+
+
+def test_optimizer_holds_only_trained_tensors(tiny_exp: Experiment, monkeypatch: pytest.MonkeyPatch) -> None:
+    held: list[int] = []
+    real = torch.optim.AdamW
+
+    def spy(groups: Any, **kw: Any) -> torch.optim.Optimizer:
+        opt = real(groups, **kw)
+        held.append(sum(p.numel() for g in opt.param_groups for p in g["params"]))
+        return opt
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    _train(tiny_exp, (3,), local_steps=1)
+    params = dict(tiny_exp.lm.model.named_parameters())
+    assert held == [sum(params[k].numel() for k in trained_keys(tiny_exp.lm, (3,), True))]
+
+
+def test_fewer_top_layers_use_less_training_memory(tiny_exp: Experiment) -> None:
+    top = _train(tiny_exp, (3,), local_steps=2)
+    full = _train(tiny_exp, (0, 1, 2, 3), local_steps=2)
+    pseudo = _train(tiny_exp, (3,), local_steps=2, freezing="lr0")
+    assert top.peak_memory_bytes < full.peak_memory_bytes
+    assert pseudo.peak_memory_bytes >= full.peak_memory_bytes
+
+
+def test_resume_after_interrupt_equals_uninterrupted_and_seed_is_reproducible(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    cfg = load_config(None, tiny_overrides("method=rgd-bottleneck"))
+    full = run_experiment(cfg, tmp_path / "full")
+    again = run_experiment(cfg, tmp_path / "again")
+    assert _strip_timing(_metrics(tmp_path / "full")) == _strip_timing(_metrics(tmp_path / "again"))
+    assert full["final_test_accuracy"] == again["final_test_accuracy"]
+
+    def interrupt(round_number: int, record: dict[str, Any]) -> None:
+        if round_number == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", on_round_end=interrupt)
+    assert len(_metrics(tmp_path / "cut")) == 2
+    resumed = run_experiment(cfg, tmp_path / "cut", resume=True)
+    assert resumed["rounds_completed"] == 3
+    assert _strip_timing(_metrics(tmp_path / "cut")) == _strip_timing(_metrics(tmp_path / "full"))
+    for key in ("final_test_accuracy", "mean_last5_test_accuracy", "best_val_accuracy", "bytes_uploaded_total"):
+        assert resumed[key] == full[key], key
+
+
+def test_malformed_update_is_rejected_and_round_completes(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = local_engine.train_client
+    calls: list[int] = []
+
+    def sabotage(*args: Any, **kw: Any) -> ClientResult:
+        result = real(*args, **kw)
+        calls.append(result.update.client_id)
+        if len(calls) == 1:  # the first client of round 1 sends NaNs
+            key = next(iter(result.update.deltas))
+            result.update.deltas[key] = torch.full_like(result.update.deltas[key], float("nan"))
+        return result
+
+    monkeypatch.setattr(local_engine, "train_client", sabotage)
+    summary = run_experiment(load_config(None, tiny_overrides("federation.rounds=2")), tmp_path / "run")
+    rounds = _metrics(tmp_path / "run")
+    assert len(rounds) == 2
+    assert list(rounds[0]["rejected"]) == [str(calls[0])]
+    assert "non-finite" in rounds[0]["rejected"][str(calls[0])]
+    assert [c["accepted"] for c in rounds[0]["clients"]] == [False, True, True]
+    assert rounds[1]["rejected"] == {}
+    assert summary["rejected_updates"] == 1
+    assert np.isfinite(summary["final_test_accuracy"])
+
+
+def test_run_outputs(tiny_overrides: Callable[..., list[str]], tmp_path: Path) -> None:
+    run_dir = tmp_path / "out"
+    code = main(["run", *tiny_overrides("method=gd-bottleneck", "eval.every=2"), "--out", str(run_dir)])
+    assert code == 0
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "accuracy.png", "layer_frequency.png"):
+        assert (run_dir / name).is_file(), name
+    rounds = _metrics(run_dir)
+    assert [("test_accuracy" in r) for r in rounds] == [False, True, True]  # every 2nd round and the last
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in (
+        "method",
+        "rounds_completed",
+        "final_test_accuracy",
+        "mean_last5_test_accuracy",
+        "best_val_accuracy",
+        "test_accuracy_at_best_val",
+        "bytes_uploaded_total",
+        "bytes_downloaded_total",
+        "peak_memory_bytes_by_group",
+        "wall_seconds",
+    ):
+        assert key in summary, key
+    # GD bottleneck on 4 blocks with budgets 2/3/4: the low group always trains {0, 3}.
+    low = [c["layers"] for r in rounds for c in r["clients"] if c["group"] == "low"]
+    assert low and all(layers == [0, 3] for layers in low)
+    assert summary["bytes_uploaded_total"] == sum(c["bytes_up"] for r in rounds for c in r["clients"])
+    # a rerun into the same directory must not clobber it
+    assert main(["run", *tiny_overrides(), "--out", str(run_dir)]) == 2
+
+
+def test_cli_user_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["run", "train.lrr=1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fedhello: error: override: train.lrr: unknown key"
+    assert main(["run", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
