@@ -1,0 +1,181 @@
+"""Put LoRA adapters on the attention projections of every transformer block.
+
+A "LoRA layer" (SPEC 1) is the set of adapters inside one block; clients train whole LoRA layers.
+`LoraModel` therefore records, for every block index, the exact parameter names of its adapters.
+The mapping is built from module identity (which parameter objects live inside block i), never
+from parsing layer numbers out of names: the released code's substring match made "1" also hit
+layers 10 and 11 (SPEC 7).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import peft
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import Tensor, nn
+
+from fedhello.config import LoraConfig
+from fedhello.errors import UserError
+from fedhello.models.blocks import (
+    find_attention_projections,
+    find_blocks,
+    head_module_names,
+    resolve_targets,
+    unwrap,
+)
+
+
+@dataclass
+class LoraModel:
+    """A peft-wrapped model plus the bookkeeping the federated methods need.
+
+    All parameters start frozen (requires_grad=False): the caller decides which LoRA layers and
+    whether the head train. Parameter names are those of `model.named_parameters()`, which are
+    also the `model.state_dict()` keys.
+    """
+
+    model: nn.Module
+    blocks: list[nn.Module]
+    layer_params: list[list[str]]
+    head_params: list[str]
+    block_path: str = ""  # relative to the unwrapped transformers model, e.g. "bert.encoder.layer"
+    targets: list[str] = field(default_factory=list)
+    _params: dict[str, nn.Parameter] = field(init=False, repr=False)
+    _layer_of: dict[str, int | None] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._params = dict(self.model.named_parameters())
+        self._layer_of = {name: i for i, names in enumerate(self.layer_params) for name in names}
+        self._layer_of.update({name: None for name in self.head_params})
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of transformer blocks (= LoRA layers)."""
+        return len(self.blocks)
+
+    @property
+    def lora_params(self) -> list[str]:
+        """All LoRA parameter names, block 0 first."""
+        return [name for names in self.layer_params for name in names]
+
+    def parameter(self, name: str) -> nn.Parameter:
+        """The parameter object behind a LoRA or head name (e.g. to set requires_grad)."""
+        return self._params[name]
+
+    def lora_state(self) -> dict[str, Tensor]:
+        """Detached copies of every LoRA and head tensor: what clients and server exchange."""
+        return {name: self._params[name].detach().clone() for name in self._layer_of}
+
+    def load_lora_state(self, state: Mapping[str, Tensor]) -> None:
+        """Copy (a subset of) LoRA/head tensors into the model in place."""
+        for name in state:
+            if name not in self._layer_of:
+                raise UserError(f"LoRA state: unknown parameter '{name}' for this model")
+        with torch.no_grad():
+            for name, value in state.items():
+                param = self._params[name]
+                if param.shape != value.shape:
+                    raise UserError(
+                        f"LoRA state: '{name}' has shape {tuple(value.shape)}, "
+                        f"the model expects {tuple(param.shape)}"
+                    )
+                param.copy_(value)
+
+    def layer_of(self, param_name: str) -> int | None:
+        """Block index of a LoRA parameter; None for a head parameter; KeyError otherwise."""
+        return self._layer_of[param_name]
+
+    def param_count(self, layers: Iterable[int], include_head: bool = False) -> int:
+        """Number of LoRA values in the given blocks (plus the head's if asked)."""
+        names = [name for i in set(layers) for name in self.layer_params[i]]
+        if include_head:
+            names += self.head_params
+        return sum(self._params[name].numel() for name in names)
+
+
+def _adapter_param_ids(module: nn.Module) -> set[int]:
+    """ids of the adapter parameters in `module`'s LoRA layers (not the frozen base weights)."""
+    ids: set[int] = set()
+    for sub in module.modules():
+        if isinstance(sub, BaseTunerLayer):
+            for name, p in sub.named_parameters():
+                if not name.startswith("base_layer."):
+                    ids.add(id(p))
+    return ids
+
+
+def add_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> LoraModel:
+    """Wrap `model` with LoRA on the query/value projections (or cfg.target_modules) of every block.
+
+    peft gets the exact full names of the projections to adapt, so nothing outside the blocks
+    (and no other block by a partial name match) gets an adapter. No `task_type` is passed:
+    peft would otherwise wrap the head in a ModulesToSaveWrapper copy; the original head module
+    is kept and reported in `head_params`. LoRA init runs under `torch.manual_seed(seed)`.
+    `model` itself is changed in place (peft swaps the targeted linears for LoRA layers).
+    """
+    if isinstance(model, peft.PeftModel):
+        raise UserError("model: add_lora expects a plain transformers model, got a peft model")
+    block_path, blocks = find_blocks(model)
+    targets: list[str] = []
+    full_names: list[str] = []
+    per_block: list[int] = []
+    for i, block in enumerate(blocks):
+        relative = (
+            list(find_attention_projections(block))
+            if cfg.target_modules is None
+            else resolve_targets(block, cfg.target_modules)
+        )
+        if i == 0:
+            targets = relative
+        full_names += [f"{block_path}.{i}.{name}" for name in relative]
+        per_block.append(len(relative))
+
+    peft_cfg = peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=full_names,
+        bias="none",
+        modules_to_save=None,
+    )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft still calls a transformers method that transformers 5 deprecated; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(seed)
+        wrapped = peft.get_peft_model(model, peft_cfg)
+    for p in wrapped.parameters():
+        p.requires_grad_(False)
+
+    # Map adapter parameters to blocks by object identity.
+    _, wrapped_blocks = find_blocks(wrapped)
+    block_of_id = {pid: i for i, b in enumerate(wrapped_blocks) for pid in _adapter_param_ids(b)}
+    head_ids = {
+        id(p) for head in head_module_names(wrapped) for p in getattr(unwrap(wrapped), head).parameters()
+    }
+    layer_params: list[list[str]] = [[] for _ in wrapped_blocks]
+    head_params: list[str] = []
+    all_adapter_ids = _adapter_param_ids(wrapped)
+    for name, p in wrapped.named_parameters():
+        if id(p) in block_of_id:
+            layer_params[block_of_id[id(p)]].append(name)
+        elif id(p) in head_ids:
+            head_params.append(name)
+        elif id(p) in all_adapter_ids:
+            raise UserError(f"model: LoRA adapter '{name}' lies outside the transformer blocks")
+
+    for i, names in enumerate(layer_params):
+        expected = 2 * per_block[i]  # lora_A and lora_B per targeted linear
+        if len(names) != expected:
+            raise UserError(f"model: block {i} got {len(names)} LoRA tensors, expected {expected}")
+    return LoraModel(
+        model=wrapped,
+        blocks=wrapped_blocks,
+        layer_params=[sorted(names) for names in layer_params],
+        head_params=sorted(head_params),
+        block_path=block_path,
+        targets=targets,
+    )
