@@ -86,7 +86,9 @@ def cmd_allocate(args: argparse.Namespace) -> int:
             entry["layers"] = list(round1[g])
         else:
             entry["example_draw"] = list(round1[g])
-            freq = inclusion_frequency(probabilities, n, args.draws, numpy_rng(args.seed, Stream.ALLOCATION, g))
+            freq = inclusion_frequency(
+                probabilities, n, args.draws, numpy_rng(args.seed, Stream.ALLOCATION, g)
+            )
             entry["inclusion_frequency"] = [round(float(x), 4) for x in freq]
         result["groups"].append(entry)
     if args.pattern is not None:
@@ -114,7 +116,9 @@ def _allocation_table(result: dict[str, Any]) -> str:
             cells = [f"{c:>3s}" for c in cells]
         lines.append(f"{g['group']:>5d}  {g['budget']:>6d}  {g['share']:>5g}  " + " ".join(cells))
     if "collective_distribution" in result:
-        lines.append("collective distribution: " + " ".join(f"{x:.3f}" for x in result["collective_distribution"]))
+        lines.append(
+            "collective distribution: " + " ".join(f"{x:.3f}" for x in result["collective_distribution"])
+        )
     if "probabilities" in result:
         lines.append("sampling probabilities:  " + " ".join(f"{x:.3f}" for x in result["probabilities"]))
     return "\n".join(lines)
@@ -122,8 +126,13 @@ def _allocation_table(result: dict[str, Any]) -> str:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
-    from fedhello.data import describe_partition, format_partition_table, load_examples, partition_indices
-    from fedhello.data import split_examples
+    from fedhello.data import (
+        describe_partition,
+        format_partition_table,
+        load_examples,
+        partition_indices,
+        split_examples,
+    )
 
     cfg = load_config(args.config, args.overrides)
     examples = load_examples(cfg.data, seed=cfg.seed)
@@ -165,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     part = sub.add_parser("partition", help="print per-client sizes and class histograms")
     part.add_argument("config", nargs="?", help="YAML config file (optional)")
-    part.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. partition.scheme=dirichlet")
+    part.add_argument(
+        "overrides", nargs="*", help="dotted.key=value overrides, e.g. partition.scheme=dirichlet"
+    )
     part.add_argument("--json", action="store_true")
     part.set_defaults(func=cmd_partition)
     return parser

@@ -30,4 +30,3 @@ def derived_seed(seed: int, stream: Stream, *keys: int) -> int:
     """A 63-bit integer seed for libraries that want one (torch)."""
     state = np.random.SeedSequence([seed, int(stream), *keys]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
-

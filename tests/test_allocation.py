@@ -55,7 +55,9 @@ def test_uniform_prior_is_flat_and_shares_weight_groups() -> None:
     num_layers=st.integers(1, 40),
     data=st.data(),
 )
-def test_geometric_sets_have_budget_size_range_and_nest(pattern: str, num_layers: int, data: st.DataObject) -> None:
+def test_geometric_sets_have_budget_size_range_and_nest(
+    pattern: str, num_layers: int, data: st.DataObject
+) -> None:
     small = data.draw(st.integers(1, num_layers))
     large = data.draw(st.integers(small, num_layers))
     a, b = geometric_layers(pattern, small, num_layers), geometric_layers(pattern, large, num_layers)

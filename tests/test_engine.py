@@ -99,7 +99,9 @@ def test_no_autograd_graph_below_lowest_trained_block(tiny_exp: Experiment) -> N
     needs_grad: dict[int, bool] = {}
     hooks = [
         b.register_forward_hook(
-            lambda _m, _a, out, i=i: needs_grad.__setitem__(i, (out[0] if isinstance(out, tuple) else out).requires_grad)
+            lambda _m, _a, out, i=i: needs_grad.__setitem__(
+                i, (out[0] if isinstance(out, tuple) else out).requires_grad
+            )
         )
         for i, b in enumerate(lm.blocks)
     ]
@@ -153,7 +155,12 @@ def test_resume_after_interrupt_equals_uninterrupted_and_seed_is_reproducible(
     resumed = run_experiment(cfg, tmp_path / "cut", resume=True)
     assert resumed["rounds_completed"] == 3
     assert _strip_timing(_metrics(tmp_path / "cut")) == _strip_timing(_metrics(tmp_path / "full"))
-    for key in ("final_test_accuracy", "mean_last5_test_accuracy", "best_val_accuracy", "bytes_uploaded_total"):
+    for key in (
+        "final_test_accuracy",
+        "mean_last5_test_accuracy",
+        "best_val_accuracy",
+        "bytes_uploaded_total",
+    ):
         assert resumed[key] == full[key], key
 
 

@@ -36,7 +36,9 @@ def test_group_sizes_follow_shares() -> None:
 
 
 def test_assignment_is_seeded_and_respects_sizes() -> None:
-    groups = resolve_groups([GroupConfig(name=n, share=s, budget=1) for n, s in [("l", 6), ("m", 3), ("h", 1)]], 4)
+    groups = resolve_groups(
+        [GroupConfig(name=n, share=s, budget=1) for n, s in [("l", 6), ("m", 3), ("h", 1)]], 4
+    )
     a = assign_clients_to_groups(20, groups, seed=3)
     assert np.bincount(a).tolist() == [12, 6, 2]
     assert np.array_equal(a, assign_clients_to_groups(20, groups, seed=3))
@@ -52,7 +54,9 @@ def test_client_sampling_without_replacement_and_seeded() -> None:
 
 
 def test_config_defaults_and_overrides() -> None:
-    cfg = load_config(None, ["train.lr=0.01", "groups=[{name: a, share: 1, budget: 0.5}]", "method=gd-uniform"])
+    cfg = load_config(
+        None, ["train.lr=0.01", "groups=[{name: a, share: 1, budget: 0.5}]", "method=gd-uniform"]
+    )
     assert cfg.train.lr == 0.01
     assert cfg.groups[0].budget == 0.5
     assert cfg.lora.r == 16 and cfg.lora.alpha == 16 and cfg.lora.dropout == 0.1

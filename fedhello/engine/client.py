@@ -33,7 +33,7 @@ class ClientResult:
     peak_memory_bytes: int
     steps: int
     train_loss: float
-    extra: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def trained_keys(lm: LoraModel, layers: Sequence[int], train_head: bool) -> list[str]:
@@ -173,12 +173,14 @@ def train_client(
     order = seed_torch(seed, Stream.LOCAL_TRAINING, round_index, client_id)
     lm.model.train()
     losses: list[float] = []
+    step_seconds: list[float] = []
     steps = 0
     budget = cfg.local_steps
     start = time.perf_counter()
     with no_grad_below(lm.blocks, lowest):
         for _ in range(cfg.local_epochs):
             for batch in iterate_batches(data, indices, cfg.batch_size, order, pad_id):
+                step_start = time.perf_counter()
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with meter.step():
                     loss = lm.model(**batch).loss
@@ -186,7 +188,8 @@ def train_client(
                 optimizer.step()
                 meter.record([p for g in groups for p in g["params"]], optimizer)  # type: ignore[attr-defined]
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
+                losses.append(float(loss.detach()))  # also waits for the device
+                step_seconds.append(time.perf_counter() - step_start)
                 steps += 1
                 if budget is not None and steps >= budget:
                     break
@@ -201,7 +204,7 @@ def train_client(
     deltas = {k: (params[k].detach() - global_state[k].to(device)).cpu() for k in keys}
     train_loss = float(np.mean(losses)) if losses else float("nan")
     update = ClientUpdate(client_id, deltas, len(indices), {"train_loss": train_loss})
-    return ClientResult(update, tuple(sorted(layers)), seconds, meter.peak, steps, train_loss)
+    return ClientResult(update, tuple(sorted(layers)), seconds, meter.peak, steps, train_loss, step_seconds)
 
 
 @torch.inference_mode()

@@ -52,13 +52,17 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
             raise UserError(f"{run_dir}: no checkpoint to resume from")
         return
     if (ckpt / "state.json").is_file():
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
+        raise UserError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
     (run_dir / "metrics.jsonl").write_text("")
 
 
-def write_outputs(exp: Experiment, run_dir: Path, records: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+def write_outputs(
+    exp: Experiment, run_dir: Path, records: list[dict[str, Any]], wall: float
+) -> dict[str, Any]:
     names = [g.name for g in exp.groups]
     summary = summarize(records, method=exp.cfg.method, group_names=names, wall_seconds=wall)
     summary["majority_class_test_accuracy"] = exp.majority_rate("test")
@@ -132,7 +136,9 @@ def run_local(
             records.append(record)
             elapsed = wall_before + time.perf_counter() - session_start
             record["round_seconds"] = time.perf_counter() - round_start
-            save_checkpoint(run_dir / "checkpoint", Checkpoint(r, server.global_state, records, elapsed, {}), cfg.seed)
+            save_checkpoint(
+                run_dir / "checkpoint", Checkpoint(r, server.global_state, records, elapsed, {}), cfg.seed
+            )
             record["round_seconds"] = time.perf_counter() - round_start
             append_metrics(run_dir / "metrics.jsonl", record)
             info = ""

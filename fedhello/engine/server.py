@@ -58,14 +58,19 @@ class FederatedServer:
 
     def allowed_keys(self, plan: RoundPlan) -> dict[int, set[str]]:
         return {
-            c: set(trained_keys(self.exp.lm, layers, self.exp.train_head)) for c, layers in plan.allocation.items()
+            c: set(trained_keys(self.exp.lm, layers, self.exp.train_head))
+            for c, layers in plan.allocation.items()
         }
 
     # -- step 2 ---------------------------------------------------------------------------
     def aggregate_round(self, plan: RoundPlan, results: list[ClientResult]) -> dict[str, Any]:
         """Screen and aggregate the replies; return the round's record (costs per client)."""
-        accepted, rejected = screen_updates([r.update for r in results], self.global_state, self.allowed_keys(plan))
-        self.global_state = aggregate_per_layer(self.global_state, accepted, self.exp.cfg.federation.weighting)
+        accepted, rejected = screen_updates(
+            [r.update for r in results], self.global_state, self.allowed_keys(plan)
+        )
+        self.global_state = aggregate_per_layer(
+            self.global_state, accepted, self.exp.cfg.federation.weighting
+        )
         down = payload_bytes(self.download_state())
         clients = []
         for r in results:
@@ -117,4 +122,3 @@ class FederatedServer:
 
     def should_evaluate(self, round_number: int) -> bool:
         return round_number % self.exp.cfg.eval.every == 0 or round_number == self.exp.cfg.federation.rounds
-

@@ -32,7 +32,9 @@ def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def check_update(update: ClientUpdate, global_state: Mapping[str, torch.Tensor], allowed: Collection[str]) -> str | None:
+def check_update(
+    update: ClientUpdate, global_state: Mapping[str, torch.Tensor], allowed: Collection[str]
+) -> str | None:
     """Why an update must be rejected, or None if it is acceptable."""
     if update.num_samples <= 0:
         return f"non-positive sample count {update.num_samples}"

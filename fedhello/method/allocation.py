@@ -56,7 +56,9 @@ def collective_distribution(
     return c
 
 
-def pattern_prior(pattern: str, budgets: Sequence[int], shares: Sequence[float], num_layers: int) -> np.ndarray:
+def pattern_prior(
+    pattern: str, budgets: Sequence[int], shares: Sequence[float], num_layers: int
+) -> np.ndarray:
     """RGD-HLA prior p_l = c_l / sum c (SPEC 2.2); the uniform pattern's prior is flat."""
     if pattern == "uniform":
         return np.full(num_layers, 1.0 / num_layers)
@@ -89,7 +91,9 @@ class AllocationStrategy(Protocol):
 
     name: str
 
-    def allocate(self, round_index: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation: ...
+    def allocate(
+        self, round_index: int, budgets: Mapping[int, int], rng: np.random.Generator
+    ) -> Allocation: ...
 
 
 @dataclass
