@@ -35,6 +35,7 @@ def _floats_or_ints(text: str, what: str) -> list[int | float]:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedhello.api import run_experiment
     from fedhello.config import load_config
+    from fedhello.engine.local import default_run_dir
 
     if args.resume:
         if args.out is None:
@@ -44,11 +45,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(Path(args.out) / "config.yaml")
     else:
         cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out is not None else default_run_dir(cfg)
+    if not cfg.quiet:
+        print(f"run directory: {out}", file=sys.stderr)
     try:
-        summary = run_experiment(cfg, args.out, resume=args.resume)
+        summary = run_experiment(cfg, out, resume=args.resume)
     except KeyboardInterrupt:
-        where = f" --out {args.out}" if args.out else ""
-        print(f"interrupted; completed rounds are saved: fedhello run --resume{where}", file=sys.stderr)
+        print(f"interrupted; completed rounds are saved: fedhello run --resume --out {out}", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))
     return 0

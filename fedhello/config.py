@@ -50,7 +50,7 @@ class DataConfig(_Strict):
     text_column: str = "text"
     label_column: str = "label"
     hf_split: str = "train"
-    val_size: float | int = Field(500, description="Validation examples (int) or fraction (float).")
+    val_size: float | int = Field(300, description="Validation examples (int) or fraction (float).")
     test_size: float | int = Field(1000, description="Test examples (int) or fraction (float).")
     max_examples: int | None = Field(None, ge=10, description="Subsample the source (stratified).")
     cache_dir: str | None = Field(None, description="Tokenization cache; null = ~/.cache/fedhello.")
@@ -130,9 +130,11 @@ class TrainConfig(_Strict):
     """Local training on a client."""
 
     local_epochs: int = Field(1, ge=1)
-    local_steps: int | None = Field(None, ge=1, description="If set, stop after this many steps.")
+    local_steps: int | None = Field(
+        8, ge=1, description="Stop after this many steps (null: run local_epochs full epochs)."
+    )
     batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(0.01, gt=0, description="AdamW learning rate (the paper's 0.01).")
     weight_decay: float = Field(0.01, ge=0)
     freezing: Literal["real", "lr0"] = Field(
         "real",
@@ -143,7 +145,7 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     """Evaluation of the global model."""
 
-    every: int = Field(1, ge=1, description="Evaluate every N rounds (the last round always).")
+    every: int = Field(2, ge=1, description="Evaluate every N rounds (the last round always).")
     batch_size: int = Field(128, ge=1)
 
 

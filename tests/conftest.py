@@ -64,6 +64,7 @@ def tiny_overrides(tiny_bert_dir: Path, token_cache: Path) -> Callable[..., list
             "federation.clients_per_round=3",
             "federation.rounds=3",
             "train.local_steps=3",
+            "eval.every=1",
             "train.batch_size=8",
             "threads=1",
             "quiet=true",

@@ -73,8 +73,8 @@ def test_sampled_sets_have_budget_size_and_follow_zero_probabilities(
     num_layers: int, data: st.DataObject, seed: int
 ) -> None:
     p = np.array(data.draw(st.lists(st.floats(0, 1), min_size=num_layers, max_size=num_layers)))
-    if p.sum() == 0:
-        p[0] = 1.0
+    p[0] = max(p[0], 0.5)
+    p = np.where(p / p.sum() > 0, p, 0.0)  # denormals vanish when normalised
     budget = data.draw(st.integers(1, int(np.count_nonzero(p))))
     layers = sample_layers(p, budget, np.random.default_rng(seed))
     assert len(set(layers)) == budget

@@ -227,3 +227,37 @@ def test_cli_user_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]
     assert main(["run", "--resume", "--out", str(tmp_path / "nothing")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_frozen_head_mode_keeps_the_seeded_head_and_never_sends_it(
+    tiny_overrides: Callable[..., list[str]],
+) -> None:
+    from fedhello.engine.server import FederatedServer
+
+    exp = prepare_experiment(load_config(None, tiny_overrides("federation.head=frozen")))
+    head_before = {k: exp.lm.parameter(k).detach().clone() for k in exp.lm.head_params}
+    server = FederatedServer(exp)
+    assert not set(exp.lm.head_params) & set(server.download_state())
+    plan = server.configure_round(1)
+    results = [
+        train_client(
+            exp.lm,
+            server.download_state(),
+            c,
+            plan.allocation[c],
+            exp.tokens,
+            exp.client_indices[c],
+            exp.cfg.train,
+            train_head=exp.train_head,
+            seed=0,
+            round_index=1,
+            pad_id=exp.pad_id,
+            device=exp.device,
+        )
+        for c in plan.clients
+    ]
+    assert all(not set(exp.lm.head_params) & set(r.update.deltas) for r in results)
+    server.aggregate_round(plan, results)
+    for k, v in head_before.items():
+        assert torch.equal(server.global_state[k], v)
+        assert torch.equal(exp.lm.parameter(k).detach(), v)

@@ -69,10 +69,12 @@ def pattern_prior(
 def sample_layers(probabilities: np.ndarray, budget: int, rng: np.random.Generator) -> tuple[int, ...]:
     """Draw `budget` layers: draw, remove, renormalise (numpy's choice(replace=False, p=...))."""
     p = np.asarray(probabilities, dtype=float)
-    if budget > np.count_nonzero(p):
+    p = p / p.sum()
+    available = int(np.count_nonzero(p))
+    if budget > available:
         # numpy cannot draw more distinct layers than have non-zero probability.
-        raise UserError(f"budget {budget} exceeds the {np.count_nonzero(p)} layers with non-zero probability")
-    drawn = rng.choice(len(p), size=budget, replace=False, p=p / p.sum())
+        raise UserError(f"budget {budget} exceeds the {available} layers with non-zero probability")
+    drawn = rng.choice(len(p), size=budget, replace=False, p=p)
     return tuple(sorted(int(i) for i in drawn))
 
 

@@ -35,6 +35,9 @@ def summarize(
     """The run's headline numbers. Model selection uses validation, never test."""
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     tests = [r["test_accuracy"] for r in evaluated]
+    last_round = records[-1]["round"] if records else 0
+    # the evaluations of the last five rounds (all five when evaluating every round)
+    late = [r["test_accuracy"] for r in evaluated if r["round"] > last_round - 5] or tests[-1:]
     best = max(evaluated, key=lambda r: (r["val_accuracy"], -r["round"]), default=None)
     peak: dict[str, int] = {g: 0 for g in group_names}
     seconds: dict[str, list[float]] = {g: [] for g in group_names}
@@ -50,7 +53,7 @@ def summarize(
         "method": method,
         "rounds_completed": len(records),
         "final_test_accuracy": tests[-1] if tests else None,
-        "mean_last5_test_accuracy": float(np.mean(tests[-5:])) if tests else None,
+        "mean_last5_test_accuracy": float(np.mean(late)) if late else None,
         "best_val_accuracy": best["val_accuracy"] if best else None,
         "best_val_round": best["round"] if best else None,
         "test_accuracy_at_best_val": best["test_accuracy"] if best else None,
