@@ -17,7 +17,18 @@ def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
 def test_allocate_reproduces_spec_bottleneck(capsys: pytest.CaptureFixture[str]) -> None:
     out = _json(
         capsys,
-        ["allocate", "--strategy", "gd", "--pattern", "bottleneck", "--num-layers", "12", "--budgets", "6,9,12", "--json"],
+        [
+            "allocate",
+            "--strategy",
+            "gd",
+            "--pattern",
+            "bottleneck",
+            "--num-layers",
+            "12",
+            "--budgets",
+            "6,9,12",
+            "--json",
+        ],
     )
     assert [g["layers"] for g in out["groups"]] == [
         [0, 1, 2, 9, 10, 11],
@@ -52,7 +63,9 @@ def test_allocate_fractions_shares_and_sampling(capsys: pytest.CaptureFixture[st
     low = out["groups"][0]["inclusion_frequency"]
     assert sum(low) == pytest.approx(6, abs=1e-3)
     assert max(low) / min(low) < max(out["probabilities"]) / min(out["probabilities"])  # flatter than p
-    table = main(["allocate", "--strategy", "gd", "--pattern", "uniform", "--num-layers", "6", "--budgets", "3"])
+    table = main(
+        ["allocate", "--strategy", "gd", "--pattern", "uniform", "--num-layers", "6", "--budgets", "3"]
+    )
     assert table == 0 and "x" in capsys.readouterr().out
 
 
