@@ -78,7 +78,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UserError("--shares: every share must be positive")
     if args.strategy in ("gd", "rgd") and args.pattern is None:
         raise UserError(f"--pattern is required for strategy '{args.strategy}'")
-    method = args.strategy if args.strategy in ("full", "random") else f"{args.strategy}-{args.pattern}"
+    method = args.strategy if args.strategy in ("full", "fedra") else f"{args.strategy}-{args.pattern}"
     strategy = build_strategy(method, L, budgets, [float(s) for s in shares])
     round1 = allocate_layers(strategy, 1, dict(enumerate(budgets)), args.seed)
     result: dict[str, Any] = {"method": method, "num_layers": L, "groups": []}
@@ -165,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     alloc = sub.add_parser("allocate", help="print the layer sets a strategy gives each group")
-    alloc.add_argument("--strategy", choices=["full", "gd", "rgd", "random"], required=True)
+    alloc.add_argument(
+        "--strategy",
+        choices=["full", "gd", "rgd", "fedra"],
+        required=True,
+        help="fixed sets (full, gd) or per-round draws (rgd, fedra); Fisher methods need a model",
+    )
     alloc.add_argument("--pattern", choices=["triangle", "inverted_triangle", "bottleneck", "uniform"])
     alloc.add_argument("--num-layers", type=int, required=True)
     alloc.add_argument("--budgets", required=True, help="per group: layer counts (6,9,12) or fractions")

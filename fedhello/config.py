@@ -142,6 +142,68 @@ class TrainConfig(_Strict):
     )
 
 
+def _rounds_value(v: int | float | None, minimum: int) -> int | float | None:
+    if v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, float) and not 0 < v <= 1:
+        raise ValueError("a fraction of the rounds must be in (0, 1]; use an int for a round count")
+    if isinstance(v, int) and v < minimum:
+        raise ValueError(f"a round count must be at least {minimum}")
+    return v
+
+
+class FisherConfig(_Strict):
+    """Fisher-information allocation (methods `fedhello` and `fim`): proxy set, scores, schedule."""
+
+    proxy_size: int = Field(100, ge=1, description="Proxy examples held out of every client's data.")
+    proxy_path: str | None = Field(
+        None, description="A separate labelled CSV/JSONL file as proxy set (same columns as data)."
+    )
+    warmup_rounds: int | float | None = Field(
+        None,
+        description="W: rounds of prior sampling first (int, or fraction of rounds); null = method default.",
+    )
+    refresh_every: int | float | None = Field(
+        None,
+        description="E: recompute Fisher scores every E rounds (int, or fraction); null = method default.",
+    )
+    hold: Literal["persist_probs", "persist_allocation", "single_round"] = Field(
+        "persist_probs",
+        description="Between refreshes: keep the Fisher probabilities, keep the drawn layer sets, or use "
+        "Fisher on the refresh round only (released code).",
+    )
+    prior_product: bool = Field(False, description="Sample from prior x Fisher probabilities (renormalised).")
+    num_levels: int = Field(3, ge=1, description="Importance levels from 1-D k-means of the layer scores.")
+    levels: Literal["ordered", "released"] = Field(
+        "ordered", description="Levels by cluster centroid, or the released code's unordered k-means labels."
+    )
+    objective: Literal["log_likelihood", "true_class_logit"] = Field(
+        "log_likelihood", description="Differentiate log p(y|x), or the raw true-class logit (released)."
+    )
+    labels: Literal["empirical", "model"] = Field(
+        "empirical",
+        description="Labels from the data (empirical Fisher) or sampled from the model (true Fisher).",
+    )
+    reduction: Literal["sum", "frobenius"] = Field(
+        "sum",
+        description="Layer score: sum of the diagonal Fisher, or sum of per-tensor Frobenius norms (released).",
+    )
+    computation: Literal["vectorised", "loop"] = Field(
+        "vectorised", description="Batched per-sample gradients, or one backward pass per example (released)."
+    )
+    batch_size: int = Field(32, ge=1)
+
+    @field_validator("warmup_rounds")
+    @classmethod
+    def _warmup(cls, v: int | float | None) -> int | float | None:
+        return _rounds_value(v, 0)
+
+    @field_validator("refresh_every")
+    @classmethod
+    def _refresh(cls, v: int | float | None) -> int | float | None:
+        return _rounds_value(v, 1)
+
+
 class EvalConfig(_Strict):
     """Evaluation of the global model."""
 
@@ -154,9 +216,9 @@ class ExperimentConfig(_Strict):
 
     seed: int = 0
     method: str = Field(
-        "rgd-bottleneck",
-        description="full | gd-<pattern> | rgd-<pattern> | random; pattern: triangle, inverted_triangle, "
-        "bottleneck or uniform",
+        "fedhello",
+        description="fedhello | fim | full | fedra | gd-<pattern> | rgd-<pattern>; pattern: triangle, "
+        "inverted_triangle, bottleneck or uniform (see fedhello/method/methods.py)",
     )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default.")
@@ -169,13 +231,14 @@ class ExperimentConfig(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    fisher: FisherConfig = Field(default_factory=FisherConfig)
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from fedhello.method.allocation import parse_method
+        from fedhello.method.methods import method_spec
 
-        parse_method(v)
+        method_spec(v)
         return v
 
     @field_validator("groups")

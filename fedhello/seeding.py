@@ -19,6 +19,7 @@ class Stream(IntEnum):
     LOCAL_TRAINING = 1005
     SPLIT = 1006
     INIT = 1007
+    FISHER = 1008
 
 
 def numpy_rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -108,7 +108,7 @@ def test_strategies_by_method_name() -> None:
     assert allocate_layers(rgd, 1, budgets, 0) == r1  # seeded by (seed, round)
     assert [allocate_layers(rgd, r, budgets, 0)[0] for r in range(2, 8)] != [r1[0]] * 6
     assert {k: len(v) for k, v in r1.items()} == budgets
-    rnd = allocate_layers(build_strategy("random", 12, [6], [1]), 3, {4: 6}, 1)
+    rnd = allocate_layers(build_strategy("fedra", 12, [6], [1]), 3, {4: 6}, 1)
     assert len(rnd[4]) == 6
 
 

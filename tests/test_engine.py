@@ -261,3 +261,40 @@ def test_frozen_head_mode_keeps_the_seeded_head_and_never_sends_it(
     for k, v in head_before.items():
         assert torch.equal(server.global_state[k], v)
         assert torch.equal(exp.lm.parameter(k).detach(), v)
+
+
+def test_fisher_schedule_in_a_run_logs_refreshes_and_resumes_exactly(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    over = tiny_overrides(
+        "method=fedhello",
+        "federation.rounds=4",
+        "fisher.warmup_rounds=1",
+        "fisher.refresh_every=2",
+        "fisher.proxy_size=20",
+    )
+    cfg = load_config(None, over)
+    full = run_experiment(cfg, tmp_path / "full")
+    rounds = _metrics(tmp_path / "full")
+    assert [("fisher" in r) for r in rounds] == [False, True, False, True]
+    refresh = rounds[1]["fisher"]
+    assert len(refresh["scores"]) == 4 and sorted(set(refresh["levels"])) <= [1, 2, 3]
+    assert rounds[2]["probabilities"] == refresh["probabilities"]  # persist_probs between refreshes
+    assert rounds[0]["probabilities"] != refresh["probabilities"]  # warm-up used the Bottleneck prior
+    assert full["fisher_refreshes"] == 2
+    assert (tmp_path / "full" / "fisher_scores.png").is_file()
+    assert (tmp_path / "full" / "layer_counts.png").is_file()
+
+    def interrupt(round_number: int, record: dict[str, Any]) -> None:
+        if round_number == 3:  # after a refresh, before the next: Fisher probabilities must survive
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", on_round_end=interrupt)
+    run_experiment(cfg, tmp_path / "cut", resume=True)
+    assert _strip_timing(_metrics(tmp_path / "cut")) == _strip_timing(rounds)
+
+
+def test_default_method_is_the_co_designed_schedule() -> None:
+    cfg = load_config(None, [])
+    assert cfg.method == "fedhello"

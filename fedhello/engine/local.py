@@ -27,7 +27,13 @@ from fedhello.engine.client import train_client
 from fedhello.engine.server import FederatedServer
 from fedhello.engine.setup import Experiment, prepare_experiment
 from fedhello.errors import UserError
-from fedhello.reporting.plots import layer_frequency, plot_accuracy, plot_layer_heatmap
+from fedhello.reporting.plots import (
+    layer_frequency,
+    plot_accuracy,
+    plot_fisher_scores,
+    plot_layer_counts,
+    plot_layer_heatmap,
+)
 from fedhello.reporting.summary import append_metrics, summarize, write_json_atomic, write_metrics
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
@@ -73,6 +79,10 @@ def write_outputs(
     plot_accuracy(records, run_dir / "accuracy.png", title, summary["majority_class_test_accuracy"])
     freq = layer_frequency(records, names, exp.num_layers)
     plot_layer_heatmap(freq, names, run_dir / "layer_frequency.png", f"{title}: layers trained per group")
+    plot_layer_counts(
+        records, exp.num_layers, run_dir / "layer_counts.png", f"{title}: realised training counts"
+    )
+    plot_fisher_scores(records, run_dir / "fisher_scores.png", f"{title}: Fisher layer scores")
     return summary
 
 
@@ -94,6 +104,7 @@ def run_local(
     if resume:
         ckpt = load_checkpoint(run_dir / "checkpoint")
         server = FederatedServer(exp, ckpt.global_state)
+        server.load_strategy_state(ckpt.extra.get("strategy", {}))
         records = ckpt.history
         wall_before = ckpt.wall_seconds
         write_metrics(run_dir / "metrics.jsonl", records)
@@ -137,7 +148,9 @@ def run_local(
             elapsed = wall_before + time.perf_counter() - session_start
             record["round_seconds"] = time.perf_counter() - round_start
             save_checkpoint(
-                run_dir / "checkpoint", Checkpoint(r, server.global_state, records, elapsed, {}), cfg.seed
+                run_dir / "checkpoint",
+                Checkpoint(r, server.global_state, records, elapsed, {"strategy": server.strategy_state()}),
+                cfg.seed,
             )
             record["round_seconds"] = time.perf_counter() - round_start
             append_metrics(run_dir / "metrics.jsonl", record)

@@ -11,11 +11,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fedhello.engine.client import ClientResult, evaluate, trained_keys
 from fedhello.engine.setup import Experiment
 from fedhello.method.aggregation import State, aggregate_per_layer, payload_bytes, screen_updates
-from fedhello.method.allocation import Allocation, allocate_layers
+from fedhello.method.allocation import Allocation, FisherAllocation, SampledAllocation, allocate_layers
+from fedhello.method.fisher import FisherOptions, fisher_layer_scores
 from fedhello.method.groups import sample_clients
+from fedhello.seeding import Stream, derived_seed
 
 
 @dataclass
@@ -24,6 +28,8 @@ class RoundPlan:
 
     round: int
     allocation: Allocation  # client -> layer indices
+    probabilities: list[float] | None = None  # per-layer sampling probabilities, for sampled methods
+    fisher: dict[str, Any] | None = None  # the Fisher refresh made for this round, if any
 
     @property
     def clients(self) -> list[int]:
@@ -45,8 +51,36 @@ class FederatedServer:
             cfg.partition.num_clients, cfg.federation.clients_per_round, cfg.seed, round_number
         )
         budgets = {c: self.exp.budget_of(c) for c in clients}
-        allocation = allocate_layers(self.exp.strategy, round_number, budgets, cfg.seed)
-        return RoundPlan(round_number, allocation)
+        strategy = self.exp.strategy
+        fisher = None
+        if isinstance(strategy, FisherAllocation) and strategy.needs_scores(round_number):
+            start = time.perf_counter()
+            scores = self.fisher_scores(round_number)
+            fisher = strategy.update_scores(round_number, scores)
+            fisher["seconds"] = time.perf_counter() - start
+        allocation = allocate_layers(strategy, round_number, budgets, cfg.seed)
+        probabilities = None
+        if isinstance(strategy, FisherAllocation):
+            probabilities = [float(x) for x in strategy.probabilities(round_number)]
+        elif isinstance(strategy, SampledAllocation):
+            probabilities = [float(x) for x in strategy.probabilities]
+        return RoundPlan(round_number, allocation, probabilities, fisher)
+
+    def fisher_scores(self, round_number: int) -> np.ndarray:
+        """Layer scores of the current global model on the proxy set (SPEC 2.3)."""
+        exp, f = self.exp, self.exp.cfg.fisher
+        exp.lm.load_lora_state(self.global_state)
+        options = FisherOptions(f.objective, f.labels, f.reduction, f.batch_size)
+        return fisher_layer_scores(
+            exp.lm,
+            exp.tokens,
+            exp.splits["proxy"],
+            exp.pad_id,
+            exp.device,
+            options,
+            seed=derived_seed(exp.cfg.seed, Stream.FISHER, round_number),
+            method=f.computation,
+        )
 
     def download_state(self) -> State:
         """What a client receives: every adapter (untrained ones still shape its forward pass),
@@ -90,7 +124,7 @@ class FederatedServer:
                     "accepted": c not in rejected,
                 }
             )
-        return {
+        record: dict[str, Any] = {
             "round": plan.round,
             "clients": clients,
             "rejected": {str(k): v for k, v in rejected.items()},
@@ -99,6 +133,11 @@ class FederatedServer:
             "bytes_down": down * len(results),
             "train_seconds": sum(r.seconds for r in results),
         }
+        if plan.probabilities is not None:
+            record["probabilities"] = plan.probabilities
+        if plan.fisher is not None:
+            record["fisher"] = plan.fisher
+        return record
 
     # -- step 3 ---------------------------------------------------------------------------
     def evaluate_global(self) -> dict[str, float]:
@@ -119,6 +158,16 @@ class FederatedServer:
             out[f"{split}_loss"] = m["loss"]
         out["eval_seconds"] = time.perf_counter() - start
         return out
+
+    def strategy_state(self) -> dict[str, Any]:
+        """What the allocation strategy must carry across a resume (Fisher probabilities)."""
+        state_dict = getattr(self.exp.strategy, "state_dict", None)
+        return state_dict() if state_dict is not None else {}
+
+    def load_strategy_state(self, state: dict[str, Any]) -> None:
+        load = getattr(self.exp.strategy, "load_state_dict", None)
+        if load is not None and state:
+            load(state)
 
     def should_evaluate(self, round_number: int) -> bool:
         return round_number % self.exp.cfg.eval.every == 0 or round_number == self.exp.cfg.federation.rounds

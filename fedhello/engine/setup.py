@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedhello.config import ExperimentConfig
+from fedhello.config import DataConfig, ExperimentConfig
 from fedhello.data import (
     TextExamples,
     TokenizedExamples,
@@ -25,6 +25,7 @@ from fedhello.errors import UserError
 from fedhello.method.allocation import AllocationStrategy, build_strategy
 from fedhello.method.groups import ResourceGroup, assign_clients_to_groups, resolve_groups
 from fedhello.models import LoraModel, add_lora, load_classifier
+from fedhello.seeding import Stream, numpy_rng
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Experiment:
     cfg: ExperimentConfig
     examples: TextExamples
     tokens: TokenizedExamples
-    splits: dict[str, np.ndarray]  # indices into `tokens` for train / val / test
+    splits: dict[str, np.ndarray]  # indices into `tokens` for train / val / test / proxy
     client_indices: list[np.ndarray]  # each client's training examples (indices into `tokens`)
     lm: LoraModel
     pad_id: int
@@ -78,6 +79,11 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
 
     examples = load_examples(cfg.data, seed=cfg.seed)
     splits = split_examples(examples.labels, cfg.data.val_size, cfg.data.test_size, cfg.seed)
+    if cfg.fisher.proxy_path is not None:
+        examples, splits["proxy"] = _append_proxy_file(examples, cfg)
+    else:
+        # held out for every method, so that all methods give clients the same data
+        splits["train"], splits["proxy"] = _hold_out(splits["train"], cfg.fisher.proxy_size, cfg.seed)
     train = splits["train"]
     if len(train) < cfg.partition.num_clients:
         raise UserError(
@@ -96,8 +102,45 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     groups = resolve_groups(cfg.groups, lm.num_layers)
     client_group = assign_clients_to_groups(cfg.partition.num_clients, groups, cfg.seed)
     strategy = build_strategy(
-        cfg.method, lm.num_layers, [g.num_layers for g in groups], [g.share for g in groups]
+        cfg.method,
+        lm.num_layers,
+        [g.num_layers for g in groups],
+        [g.share for g in groups],
+        rounds=cfg.federation.rounds,
+        seed=cfg.seed,
+        fisher=cfg.fisher,
     )
     return Experiment(
         cfg, examples, tokens, splits, client_indices, lm, int(pad_id), groups, client_group, strategy, device
     )
+
+
+def _hold_out(train: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if size >= len(train):
+        raise UserError(
+            f"fisher.proxy_size: {size} proxy examples leave no training data ({len(train)} in all)"
+        )
+    proxy = numpy_rng(seed, Stream.SPLIT, 2).choice(train, size=size, replace=False)
+    return np.setdiff1d(train, proxy), np.sort(proxy)
+
+
+def _append_proxy_file(examples: TextExamples, cfg: ExperimentConfig) -> tuple[TextExamples, np.ndarray]:
+    """Read a separate public proxy file and append it, with labels mapped to the task's label ids."""
+    path = str(cfg.fisher.proxy_path)
+    source = "jsonl" if path.endswith((".jsonl", ".json")) else "csv"
+    proxy_cfg = DataConfig(
+        source=source, path=path, text_column=cfg.data.text_column, label_column=cfg.data.label_column
+    )
+    extra = load_examples(proxy_cfg, seed=cfg.seed)
+    ids = {name: i for i, name in enumerate(examples.label_names)}
+    unknown = sorted(set(extra.label_names) - set(ids))
+    if unknown:
+        raise UserError(
+            f"fisher.proxy_path: {path}: labels not in the training data: {', '.join(unknown[:5])}"
+        )
+    labels = np.array([ids[extra.label_names[y]] for y in extra.labels], dtype=np.int64)
+    merged = TextExamples(
+        examples.texts + extra.texts, np.concatenate([examples.labels, labels]), examples.label_names
+    )
+    start = len(examples.texts)
+    return merged, np.arange(start, start + len(extra.texts))

@@ -6,7 +6,9 @@ Plain functions over plain data (no torch), shared by every engine. A strategy m
 Two mechanisms cover every strategy:
 - a fixed set per budget (geometric patterns, `full`);
 - sequential weighted sampling without replacement from per-layer probabilities
-  (RGD-HLA from a pattern's collective distribution, uniform random, and later Fisher scores).
+  (RGD-HLA from a pattern's collective distribution, FedRA's uniform draw, and the
+  co-designed schedule whose probabilities come from Fisher scores).
+Method names and their defaults live in `methods.py`.
 """
 
 from __future__ import annotations
@@ -14,14 +16,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from fedhello.config import FisherConfig
 from fedhello.errors import UserError
+from fedhello.method.importance import (
+    fisher_probabilities,
+    importance_levels,
+    level_probabilities,
+    released_levels,
+)
+from fedhello.method.methods import PATTERNS, method_spec, resolve_rounds
 from fedhello.seeding import Stream, numpy_rng
 
-PATTERNS = ("triangle", "inverted_triangle", "bottleneck", "uniform")
 Allocation = dict[int, tuple[int, ...]]
 
 
@@ -126,33 +135,149 @@ class SampledAllocation:
         return {c: sample_layers(self.probabilities, n, rng) for c, n in sorted(budgets.items())}
 
 
-def parse_method(method: str) -> tuple[str, str | None]:
-    """'gd-bottleneck' -> ('gd', 'bottleneck'); 'full' -> ('full', None); 'random' -> ('random', None)."""
-    if method in ("full", "random"):
-        return method, None
-    kind, sep, pattern = method.partition("-")
-    if sep and kind in ("gd", "rgd") and pattern in PATTERNS:
-        return kind, pattern
-    choices = ["full", "random"] + [f"{k}-{p}" for k in ("gd", "rgd") for p in PATTERNS]
-    raise ValueError(f"unknown method '{method}' (choose from {', '.join(choices)})")
+@dataclass(frozen=True)
+class FisherSchedule:
+    """When Fisher scores are refreshed and how long their probabilities hold (SPEC 2.4).
+
+    Rounds are numbered from 1. Rounds 1..W sample from the prior; the scores are recomputed on
+    rounds W+1, W+1+E, ...; between refreshes `hold` decides what is used:
+    - persist_probs: keep sampling from the latest Fisher probabilities (project default);
+    - persist_allocation: keep each client's layer set drawn at the refresh until the next one;
+    - single_round: Fisher probabilities on the refresh round only, the prior otherwise (released).
+    """
+
+    warmup_rounds: int
+    refresh_every: int
+    hold: Literal["persist_probs", "persist_allocation", "single_round"] = "persist_probs"
+
+    def is_refresh(self, round_index: int) -> bool:
+        past = round_index - self.warmup_rounds - 1
+        return past >= 0 and past % self.refresh_every == 0
+
+
+@dataclass
+class FisherAllocation:
+    """Co-designed allocation: prior sampling during warm-up, then Fisher-driven probabilities.
+
+    The server computes layer scores when `needs_scores(round)` and hands them to
+    `update_scores`; everything here is plain numpy, so every engine drives it the same way.
+    """
+
+    name: str
+    prior: np.ndarray = field(repr=False)
+    schedule: FisherSchedule
+    seed: int
+    num_levels: int = 3
+    prior_product: bool = False
+    released_levels: bool = False  # the released code's unordered k-means labels (compatibility)
+    fisher_probabilities: np.ndarray | None = field(default=None, repr=False)
+    refreshed_at: int | None = None
+
+    def needs_scores(self, round_index: int) -> bool:
+        return self.schedule.is_refresh(round_index)
+
+    def update_scores(self, round_index: int, scores: np.ndarray) -> dict[str, Any]:
+        """Turn fresh layer scores into probabilities; returns what the run should log."""
+        if self.released_levels:
+            levels = released_levels(
+                scores,
+                self.num_levels,
+                seed=int(numpy_rng(self.seed, Stream.ALLOCATION, round_index, 0).integers(2**31)),
+            )
+            prior = self.prior if self.prior_product else None
+            p = (
+                level_probabilities(levels)
+                if prior is None
+                else _normalise(prior * level_probabilities(levels))
+            )
+        else:
+            levels = importance_levels(scores, self.num_levels)
+            p = fisher_probabilities(scores, self.num_levels, self.prior if self.prior_product else None)
+        self.fisher_probabilities = p
+        self.refreshed_at = round_index
+        return {
+            "round": round_index,
+            "scores": [float(x) for x in scores],
+            "levels": [int(x) for x in levels],
+            "probabilities": [float(x) for x in p],
+        }
+
+    def probabilities(self, round_index: int) -> np.ndarray:
+        """The per-layer probabilities that govern `round_index`."""
+        if self.fisher_probabilities is None or round_index <= self.schedule.warmup_rounds:
+            return self.prior
+        if self.schedule.hold == "single_round" and round_index != self.refreshed_at:
+            return self.prior
+        return self.fisher_probabilities
+
+    def allocate(self, round_index: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
+        p = self.probabilities(round_index)
+        if (
+            self.schedule.hold == "persist_allocation"
+            and self.refreshed_at is not None
+            and p is not self.prior
+        ):
+            # A client's draw depends only on (seed, refresh round, client): fixed until the next refresh.
+            return {
+                c: sample_layers(p, n, numpy_rng(self.seed, Stream.ALLOCATION, self.refreshed_at, c + 1))
+                for c, n in sorted(budgets.items())
+            }
+        return {c: sample_layers(p, n, rng) for c, n in sorted(budgets.items())}
+
+    def state_dict(self) -> dict[str, Any]:
+        p = self.fisher_probabilities
+        return {
+            "fisher_probabilities": None if p is None else [float(x) for x in p],
+            "refreshed_at": self.refreshed_at,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        p = state.get("fisher_probabilities")
+        self.fisher_probabilities = None if p is None else np.asarray(p, dtype=float)
+        self.refreshed_at = state.get("refreshed_at")
+
+
+def _normalise(p: np.ndarray) -> np.ndarray:
+    return p / p.sum()
 
 
 def build_strategy(
-    method: str, num_layers: int, budgets: Sequence[int], shares: Sequence[float]
+    method: str,
+    num_layers: int,
+    budgets: Sequence[int],
+    shares: Sequence[float],
+    *,
+    rounds: int = 1,
+    seed: int = 0,
+    fisher: FisherConfig | None = None,
 ) -> AllocationStrategy:
     """The strategy named by `method` for groups with these budgets and client shares."""
     try:
-        kind, pattern = parse_method(method)
+        spec = method_spec(method)
     except ValueError as e:
         raise UserError(f"method: {e}") from None
-    if kind == "full":
+    if spec.mechanism == "all_layers":
         return FixedAllocation(method, num_layers)
-    if kind == "gd":
-        return FixedAllocation(method, num_layers, pattern)
-    if kind == "rgd":
-        assert pattern is not None
-        return SampledAllocation(method, pattern_prior(pattern, budgets, shares, num_layers))
-    return SampledAllocation(method, np.full(num_layers, 1.0 / num_layers))
+    if spec.mechanism == "geometric":
+        return FixedAllocation(method, num_layers, spec.pattern)
+    if spec.mechanism == "uniform_random":
+        return SampledAllocation(method, np.full(num_layers, 1.0 / num_layers))
+    assert spec.pattern is not None
+    prior = pattern_prior(spec.pattern, budgets, shares, num_layers)
+    if spec.mechanism == "sampled":
+        return SampledAllocation(method, prior)
+    f = fisher or FisherConfig()
+    warmup = resolve_rounds(f.warmup_rounds if f.warmup_rounds is not None else spec.warmup_rounds, rounds, 0)
+    every = resolve_rounds(f.refresh_every if f.refresh_every is not None else spec.refresh_every, rounds, 1)
+    return FisherAllocation(
+        method,
+        prior,
+        FisherSchedule(warmup, every, f.hold),
+        seed,
+        num_levels=f.num_levels,
+        prior_product=f.prior_product,
+        released_levels=f.levels == "released",
+    )
 
 
 def allocate_layers(

@@ -59,3 +59,45 @@ def plot_layer_heatmap(freq: np.ndarray, group_names: Sequence[str], path: Path,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_fisher_scores(records: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+    """Each layer's Fisher score at every refresh (log scale); False when the run had none."""
+    refreshes = [r["fisher"] for r in records if "fisher" in r]
+    if not refreshes:
+        return False
+    scores = np.array([f["scores"] for f in refreshes])
+    rounds = [f["round"] for f in refreshes]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    cmap = plt.get_cmap("viridis", scores.shape[1])
+    for layer in range(scores.shape[1]):
+        ax.plot(rounds, scores[:, layer], "o-", color=cmap(layer), label=f"layer {layer}")
+    if (scores > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("round of refresh")
+    ax.set_ylabel("Fisher layer score")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_layer_counts(records: Sequence[dict[str, Any]], num_layers: int, path: Path, title: str) -> None:
+    """How many client-rounds trained each layer, over the whole run."""
+    counts = np.zeros(num_layers, dtype=int)
+    for r in records:
+        for c in r["clients"]:
+            counts[c["layers"]] += 1
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * num_layers + 2), 3.4))
+    ax.bar(range(num_layers), counts, color="tab:blue")
+    ax.set_xticks(range(num_layers), [str(i) for i in range(num_layers)])
+    ax.set_xlabel("layer (0 = input side)")
+    ax.set_ylabel("client-rounds trained")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -48,6 +48,7 @@ def summarize(
                 seconds[c["group"]].append(c["seconds"] / c["steps"])
     train = sum(r["train_seconds"] for r in records)
     evals = sum(r.get("eval_seconds", 0.0) for r in records)
+    fisher = sum(r["fisher"]["seconds"] for r in records if "fisher" in r)
     rounds = sum(r.get("round_seconds", 0.0) for r in records)
     return {
         "method": method,
@@ -65,6 +66,8 @@ def summarize(
         "rejected_updates": int(sum(len(r.get("rejected", {})) for r in records)),
         "client_train_seconds": train,
         "eval_seconds": evals,
-        "framework_overhead_fraction": (rounds - train - evals) / rounds if rounds > 0 else None,
+        "fisher_seconds": fisher,
+        "fisher_refreshes": sum(1 for r in records if "fisher" in r),
+        "framework_overhead_fraction": (rounds - train - evals - fisher) / rounds if rounds > 0 else None,
         "wall_seconds": wall_seconds,
     }
