@@ -185,6 +185,14 @@ def to_markdown(
         "- `lr0_top_half` is the released code's pseudo-freezing: every adapter requires grad, the",
         "  untrained ones get learning rate 0.",
         "",
+        "Reading it: the backward pass must reach the lowest trained block, so what a client saves",
+        "depends on where its layers are, not only how many. Training the top half skips the autograd",
+        "graph of the lower blocks: clearly less time and about half the training memory. The bottom",
+        "half and every other layer include block 0, so they still run a backward through every",
+        "block and save only the adapters' own gradients and optimizer state. Pseudo-freezing saves",
+        "nothing. Uploads shrink with the number of trained adapters (the classification head, trained",
+        "by every client, is a fixed part of each upload).",
+        "",
     ]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
@@ -238,6 +246,7 @@ def main() -> int:
     parser.add_argument("--overhead-rounds", type=int, default=4, help="0 skips the overhead run")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write raw results to this file")
+    parser.add_argument("--from-json", help="re-render the Markdown from a --json file of an earlier run")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "ALLOCATION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -245,6 +254,14 @@ def main() -> int:
 
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.warmup, args.batch_size, args.seq_len)))
+        return 0
+
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        md = to_markdown(saved["results"], saved["overhead"], args)
+        print(md)
+        if args.markdown:
+            Path(args.markdown).write_text(md)
         return 0
 
     results = []

@@ -201,3 +201,34 @@ def test_vectorised_equals_loop_on_tiny_llama() -> None:
         loop = fisher_diagonal_loop(lm, tokens, idx, 0, device, opts, seed=1)
         _assert_same_fisher(vec, loop)
         assert set(vec) == set(lm.lora_params)
+
+
+def test_released_quantities_match_a_direct_computation(bert: Experiment) -> None:
+    """The compatibility options give the released code's score: per example, the gradient of the
+    raw true-class logit; F = mean of squares per tensor; layer score = sum of the per-tensor
+    Frobenius norms of F. Recomputed here independently with plain autograd, one example at a time."""
+    lm, tokens = bert.lm, bert.tokens
+    idx = _proxy(bert, 8)
+    names = lm.lora_params
+    params = [lm.parameter(n) for n in names]
+    for p in params:
+        p.requires_grad_(True)
+    lm.model.eval()
+    sq = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for i in idx:
+        ids = torch.as_tensor(tokens.input_ids[i], dtype=torch.long)[None]
+        logit = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, int(tokens.labels[i])]
+        for acc, g in zip(sq, torch.autograd.grad(logit, params), strict=True):
+            acc += g.double() ** 2
+    for p in params:
+        p.requires_grad_(False)
+    fisher = {n: acc / len(idx) for n, acc in zip(names, sq, strict=True)}
+    expected = np.array(
+        [sum(float(torch.linalg.norm(fisher[n])) for n in layer) for layer in lm.layer_params]
+    )
+
+    released = FisherOptions(objective="true_class_logit", reduction="frobenius")
+    got = fisher_layer_scores(lm, tokens, idx, bert.pad_id, bert.device, released)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    ours = fisher_layer_scores(lm, tokens, idx, bert.pad_id, bert.device, FisherOptions())
+    assert not np.allclose(ours, got)  # the project's default is a different quantity
