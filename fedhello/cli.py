@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedhello.errors import UserError
 
 
@@ -205,7 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     _split_config_and_overrides(args)
-    np.set_printoptions(precision=4)
     try:
         return int(args.func(args))
     except UserError as e:

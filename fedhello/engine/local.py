@@ -146,6 +146,7 @@ def run_local(
                 record.update(server.evaluate_global())
             records.append(record)
             elapsed = wall_before + time.perf_counter() - session_start
+            # measured before the checkpoint for the copy inside it, and again to include its writing
             record["round_seconds"] = time.perf_counter() - round_start
             save_checkpoint(
                 run_dir / "checkpoint",
