@@ -66,7 +66,8 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(deltas: dict, reason: 
     g = _global()
     good = ClientUpdate(1, {"a": torch.tensor([1.0, 1.0])}, 10)
     bad = ClientUpdate(9, deltas, 10)
-    allowed = {1: {"a", "head"}, 9: {"a", "b", "head"}}
+    shapes = {k: tuple(v.shape) for k, v in g.items()}
+    allowed = {1: {k: shapes[k] for k in ("a", "head")}, 9: {k: shapes[k] for k in ("a", "b", "head")}}
     accepted, rejected = screen_updates([good, bad], g, allowed)
     assert [u.client_id for u in accepted] == [1]
     assert reason in rejected[9]

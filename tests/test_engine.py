@@ -298,3 +298,29 @@ def test_fisher_schedule_in_a_run_logs_refreshes_and_resumes_exactly(
 def test_default_method_is_the_co_designed_schedule() -> None:
     cfg = load_config(None, [])
     assert cfg.method == "fedhello"
+
+
+@pytest.mark.parametrize("method", ["fedit", "straggler", "exclusive", "fedra", "hetlora", "flexlora"])
+def test_baselines_run_with_the_same_engine_and_accounting(
+    method: str, tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    summary = run_experiment(
+        load_config(None, tiny_overrides(f"method={method}", "federation.rounds=2")), tmp_path / method
+    )
+    rounds = _metrics(tmp_path / method)
+    assert summary["rounds_completed"] == 2 and np.isfinite(summary["final_test_accuracy"])
+    clients = [c for r in rounds for c in r["clients"]]
+    assert all(c["accepted"] for c in clients)
+    assert summary["bytes_uploaded_total"] == sum(c["bytes_up"] for c in clients)
+    if method == "exclusive":
+        assert all(c["group"] == "high" for c in clients)
+        assert sum(len(r["idle"]) for r in rounds) == 6 - len(clients)  # the others sat out, not failed
+    if method == "straggler":
+        assert all(c["layers"] == [0, 2] for c in clients)  # weakest budget (2 of 4), uniformly spaced
+    if method in ("hetlora", "flexlora"):
+        ranks = {c["group"]: c["rank"] for c in clients}
+        assert all(c["layers"] == [0, 1, 2, 3] for c in clients)
+        assert {"low": 2, "mid": 3, "high": 4}.items() >= ranks.items()  # r=4: parameter-matched ranks
+        up = {c["rank"]: c["bytes_up"] for c in clients}
+        if len(up) > 1:
+            assert up[min(up)] < up[max(up)]

@@ -22,11 +22,17 @@ def test_budgets_absolute_and_fractional() -> None:
             GroupConfig(name="d", share=1, budget=4),
         ],
         12,
+        16,
     )
     assert [g.num_layers for g in groups] == [6, 9, 12, 4]
-    assert [g.num_layers for g in resolve_groups([GroupConfig(name="a", share=1, budget=0.75)], 6)] == [4]
+    assert [g.rank for g in groups] == [8, 12, 16, 5]  # parameter-matched default ranks
+    assert [g.num_layers for g in resolve_groups([GroupConfig(name="a", share=1, budget=0.75)], 6, 16)] == [4]
+    released = resolve_groups([GroupConfig(name="a", share=1, budget=6, rank=4)], 12, 16)
+    assert released[0].rank == 4  # e.g. the released 4/8/16
+    with pytest.raises(UserError, match=r"groups\.0\.rank"):
+        resolve_groups([GroupConfig(name="a", share=1, budget=6, rank=32)], 12, 16)
     with pytest.raises(UserError, match=r"groups\.0\.budget"):
-        resolve_groups([GroupConfig(name="a", share=1, budget=13)], 12)
+        resolve_groups([GroupConfig(name="a", share=1, budget=13)], 12, 16)
 
 
 def test_group_sizes_follow_shares() -> None:
@@ -37,7 +43,7 @@ def test_group_sizes_follow_shares() -> None:
 
 def test_assignment_is_seeded_and_respects_sizes() -> None:
     groups = resolve_groups(
-        [GroupConfig(name=n, share=s, budget=1) for n, s in [("l", 6), ("m", 3), ("h", 1)]], 4
+        [GroupConfig(name=n, share=s, budget=1) for n, s in [("l", 6), ("m", 3), ("h", 1)]], 4, 16
     )
     a = assign_clients_to_groups(20, groups, seed=3)
     assert np.bincount(a).tolist() == [12, 6, 2]

@@ -9,7 +9,7 @@ trains fewer, higher layers really uses less memory and time.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,6 +19,7 @@ import torch
 from fedhello.config import TrainConfig
 from fedhello.data import TokenizedExamples, pad_batch
 from fedhello.method.aggregation import ClientUpdate
+from fedhello.method.rank import is_lora_a, is_lora_b, rank_slice, truncate_rank
 from fedhello.models import LoraModel
 from fedhello.seeding import Stream, derived_seed
 
@@ -148,8 +149,15 @@ def train_client(
     round_index: int,
     pad_id: int,
     device: torch.device,
+    rank: int | None = None,
 ) -> ClientResult:
-    """Train one client from the global adapters and return the change of what it trained."""
+    """Train one client from the global adapters and return the change of what it trained.
+
+    With `rank` (HetLoRA, FlexLoRA) the client holds the adapters truncated to their first
+    `rank` components, trains only those and uploads only those slices.
+    """
+    if rank is not None:
+        global_state = truncate_rank(global_state, rank)
     lm.load_lora_state(global_state)
     keys = trained_keys(lm, layers, train_head)
     params = dict(lm.model.named_parameters())
@@ -162,6 +170,7 @@ def train_client(
     for name, p in params.items():
         p.requires_grad_(name in requires)
     trainable = [params[k] for k in keys]
+    hooks = [] if rank is None else [params[k].register_hook(_rank_mask(k, rank)) for k in keys]
     groups: list[dict[str, object]] = [{"params": trainable}]
     if cfg.freezing == "lr0":
         groups.append({"params": [params[k] for k in sorted(requires - set(keys))], "lr": 0.0})
@@ -198,13 +207,31 @@ def train_client(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    for h in hooks:
+        h.remove()
     for p in params.values():
         p.requires_grad_(False)
 
     deltas = {k: (params[k].detach() - global_state[k].to(device)).cpu() for k in keys}
+    if rank is not None:
+        deltas = {k: rank_slice(k, d, rank).contiguous() for k, d in deltas.items()}
     train_loss = float(np.mean(losses)) if losses else float("nan")
     update = ClientUpdate(client_id, deltas, len(indices), {"train_loss": train_loss})
     return ClientResult(update, tuple(sorted(layers)), seconds, meter.peak, steps, train_loss, step_seconds)
+
+
+def _rank_mask(name: str, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient hook that keeps only the first `rank` LoRA components trainable."""
+
+    def mask(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        if is_lora_a(name):
+            grad[rank:] = 0
+        elif is_lora_b(name):
+            grad[:, rank:] = 0
+        return grad
+
+    return mask
 
 
 @torch.inference_mode()

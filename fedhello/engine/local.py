@@ -138,6 +138,7 @@ def run_local(
                         round_index=r,
                         pad_id=exp.pad_id,
                         device=exp.device,
+                        rank=plan.ranks[c],
                     )
                 )
                 progress.advance(client_bar)

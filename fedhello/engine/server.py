@@ -19,6 +19,8 @@ from fedhello.method.aggregation import State, aggregate_per_layer, payload_byte
 from fedhello.method.allocation import Allocation, FisherAllocation, SampledAllocation, allocate_layers
 from fedhello.method.fisher import FisherOptions, fisher_layer_scores
 from fedhello.method.groups import sample_clients
+from fedhello.method.methods import method_spec
+from fedhello.method.rank import flexlora_aggregate, hetlora_aggregate, rank_slice
 from fedhello.seeding import Stream, derived_seed
 
 
@@ -27,13 +29,20 @@ class RoundPlan:
     """Who trains in a round and which layers each trains."""
 
     round: int
-    allocation: Allocation  # client -> layer indices
+    allocation: Allocation  # client -> layer indices (empty: the client sits this round out)
+    ranks: dict[int, int | None]  # client -> LoRA rank for rank-heterogeneous methods, else None
     probabilities: list[float] | None = None  # per-layer sampling probabilities, for sampled methods
     fisher: dict[str, Any] | None = None  # the Fisher refresh made for this round, if any
 
     @property
     def clients(self) -> list[int]:
-        return sorted(self.allocation)
+        """The clients that train this round."""
+        return sorted(c for c, layers in self.allocation.items() if layers)
+
+    @property
+    def idle(self) -> list[int]:
+        """Sampled clients with nothing to train (Exclusive: budget below L); not failures."""
+        return sorted(c for c, layers in self.allocation.items() if not layers)
 
 
 class FederatedServer:
@@ -64,7 +73,8 @@ class FederatedServer:
             probabilities = [float(x) for x in strategy.probabilities(round_number)]
         elif isinstance(strategy, SampledAllocation):
             probabilities = [float(x) for x in strategy.probabilities]
-        return RoundPlan(round_number, allocation, probabilities, fisher)
+        ranks = {c: self.exp.rank_of(c) for c in clients}
+        return RoundPlan(round_number, allocation, ranks, probabilities, fisher)
 
     def fisher_scores(self, round_number: int) -> np.ndarray:
         """Layer scores of the current global model on the proxy set (SPEC 2.3)."""
@@ -90,21 +100,36 @@ class FederatedServer:
         head = set(self.exp.lm.head_params)
         return {k: v for k, v in self.global_state.items() if k not in head}
 
-    def allowed_keys(self, plan: RoundPlan) -> dict[int, set[str]]:
-        return {
-            c: set(trained_keys(self.exp.lm, layers, self.exp.train_head))
-            for c, layers in plan.allocation.items()
-        }
+    def expected_shapes(self, plan: RoundPlan) -> dict[int, dict[str, tuple[int, ...]]]:
+        """For each client, the tensors it may send and their shapes (rank slices under HetLoRA/FlexLoRA)."""
+        out = {}
+        for c in plan.clients:
+            keys = trained_keys(self.exp.lm, plan.allocation[c], self.exp.train_head)
+            rank = plan.ranks[c]
+            out[c] = {
+                k: tuple(
+                    self.global_state[k].shape
+                    if rank is None
+                    else rank_slice(k, self.global_state[k], rank).shape
+                )
+                for k in keys
+            }
+        return out
 
     # -- step 2 ---------------------------------------------------------------------------
     def aggregate_round(self, plan: RoundPlan, results: list[ClientResult]) -> dict[str, Any]:
         """Screen and aggregate the replies; return the round's record (costs per client)."""
         accepted, rejected = screen_updates(
-            [r.update for r in results], self.global_state, self.allowed_keys(plan)
+            [r.update for r in results], self.global_state, self.expected_shapes(plan)
         )
-        self.global_state = aggregate_per_layer(
-            self.global_state, accepted, self.exp.cfg.federation.weighting
-        )
+        weighting = self.exp.cfg.federation.weighting
+        aggregation = method_spec(self.exp.cfg.method).aggregation
+        if aggregation == "per_layer":
+            self.global_state = aggregate_per_layer(self.global_state, accepted, weighting)
+        else:
+            ranks = {c: int(r) for c, r in plan.ranks.items() if r is not None}
+            rank_aggregate = hetlora_aggregate if aggregation == "hetlora" else flexlora_aggregate
+            self.global_state = rank_aggregate(self.global_state, accepted, ranks, weighting)
         down = payload_bytes(self.download_state())
         clients = []
         for r in results:
@@ -114,6 +139,7 @@ class FederatedServer:
                     "client": c,
                     "group": self.exp.groups[int(self.exp.client_group[c])].name,
                     "layers": list(r.layers),
+                    "rank": plan.ranks.get(c),
                     "samples": r.update.num_samples,
                     "steps": r.steps,
                     "train_loss": r.train_loss,
@@ -129,6 +155,7 @@ class FederatedServer:
             "clients": clients,
             "rejected": {str(k): v for k, v in rejected.items()},
             "missing": sorted(set(plan.clients) - {r.update.client_id for r in results}),
+            "idle": plan.idle,
             "bytes_up": sum(c["bytes_up"] for c in clients),
             "bytes_down": down * len(results),
             "train_seconds": sum(r.seconds for r in results),

@@ -24,6 +24,7 @@ from fedhello.data import (
 from fedhello.errors import UserError
 from fedhello.method.allocation import AllocationStrategy, build_strategy
 from fedhello.method.groups import ResourceGroup, assign_clients_to_groups, resolve_groups
+from fedhello.method.methods import method_spec
 from fedhello.models import LoraModel, add_lora, load_classifier
 from fedhello.seeding import Stream, numpy_rng
 
@@ -52,6 +53,12 @@ class Experiment:
 
     def budget_of(self, client: int) -> int:
         return self.groups[int(self.client_group[client])].num_layers
+
+    def rank_of(self, client: int) -> int | None:
+        """The client's LoRA rank under a rank-heterogeneous method; None otherwise."""
+        if not method_spec(self.cfg.method).rank_heterogeneous:
+            return None
+        return self.groups[int(self.client_group[client])].rank
 
     def majority_rate(self, split: str = "test") -> float:
         labels = self.tokens.labels[self.splits[split]]
@@ -99,7 +106,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     tokens = tokenize_examples(tokenizer, examples.texts, examples.labels, cfg.model.max_length, cache)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    groups = resolve_groups(cfg.groups, lm.num_layers)
+    groups = resolve_groups(cfg.groups, lm.num_layers, cfg.lora.r)
     client_group = assign_clients_to_groups(cfg.partition.num_clients, groups, cfg.seed)
     strategy = build_strategy(
         cfg.method,

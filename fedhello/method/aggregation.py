@@ -6,7 +6,7 @@ Plain functions over plain data ({name: tensor} dicts), independent of how clien
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,9 +33,12 @@ def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
 
 
 def check_update(
-    update: ClientUpdate, global_state: Mapping[str, torch.Tensor], allowed: Collection[str]
+    update: ClientUpdate, global_state: Mapping[str, torch.Tensor], allowed: Mapping[str, tuple[int, ...]]
 ) -> str | None:
-    """Why an update must be rejected, or None if it is acceptable."""
+    """Why an update must be rejected, or None if it is acceptable.
+
+    `allowed` maps each tensor the client may send to the shape it must have (the global shape,
+    or a rank slice of it for rank-heterogeneous methods)."""
     if update.num_samples <= 0:
         return f"non-positive sample count {update.num_samples}"
     for key, value in update.deltas.items():
@@ -43,8 +46,8 @@ def check_update(
             return f"unknown tensor '{key}'"
         if key not in allowed:
             return f"tensor '{key}' is outside the client's allocation"
-        if tuple(value.shape) != tuple(global_state[key].shape):
-            return f"tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(global_state[key].shape)}"
+        if tuple(value.shape) != tuple(allowed[key]):
+            return f"tensor '{key}' has shape {tuple(value.shape)}, expected {tuple(allowed[key])}"
         if not torch.isfinite(value).all():
             return f"tensor '{key}' has non-finite values"
     return None
@@ -53,13 +56,13 @@ def check_update(
 def screen_updates(
     updates: Sequence[ClientUpdate],
     global_state: Mapping[str, torch.Tensor],
-    allowed: Mapping[int, Collection[str]],
+    allowed: Mapping[int, Mapping[str, tuple[int, ...]]],
 ) -> tuple[list[ClientUpdate], dict[int, str]]:
     """Split updates into accepted ones and rejected ones (client -> reason); rejections are logged."""
     accepted: list[ClientUpdate] = []
     rejected: dict[int, str] = {}
     for u in updates:
-        reason = check_update(u, global_state, allowed.get(u.client_id, ()))
+        reason = check_update(u, global_state, allowed.get(u.client_id, {}))
         if reason is None:
             accepted.append(u)
         else:

@@ -114,11 +114,15 @@ class FixedAllocation:
     name: str
     num_layers: int
     pattern: str | None = None  # None: every client trains every layer, whatever its budget
+    budget: int | None = None  # one budget for everyone (Straggler: the weakest group's)
+    exclusive: bool = False  # clients whose budget is below L sit out (empty set)
 
     def layers_for(self, budget: int) -> tuple[int, ...]:
+        if self.exclusive and budget < self.num_layers:
+            return ()
         if self.pattern is None:
             return tuple(range(self.num_layers))
-        return geometric_layers(self.pattern, budget, self.num_layers)
+        return geometric_layers(self.pattern, self.budget or budget, self.num_layers)
 
     def allocate(self, round_index: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
         return {c: self.layers_for(n) for c, n in sorted(budgets.items())}
@@ -258,6 +262,10 @@ def build_strategy(
         raise UserError(f"method: {e}") from None
     if spec.mechanism == "all_layers":
         return FixedAllocation(method, num_layers)
+    if spec.mechanism == "exclusive":
+        return FixedAllocation(method, num_layers, exclusive=True)
+    if spec.mechanism == "straggler":
+        return FixedAllocation(method, num_layers, spec.pattern, budget=min(budgets))
     if spec.mechanism == "geometric":
         return FixedAllocation(method, num_layers, spec.pattern)
     if spec.mechanism == "uniform_random":

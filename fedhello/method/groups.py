@@ -20,7 +20,7 @@ class ResourceGroup:
     name: str
     share: float
     num_layers: int
-    rank: int | None = None
+    rank: int
 
 
 def resolve_budget(budget: int | float, num_layers: int, where: str = "budget") -> int:
@@ -32,11 +32,18 @@ def resolve_budget(budget: int | float, num_layers: int, where: str = "budget") 
     return budget
 
 
-def resolve_groups(groups: Sequence[GroupConfig], num_layers: int) -> list[ResourceGroup]:
-    return [
-        ResourceGroup(g.name, g.share, resolve_budget(g.budget, num_layers, f"groups.{i}.budget"), g.rank)
-        for i, g in enumerate(groups)
-    ]
+def resolve_groups(groups: Sequence[GroupConfig], num_layers: int, lora_rank: int) -> list[ResourceGroup]:
+    """Budgets resolved against L; each group's LoRA rank for rank-heterogeneous methods is its
+    configured `rank`, or by default the rank whose trainable parameters on all L layers match
+    its layer budget at the full rank (r * n_g / L: 8/12/16 for 6/9/12 of 12 at r=16)."""
+    out = []
+    for i, g in enumerate(groups):
+        n = resolve_budget(g.budget, num_layers, f"groups.{i}.budget")
+        rank = g.rank if g.rank is not None else max(1, round(lora_rank * n / num_layers))
+        if rank > lora_rank:
+            raise UserError(f"groups.{i}.rank: {rank} exceeds the global LoRA rank lora.r={lora_rank}")
+        out.append(ResourceGroup(g.name, g.share, n, rank))
+    return out
 
 
 def group_sizes(num_clients: int, shares: Sequence[float]) -> list[int]:

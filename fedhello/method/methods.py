@@ -12,7 +12,10 @@ from typing import Literal
 
 PATTERNS = ("triangle", "inverted_triangle", "bottleneck", "uniform")
 
-Mechanism = Literal["all_layers", "geometric", "sampled", "uniform_random", "fisher"]
+Mechanism = Literal[
+    "all_layers", "geometric", "sampled", "uniform_random", "fisher", "straggler", "exclusive"
+]
+Aggregation = Literal["per_layer", "hetlora", "flexlora"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,12 @@ class MethodSpec:
     pattern: str | None = None  # geometric pattern, or the prior of a sampled/Fisher method
     warmup_rounds: int | float = 0  # Fisher: rounds of prior sampling first (a float: fraction of rounds)
     refresh_every: int | float = 1  # Fisher: recompute the scores every E rounds (a float: fraction)
+    aggregation: Aggregation = "per_layer"  # hetlora / flexlora: rank-heterogeneous clients
     summary: str = ""
+
+    @property
+    def rank_heterogeneous(self) -> bool:
+        return self.aggregation != "per_layer"
 
 
 def _registry() -> dict[str, MethodSpec]:
@@ -46,7 +54,29 @@ def _registry() -> dict[str, MethodSpec]:
         ),
         MethodSpec("full", "all_layers", summary="every client trains every layer, whatever its budget"),
         MethodSpec(
+            "fedit", "all_layers", summary="FedIT: homogeneous LoRA, all layers, FedAvg (ignores budgets)"
+        ),
+        MethodSpec(
             "fedra", "uniform_random", summary="FedRA: each round each client draws its budget uniformly"
+        ),
+        MethodSpec(
+            "straggler",
+            "straggler",
+            "uniform",
+            summary="every client trains the weakest budget, uniformly spaced",
+        ),
+        MethodSpec("exclusive", "exclusive", summary="only clients whose budget covers all layers train"),
+        MethodSpec(
+            "hetlora",
+            "all_layers",
+            aggregation="hetlora",
+            summary="HetLoRA: all layers at group rank r_g, zero-padded norm-weighted aggregation",
+        ),
+        MethodSpec(
+            "flexlora",
+            "all_layers",
+            aggregation="flexlora",
+            summary="FlexLoRA: all layers at group rank r_g, SVD of the averaged products",
         ),
     ]
     for p in PATTERNS:
