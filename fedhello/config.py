@@ -204,6 +204,19 @@ class FisherConfig(_Strict):
         return _rounds_value(v, 1)
 
 
+class HetLoRAConfig(_Strict):
+    """HetLoRA's optional local rank self-pruning (Cho et al. 2024)."""
+
+    self_pruning: bool = Field(
+        False, description="Clients shrink their rank when the tail of their adapters fades."
+    )
+    gamma: float = Field(0.99, gt=0, lt=1, description="Decay: the tail is components floor(gamma r)..r-1.")
+    regularization: float = Field(
+        0.01, ge=0, description="lambda of the tail-norm penalty added to the loss."
+    )
+    min_rank: int = Field(1, ge=1, description="Never prune below this rank.")
+
+
 class EvalConfig(_Strict):
     """Evaluation of the global model."""
 
@@ -232,6 +245,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fisher: FisherConfig = Field(default_factory=FisherConfig)
+    hetlora: HetLoRAConfig = Field(default_factory=HetLoRAConfig)
 
     @field_validator("method")
     @classmethod

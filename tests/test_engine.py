@@ -324,3 +324,48 @@ def test_baselines_run_with_the_same_engine_and_accounting(
         up = {c["rank"]: c["bytes_up"] for c in clients}
         if len(up) > 1:
             assert up[min(up)] < up[max(up)]
+
+
+def test_hetlora_self_pruning_shrinks_a_fading_tail(tiny_exp: Experiment) -> None:
+    from fedhello.config import HetLoRAConfig
+    from fedhello.method.rank import is_lora_b
+
+    lm = tiny_exp.lm
+    state = lm.lora_state()
+    g = torch.Generator().manual_seed(0)
+    for k in lm.lora_params:
+        if is_lora_b(k):
+            state[k] = 0.5 * torch.randn(state[k].shape, generator=g)
+    common = dict(
+        client_id=0,
+        layers=(0, 1, 2, 3),
+        data=tiny_exp.tokens,
+        indices=tiny_exp.client_indices[0],
+        train_head=True,
+        seed=0,
+        round_index=1,
+        pad_id=tiny_exp.pad_id,
+        device=tiny_exp.device,
+        rank=3,
+    )
+    strong = HetLoRAConfig(self_pruning=True, gamma=0.5, regularization=50.0)
+    pruned = train_client(lm, state, cfg=tiny_exp.cfg.train, pruning=strong, **common)  # type: ignore[arg-type]
+    assert pruned.update.metrics["rank"] == 1  # floor(0.5 * 3): the tail was penalised and faded
+    a = next(k for k in lm.lora_params if ".lora_A." in k)
+    assert pruned.update.deltas[a].shape[0] == 3  # this round's upload still has rank 3 ...
+    torch.testing.assert_close(pruned.update.deltas[a][1:], -state[a][1:3])  # ... with the tail cut to zero
+    off = train_client(lm, state, cfg=tiny_exp.cfg.train, pruning=None, **common)  # type: ignore[arg-type]
+    assert off.update.metrics["rank"] == 3
+
+
+def test_pruned_ranks_survive_in_the_server_state(tiny_overrides: Callable[..., list[str]]) -> None:
+    from fedhello.engine.server import FederatedServer
+
+    exp = prepare_experiment(load_config(None, tiny_overrides("method=hetlora")))
+    server = FederatedServer(exp)
+    server.client_ranks = {2: 1}
+    other = FederatedServer(exp)
+    other.load_state_dict(json.loads(json.dumps(server.state_dict())))
+    assert other.client_ranks == {2: 1}
+    plan = other.configure_round(1)
+    assert all(plan.ranks[c] == (1 if c == 2 else exp.rank_of(c)) for c in plan.clients)

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedhello.config import TrainConfig
+from fedhello.config import HetLoRAConfig, TrainConfig
 from fedhello.data import TokenizedExamples, pad_batch
 from fedhello.method.aggregation import ClientUpdate
-from fedhello.method.rank import is_lora_a, is_lora_b, rank_slice, truncate_rank
+from fedhello.method.rank import is_lora_a, is_lora_b, rank_slice, tail_norm, tail_start, truncate_rank
 from fedhello.models import LoraModel
 from fedhello.seeding import Stream, derived_seed
 
@@ -150,11 +150,15 @@ def train_client(
     pad_id: int,
     device: torch.device,
     rank: int | None = None,
+    pruning: HetLoRAConfig | None = None,
 ) -> ClientResult:
     """Train one client from the global adapters and return the change of what it trained.
 
     With `rank` (HetLoRA, FlexLoRA) the client holds the adapters truncated to their first
-    `rank` components, trains only those and uploads only those slices.
+    `rank` components, trains only those and uploads only those slices. With `pruning`
+    (HetLoRA self-pruning) a penalty on the tail components is added to the loss, and if the
+    tail's norm shrank during training the client prunes it (uploads zeros there) and reports
+    the smaller rank it will use from now on.
     """
     if rank is not None:
         global_state = truncate_rank(global_state, rank)
@@ -170,6 +174,10 @@ def train_client(
     for name, p in params.items():
         p.requires_grad_(name in requires)
     trainable = [params[k] for k in keys]
+    lora = {k: params[k] for k in keys if is_lora_a(k) or is_lora_b(k)}
+    prune = pruning if rank is not None and pruning is not None and pruning.self_pruning else None
+    with torch.no_grad():
+        tail_before = float(tail_norm(lora, rank, prune.gamma)) if prune and rank else 0.0
     hooks = [] if rank is None else [params[k].register_hook(_rank_mask(k, rank)) for k in keys]
     groups: list[dict[str, object]] = [{"params": trainable}]
     if cfg.freezing == "lr0":
@@ -193,7 +201,10 @@ def train_client(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with meter.step():
                     loss = lm.model(**batch).loss
-                    loss.backward()
+                    objective = loss
+                    if prune and rank:
+                        objective = loss + prune.regularization * tail_norm(lora, rank, prune.gamma)
+                    objective.backward()
                 optimizer.step()
                 meter.record([p for g in groups for p in g["params"]], optimizer)  # type: ignore[attr-defined]
                 optimizer.zero_grad(set_to_none=True)
@@ -211,12 +222,23 @@ def train_client(
         h.remove()
     for p in params.values():
         p.requires_grad_(False)
+    new_rank = rank
+    with torch.no_grad():
+        faded = (
+            prune is not None and rank is not None and float(tail_norm(lora, rank, prune.gamma)) < tail_before
+        )
+    if faded and prune and rank:
+        new_rank = max(prune.min_rank, tail_start(rank, prune.gamma))
+        with torch.no_grad():
+            for k, p in lora.items():
+                (p[new_rank:rank] if is_lora_a(k) else p[:, new_rank:rank]).zero_()
 
     deltas = {k: (params[k].detach() - global_state[k].to(device)).cpu() for k in keys}
     if rank is not None:
         deltas = {k: rank_slice(k, d, rank).contiguous() for k, d in deltas.items()}
     train_loss = float(np.mean(losses)) if losses else float("nan")
-    update = ClientUpdate(client_id, deltas, len(indices), {"train_loss": train_loss})
+    metrics = {"train_loss": train_loss} | ({} if new_rank is None else {"rank": float(new_rank)})
+    update = ClientUpdate(client_id, deltas, len(indices), metrics)
     return ClientResult(update, tuple(sorted(layers)), seconds, meter.peak, steps, train_loss, step_seconds)
 
 

@@ -104,7 +104,7 @@ def run_local(
     if resume:
         ckpt = load_checkpoint(run_dir / "checkpoint")
         server = FederatedServer(exp, ckpt.global_state)
-        server.load_strategy_state(ckpt.extra.get("strategy", {}))
+        server.load_state_dict(ckpt.extra)
         records = ckpt.history
         wall_before = ckpt.wall_seconds
         write_metrics(run_dir / "metrics.jsonl", records)
@@ -139,6 +139,7 @@ def run_local(
                         pad_id=exp.pad_id,
                         device=exp.device,
                         rank=plan.ranks[c],
+                        pruning=cfg.hetlora if cfg.method == "hetlora" else None,
                     )
                 )
                 progress.advance(client_bar)
@@ -151,7 +152,7 @@ def run_local(
             record["round_seconds"] = time.perf_counter() - round_start
             save_checkpoint(
                 run_dir / "checkpoint",
-                Checkpoint(r, server.global_state, records, elapsed, {"strategy": server.strategy_state()}),
+                Checkpoint(r, server.global_state, records, elapsed, server.state_dict()),
                 cfg.seed,
             )
             record["round_seconds"] = time.perf_counter() - round_start

@@ -52,6 +52,7 @@ class FederatedServer:
         self.exp = exp
         initial = global_state if global_state is not None else exp.lm.lora_state()
         self.global_state: State = {k: v.detach().cpu().clone() for k, v in initial.items()}
+        self.client_ranks: dict[int, int] = {}  # ranks that clients pruned themselves to (HetLoRA)
 
     # -- step 1 ---------------------------------------------------------------------------
     def configure_round(self, round_number: int) -> RoundPlan:
@@ -73,7 +74,7 @@ class FederatedServer:
             probabilities = [float(x) for x in strategy.probabilities(round_number)]
         elif isinstance(strategy, SampledAllocation):
             probabilities = [float(x) for x in strategy.probabilities]
-        ranks = {c: self.exp.rank_of(c) for c in clients}
+        ranks = {c: self.client_ranks.get(c, self.exp.rank_of(c)) for c in clients}
         return RoundPlan(round_number, allocation, ranks, probabilities, fisher)
 
     def fisher_scores(self, round_number: int) -> np.ndarray:
@@ -130,6 +131,9 @@ class FederatedServer:
             ranks = {c: int(r) for c, r in plan.ranks.items() if r is not None}
             rank_aggregate = hetlora_aggregate if aggregation == "hetlora" else flexlora_aggregate
             self.global_state = rank_aggregate(self.global_state, accepted, ranks, weighting)
+            for u in accepted:
+                if "rank" in u.metrics and int(u.metrics["rank"]) < ranks[u.client_id]:
+                    self.client_ranks[u.client_id] = int(u.metrics["rank"])
         down = payload_bytes(self.download_state())
         clients = []
         for r in results:
@@ -186,15 +190,20 @@ class FederatedServer:
         out["eval_seconds"] = time.perf_counter() - start
         return out
 
-    def strategy_state(self) -> dict[str, Any]:
-        """What the allocation strategy must carry across a resume (Fisher probabilities)."""
-        state_dict = getattr(self.exp.strategy, "state_dict", None)
-        return state_dict() if state_dict is not None else {}
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a resume besides the adapters: the strategy's Fisher probabilities,
+        and the ranks clients pruned themselves to."""
+        strategy_state = getattr(self.exp.strategy, "state_dict", None)
+        return {
+            "strategy": strategy_state() if strategy_state is not None else {},
+            "client_ranks": {str(c): r for c, r in self.client_ranks.items()},
+        }
 
-    def load_strategy_state(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         load = getattr(self.exp.strategy, "load_state_dict", None)
-        if load is not None and state:
-            load(state)
+        if load is not None and state.get("strategy"):
+            load(state["strategy"])
+        self.client_ranks = {int(c): int(r) for c, r in state.get("client_ranks", {}).items()}
 
     def should_evaluate(self, round_number: int) -> bool:
         return round_number % self.exp.cfg.eval.every == 0 or round_number == self.exp.cfg.federation.rounds

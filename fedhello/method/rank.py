@@ -57,6 +57,23 @@ def rank_shapes(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, tuple
     return {k: tuple(rank_slice(k, v, rank).shape) for k, v in state.items()}
 
 
+def tail_start(rank: int, gamma: float) -> int:
+    """First component of the tail that HetLoRA's self-pruning would cut: floor(gamma * rank)."""
+    return int(gamma * rank)
+
+
+def tail_norm(tensors: Mapping[str, torch.Tensor], rank: int, gamma: float) -> torch.Tensor:
+    """sum over modules of ||B[:, t:r]||_F * ||A[t:r]||_F with t = floor(gamma r) (differentiable):
+    HetLoRA's self-pruning regulariser, and the quantity compared before and after local training."""
+    t = tail_start(rank, gamma)
+    total = torch.zeros(())
+    for name, a in tensors.items():
+        if is_lora_a(name) and t < rank:
+            b = tensors[partner_b(name)]
+            total = total + torch.linalg.norm(b[:, t:rank]) * torch.linalg.norm(a[t:rank])
+    return total
+
+
 def _split(
     global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], ranks: Mapping[int, int]
 ) -> tuple[list[dict[str, torch.Tensor]], list[ClientUpdate]]:
