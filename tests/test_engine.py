@@ -369,3 +369,15 @@ def test_pruned_ranks_survive_in_the_server_state(tiny_overrides: Callable[..., 
     assert other.client_ranks == {2: 1}
     plan = other.configure_round(1)
     assert all(plan.ranks[c] == (1 if c == 2 else exp.rank_of(c)) for c in plan.clients)
+
+
+def test_summaries_table_lists_each_run(tiny_overrides: Callable[..., list[str]], tmp_path: Path) -> None:
+    from fedhello.reporting.table import load_summary, summaries_table
+
+    for m in ("gd-bottleneck", "fedit"):
+        run_experiment(load_config(None, tiny_overrides(f"method={m}", "federation.rounds=1")), tmp_path / m)
+    table = summaries_table([load_summary(tmp_path / m) for m in ("gd-bottleneck", "fedit")])
+    rows = table.strip().splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| gd-bottleneck |") and rows[3].startswith("| fedit |")
+    fedit = load_summary(tmp_path / "fedit")
+    assert f"| {fedit['final_test_accuracy']:.3f} |" in rows[3]
