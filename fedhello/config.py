@@ -230,8 +230,9 @@ class ExperimentConfig(_Strict):
     seed: int = 0
     method: str = Field(
         "fedhello",
-        description="fedhello | fim | full | fedra | gd-<pattern> | rgd-<pattern>; pattern: triangle, "
-        "inverted_triangle, bottleneck or uniform (see fedhello/method/methods.py)",
+        description="fedhello | fim | gd-<pattern> | rgd-<pattern> | full | fedit | straggler | exclusive | "
+        "fedra | hetlora | flexlora; pattern: triangle, inverted_triangle, bottleneck or uniform "
+        "(see fedhello/method/methods.py)",
     )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default.")
