@@ -322,8 +322,9 @@ def test_baselines_run_with_the_same_engine_and_accounting(
         assert all(c["layers"] == [0, 1, 2, 3] for c in clients)
         assert {"low": 2, "mid": 3, "high": 4}.items() >= ranks.items()  # r=4: parameter-matched ranks
         up = {c["rank"]: c["bytes_up"] for c in clients}
+        down = {c["rank"]: c["bytes_down"] for c in clients}
         if len(up) > 1:
-            assert up[min(up)] < up[max(up)]
+            assert up[min(up)] < up[max(up)] and down[min(down)] < down[max(down)]
 
 
 def test_hetlora_self_pruning_shrinks_a_fading_tail(tiny_exp: Experiment) -> None:

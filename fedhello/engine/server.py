@@ -101,6 +101,13 @@ class FederatedServer:
         head = set(self.exp.lm.head_params)
         return {k: v for k, v in self.global_state.items() if k not in head}
 
+    @staticmethod
+    def download_bytes(download: State, rank: int | None) -> int:
+        """Bytes a client receives: everything, or only its rank slices under HetLoRA/FlexLoRA."""
+        if rank is None:
+            return payload_bytes(download)
+        return payload_bytes({k: rank_slice(k, v, rank) for k, v in download.items()})
+
     def expected_shapes(self, plan: RoundPlan) -> dict[int, dict[str, tuple[int, ...]]]:
         """For each client, the tensors it may send and their shapes (rank slices under HetLoRA/FlexLoRA)."""
         out = {}
@@ -134,7 +141,7 @@ class FederatedServer:
             for u in accepted:
                 if "rank" in u.metrics and int(u.metrics["rank"]) < ranks[u.client_id]:
                     self.client_ranks[u.client_id] = int(u.metrics["rank"])
-        down = payload_bytes(self.download_state())
+        download = self.download_state()
         clients = []
         for r in results:
             c = r.update.client_id
@@ -150,7 +157,7 @@ class FederatedServer:
                     "seconds": r.seconds,
                     "peak_memory_bytes": r.peak_memory_bytes,
                     "bytes_up": payload_bytes(r.update.deltas),
-                    "bytes_down": down,
+                    "bytes_down": self.download_bytes(download, plan.ranks.get(c)),
                     "accepted": c not in rejected,
                 }
             )
@@ -161,7 +168,7 @@ class FederatedServer:
             "missing": sorted(set(plan.clients) - {r.update.client_id for r in results}),
             "idle": plan.idle,
             "bytes_up": sum(c["bytes_up"] for c in clients),
-            "bytes_down": down * len(results),
+            "bytes_down": sum(c["bytes_down"] for c in clients),
             "train_seconds": sum(r.seconds for r in results),
         }
         if plan.probabilities is not None:
