@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedhello.config import ExperimentConfig, config_to_yaml
@@ -92,16 +91,16 @@ def run_local(
     *,
     resume: bool = False,
     on_round_end: RoundCallback | None = None,
-    console: Console | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) an experiment in this process; returns the summary."""
     session_start = time.perf_counter()
     prepare_run_dir(cfg, run_dir, resume)
     exp = prepare_experiment(cfg)
-    server = FederatedServer(exp)
     records: list[dict[str, Any]] = []
     wall_before = 0.0
-    if resume:
+    if not resume:
+        server = FederatedServer(exp)
+    else:
         ckpt = load_checkpoint(run_dir / "checkpoint")
         server = FederatedServer(exp, ckpt.global_state)
         server.load_state_dict(ckpt.extra)
@@ -110,7 +109,6 @@ def run_local(
         write_metrics(run_dir / "metrics.jsonl", records)
     first = len(records) + 1
     rounds = cfg.federation.rounds
-    console = console or Console(stderr=True, quiet=cfg.quiet)
     data = exp.tokens
 
     with _progress(cfg.quiet) as progress:
@@ -139,7 +137,7 @@ def run_local(
                         pad_id=exp.pad_id,
                         device=exp.device,
                         rank=plan.ranks[c],
-                        pruning=cfg.hetlora if cfg.method == "hetlora" else None,
+                        pruning=exp.rank_pruning,
                     )
                 )
                 progress.advance(client_bar)

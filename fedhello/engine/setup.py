@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedhello.config import DataConfig, ExperimentConfig
+from fedhello.config import DataConfig, ExperimentConfig, HetLoRAConfig
 from fedhello.data import (
     TextExamples,
     TokenizedExamples,
@@ -53,6 +53,12 @@ class Experiment:
 
     def budget_of(self, client: int) -> int:
         return self.groups[int(self.client_group[client])].num_layers
+
+    @property
+    def rank_pruning(self) -> HetLoRAConfig | None:
+        """HetLoRA's self-pruning settings when they apply to this run's clients."""
+        spec = method_spec(self.cfg.method)
+        return self.cfg.hetlora if spec.aggregation == "hetlora" and self.cfg.hetlora.self_pruning else None
 
     def rank_of(self, client: int) -> int | None:
         """The client's LoRA rank under a rank-heterogeneous method; None otherwise."""
