@@ -18,7 +18,6 @@ class Stream(IntEnum):
     ALLOCATION = 1004
     LOCAL_TRAINING = 1005
     SPLIT = 1006
-    INIT = 1007
     FISHER = 1008
 
 

