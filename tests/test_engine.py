@@ -382,3 +382,27 @@ def test_summaries_table_lists_each_run(tiny_overrides: Callable[..., list[str]]
     assert len(rows) == 4 and rows[2].startswith("| gd-bottleneck |") and rows[3].startswith("| fedit |")
     fedit = load_summary(tmp_path / "fedit")
     assert f"| {fedit['final_test_accuracy']:.3f} |" in rows[3]
+
+
+def test_per_layer_means_with_idle_clients_hand_example(tiny_overrides: Callable[..., list[str]]) -> None:
+    from fedhello.engine.server import FederatedServer, RoundPlan
+    from fedhello.method.aggregation import ClientUpdate
+
+    exp = prepare_experiment(load_config(None, tiny_overrides("method=exclusive")))
+    server = FederatedServer(exp)
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    everything = (0, 1, 2, 3)
+    plan = RoundPlan(1, {0: (), 1: everything, 2: everything}, {0: None, 1: None, 2: None})
+    keys = trained_keys(exp.lm, everything, True)
+
+    def result(client: int, value: float, samples: int) -> ClientResult:
+        deltas = {k: torch.full_like(before[k], value) for k in keys}
+        return ClientResult(ClientUpdate(client, deltas, samples), everything, 1.0, 0, 1, 0.0)
+
+    record = server.aggregate_round(plan, [result(1, 1.0, 10), result(2, 3.0, 30)])
+    # the idle client sent nothing and weighs nothing: 1/4 * 1 + 3/4 * 3 = 2.5 on every tensor
+    for k in keys:
+        torch.testing.assert_close(server.global_state[k], before[k] + 2.5)
+    assert record["idle"] == [0] and record["rejected"] == {}
+    assert [c["client"] for c in record["clients"]] == [1, 2]
+    assert record["bytes_down"] == 2 * payload_bytes(before)
