@@ -1,4 +1,4 @@
-"""Command line: `fedhello run`, `fedhello allocate`, `fedhello partition`.
+"""Command line: `fedhello run`, `compare`, `report`, `allocate`, `partition`.
 
 User errors print one line and exit with status 2; nothing else is printed for them.
 """
@@ -148,6 +148,59 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedhello.config import load_config
+    from fedhello.grid import plan_grid, run_grid
+
+    base = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    work = Path(args.work) if args.work else Path("runs") / "compare" / out.name
+    cells = plan_grid(base, _names(args.methods), args.seeds, _names(args.settings), _names(args.rocs))
+    total = len(cells)
+    done = 0
+
+    def report_cell(cell: Any, result: Any) -> None:
+        nonlocal done
+        done += 1
+        if isinstance(result, Exception):
+            print(f"[{done}] {result}", file=sys.stderr)
+        else:
+            s = result["summary"]
+            print(
+                f"[{done}] {cell.name}: final test acc {s['final_test_accuracy']:.3f} "
+                f"({s['wall_seconds']:.0f} s)",
+                file=sys.stderr,
+            )
+
+    failed = run_grid(cells, out, work, jobs=args.jobs, on_done=report_cell)
+    print(f"{total - len(failed)} of {total} cells finished in {out / 'cells'}", file=sys.stderr)
+    if not args.no_report:
+        from fedhello.reporting.report import write_report
+
+        report = Path(args.report) if args.report else out / "report.md"
+        write_report([out], report, command=" ".join(["fedhello", *sys.argv[1:]]))
+        print(f"report: {report}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedhello.reporting.report import write_report
+
+    grids = [Path(g) for g in args.grids]
+    for g in grids:
+        if not (g / "cells").is_dir():
+            raise UserError(f"{g}: not a grid directory (no cells/ inside)")
+    write_report(
+        grids, Path(args.to), command=args.command_line, notes=Path(args.notes) if args.notes else None
+    )
+    print(f"report: {args.to}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedhello", description="Federated LoRA fine-tuning with heterogeneous LoRA allocation."
@@ -185,6 +238,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     part.add_argument("--json", action="store_true")
     part.set_defaults(func=cmd_partition)
+
+    comp = sub.add_parser("compare", help="run a grid of methods x data settings x client ratios x seeds")
+    comp.add_argument("config", nargs="?", help="YAML config file for every cell (optional)")
+    comp.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every cell")
+    comp.add_argument("--methods", required=True, help="comma-separated, e.g. fedhello,fedit,fedra")
+    comp.add_argument("--seeds", type=int, default=1, help="seeds per cell: seed, seed+1, ...")
+    comp.add_argument(
+        "--settings",
+        default="iid",
+        help="iid, noniid (4 classes/client), extreme (2), pathological-K, dirichlet-A",
+    )
+    comp.add_argument("--rocs", default="1:1:1", help="client ratios over the groups, e.g. 1:1:1,6:3:1")
+    comp.add_argument("--jobs", type=int, default=1, help="cells run side by side (threads split evenly)")
+    comp.add_argument("--out", required=True, help="grid directory: finished cells go to OUT/cells/")
+    comp.add_argument("--work", help="where the cells' full runs go (default runs/compare/<OUT name>)")
+    comp.add_argument("--report", help="report path (default OUT/report.md)")
+    comp.add_argument("--no-report", action="store_true", help="only run the cells")
+    comp.set_defaults(func=cmd_compare)
+
+    rep = sub.add_parser("report", help="write the Markdown report (tables, plots) of finished grids")
+    rep.add_argument("grids", nargs="+", help="grid directories made by `fedhello compare`")
+    rep.add_argument("--to", required=True, help="Markdown file; plots go to a folder beside it")
+    rep.add_argument("--notes", help="Markdown file whose text is included as the discussion")
+    rep.add_argument("--command-line", default=None, help="the command to quote as having made the grid")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

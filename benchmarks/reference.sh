@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The reference comparison of docs/results.md (issue 6). Finished cells are skipped, so an
+# interrupted grid is completed by running this again. About 1.5 h on a 2-core machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+FH=".venv/bin/python -m fedhello"
+$FH compare benchmarks/configs/reference.yaml \
+  --methods fedhello,fim,rgd-bottleneck,gd-bottleneck,fedra,straggler,exclusive,hetlora,flexlora,fedit \
+  --seeds 3 --settings iid,noniid,extreme --rocs 1:1:1,6:3:1 --jobs 2 \
+  --out benchmarks/results/reference --no-report
+$FH compare benchmarks/configs/reference-mpnet.yaml \
+  --methods fedhello,rgd-bottleneck,fedra,straggler,fedit \
+  --seeds 1 --settings iid,extreme --rocs 1:1:1 --jobs 2 \
+  --out benchmarks/results/reference-mpnet --no-report
+$FH report benchmarks/results/reference benchmarks/results/reference-mpnet \
+  --to docs/results.md --notes docs/results-notes.md \
+  --command-line "bash benchmarks/reference.sh"
