@@ -120,8 +120,17 @@ def git_commit() -> str:
         return "unknown"
 
 
-CLIENT_FIELDS = ("client", "group", "layers", "rank", "steps", "seconds", "peak_memory_bytes", "bytes_up")
-CLIENT_FIELDS += ("bytes_down",)
+CLIENT_FIELDS = [
+    "client",
+    "group",
+    "layers",
+    "rank",
+    "steps",
+    "seconds",
+    "peak_memory_bytes",
+    "bytes_up",
+    "bytes_down",
+]
 
 
 def cell_record(cell: Cell, cfg: ExperimentConfig, run_dir: Path, commit: str) -> dict[str, Any]:
