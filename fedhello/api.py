@@ -7,6 +7,7 @@ from typing import Any
 
 from fedhello.config import ExperimentConfig
 from fedhello.engine.local import RoundCallback, default_run_dir, run_local
+from fedhello.errors import UserError
 
 
 def run_experiment(
@@ -25,8 +26,15 @@ def run_experiment(
         summary = run_experiment(cfg, "runs/demo")
         print(summary["final_test_accuracy"])
 
+    With `cfg.engine == "flower"` the same rounds run on Flower's simulation engine.
     The run directory receives config.yaml, metrics.jsonl, summary.json, plots and a
     checkpoint after every round; `resume=True` continues from the last completed round.
     """
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    if cfg.engine == "flower":
+        if on_round_end is not None:
+            raise UserError("on_round_end: not available with engine=flower (read metrics.jsonl instead)")
+        from fedhello.engine.flower import run_simulation_engine
+
+        return run_simulation_engine(cfg, run_dir, resume=resume)
     return run_local(cfg, run_dir, resume=resume, on_round_end=on_round_end)

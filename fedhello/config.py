@@ -224,6 +224,21 @@ class EvalConfig(_Strict):
     batch_size: int = Field(128, ge=1)
 
 
+class FlowerConfig(_Strict):
+    """The Flower engine (engine: flower): how long to wait, and how many replies a round needs."""
+
+    round_timeout: float = Field(
+        600.0, gt=0, description="Seconds to wait for a round's replies; clients silent by then are missing."
+    )
+    min_replies: int = Field(
+        1, ge=1, description="A round with fewer replies stops the run (resume it from the checkpoint)."
+    )
+    connect_timeout: float = Field(
+        120.0, gt=0, description="Seconds to wait at start for the SuperNodes of all partitions."
+    )
+    cpus_per_client: float = Field(1.0, gt=0, description="Simulation only: CPUs each ClientApp reserves.")
+
+
 class ExperimentConfig(_Strict):
     """A whole experiment. `fedhello run` and `fedhello.run_experiment` take one of these."""
 
@@ -233,6 +248,11 @@ class ExperimentConfig(_Strict):
         description="fedhello | fim | gd-<pattern> | rgd-<pattern> | full | fedit | straggler | exclusive | "
         "fedra | hetlora | flexlora; pattern: triangle, inverted_triangle, bottleneck or uniform "
         "(see fedhello/method/methods.py)",
+    )
+    engine: Literal["local", "flower"] = Field(
+        "local",
+        description="'local': every client in this process; 'flower': Flower's simulation engine "
+        "(deployment: `flwr run`, see docs/flower.md). Same results for the same seed.",
     )
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default.")
@@ -247,6 +267,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fisher: FisherConfig = Field(default_factory=FisherConfig)
     hetlora: HetLoRAConfig = Field(default_factory=HetLoRAConfig)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
     @field_validator("method")
     @classmethod

@@ -5,7 +5,7 @@ number of clients. The whole federated loop fits on one screen:
 
     for round in rounds:
         plan = server.configure_round(round)              # sample clients, allocate layers
-        results = [train_client(...) for each client]     # local training from the global adapters
+        results = train_round(plan, download)             # clients train (here: one after another)
         record = server.aggregate_round(plan, results)    # screen, per-tensor mean
         record |= server.evaluate_global()                # validation and test
         checkpoint(); append metrics
@@ -13,6 +13,7 @@ number of clients. The whole federated loop fits on one screen:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +23,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedhello.config import ExperimentConfig, config_to_yaml
 from fedhello.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedhello.engine.client import train_client
-from fedhello.engine.server import FederatedServer
+from fedhello.engine.client import ClientResult, train_client
+from fedhello.engine.server import FederatedServer, RoundPlan
 from fedhello.engine.setup import Experiment, prepare_experiment
 from fedhello.errors import UserError
+from fedhello.method.aggregation import State
 from fedhello.reporting.plots import (
     layer_frequency,
     plot_accuracy,
@@ -36,6 +38,7 @@ from fedhello.reporting.plots import (
 from fedhello.reporting.summary import append_metrics, summarize, write_json_atomic, write_metrics
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
+log = logging.getLogger(__name__)
 
 
 def _progress(quiet: bool) -> Progress:
@@ -85,6 +88,38 @@ def write_outputs(
     return summary
 
 
+TrainRound = Callable[[RoundPlan, State], list[ClientResult]]
+"""How an engine gets a round's client results: (plan, download state) -> results it received."""
+
+
+def local_trainer(exp: Experiment) -> TrainRound:
+    """Every sampled client trains here, one after another, on the shared base model."""
+
+    def train_round(plan: RoundPlan, download: State) -> list[ClientResult]:
+        cfg = exp.cfg
+        return [
+            train_client(
+                exp.lm,
+                download,
+                c,
+                plan.allocation[c],
+                exp.tokens,
+                exp.client_indices[c],
+                cfg.train,
+                train_head=exp.train_head,
+                seed=cfg.seed,
+                round_index=plan.round,
+                pad_id=exp.pad_id,
+                device=exp.device,
+                rank=plan.ranks[c],
+                pruning=exp.rank_pruning,
+            )
+            for c in plan.clients
+        ]
+
+    return train_round
+
+
 def run_local(
     cfg: ExperimentConfig,
     run_dir: Path,
@@ -93,6 +128,18 @@ def run_local(
     on_round_end: RoundCallback | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) an experiment in this process; returns the summary."""
+    return run_federation(cfg, run_dir, local_trainer, resume=resume, on_round_end=on_round_end)
+
+
+def run_federation(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    make_trainer: Callable[[Experiment], TrainRound],
+    *,
+    resume: bool = False,
+    on_round_end: RoundCallback | None = None,
+) -> dict[str, Any]:
+    """The round loop every engine shares; `make_trainer` says where clients train."""
     session_start = time.perf_counter()
     prepare_run_dir(cfg, run_dir, resume)
     exp = prepare_experiment(cfg)
@@ -109,39 +156,18 @@ def run_local(
         write_metrics(run_dir / "metrics.jsonl", records)
     first = len(records) + 1
     rounds = cfg.federation.rounds
-    data = exp.tokens
+    train_round = make_trainer(exp)
 
     with _progress(cfg.quiet) as progress:
         round_bar = progress.add_task("rounds", total=rounds, completed=first - 1, info="")
-        client_bar = progress.add_task("clients", total=cfg.federation.clients_per_round, info="")
         for r in range(first, rounds + 1):
             round_start = time.perf_counter()
             plan = server.configure_round(r)
-            progress.reset(client_bar, total=len(plan.clients))
-            download = server.download_state()
-            results = []
-            for c in plan.clients:
-                progress.update(client_bar, info=f"client {c}, layers {list(plan.allocation[c])}")
-                results.append(
-                    train_client(
-                        exp.lm,
-                        download,
-                        c,
-                        plan.allocation[c],
-                        data,
-                        exp.client_indices[c],
-                        cfg.train,
-                        train_head=exp.train_head,
-                        seed=cfg.seed,
-                        round_index=r,
-                        pad_id=exp.pad_id,
-                        device=exp.device,
-                        rank=plan.ranks[c],
-                        pruning=exp.rank_pruning,
-                    )
-                )
-                progress.advance(client_bar)
+            progress.update(round_bar, info=f"round {r}: training clients {plan.clients}")
+            results = train_round(plan, server.download_state())
             record = server.aggregate_round(plan, results)
+            if record["missing"]:
+                log.warning("round %d: no reply from clients %s; aggregated the others", r, record["missing"])
             if server.should_evaluate(r):
                 record.update(server.evaluate_global())
             records.append(record)

@@ -1,0 +1,283 @@
+"""The Flower engine: the same rounds as the in-process engine, with clients behind Flower's
+Message API (ServerApp + ClientApp).
+
+The ServerApp runs `run_federation`, the loop the in-process engine runs, with one difference:
+a round's clients train on SuperNodes. Each sampled client gets its own message (its layer set
+or rank, and the adapters it needs) and replies with only the tensors it trained. Allocation,
+local training and aggregation are the same functions as in-process, so one seed gives the
+same adapters and metrics on both engines.
+
+Clients are the data partitions: a SuperNode says which partition it holds (`partition-id` in
+its node config) when asked once by a query message; Flower's node ids, random per run, are
+only used to address messages.
+
+    fedhello run ... engine=flower                        # simulation engine, this machine
+    flwr run . NAME --run-config "config-path='/abs/cfg.yaml' out-dir='/abs/run'"  # deployment
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedhello.config import ExperimentConfig, config_from_dict, load_config
+from fedhello.engine.client import ClientResult, train_client
+from fedhello.engine.local import run_federation
+from fedhello.engine.server import RoundPlan
+from fedhello.engine.setup import Experiment, prepare_experiment
+from fedhello.errors import UserError
+from fedhello.method.aggregation import ClientUpdate, State
+from fedhello.method.rank import pad_rank, rank_slice
+
+log = logging.getLogger(__name__)
+
+# [tool.flwr.app.config] keys (pyproject.toml); `flwr run --run-config` overrides them.
+CONFIG_PATH, OUT_DIR, RESUME = "config-path", "out-dir", "resume"
+
+
+# -- server side -----------------------------------------------------------------------------
+class FlowerTrainer:
+    """A round's training as messages: one per sampled client, replies turned into ClientResults."""
+
+    def __init__(self, grid: Grid, exp: Experiment) -> None:
+        self.grid = grid
+        self.exp = exp
+        self.nodes: dict[int, int] = {}  # partition-id (= fedhello client id) -> Flower node id
+        self.first_round = True
+
+    def discover(self, wanted: set[int]) -> None:
+        """Learn which node holds which partition; at the first round wait for all of them."""
+        flower = self.exp.cfg.flower
+        deadline = time.monotonic() + (flower.connect_timeout if self.first_round else 0.0)
+        self.first_round = False
+        while True:
+            online = set(self.grid.get_node_ids())
+            self.nodes = {p: n for p, n in self.nodes.items() if n in online}  # forget departed nodes
+            unknown = sorted(online - set(self.nodes.values()))
+            if unknown:
+                queries = [
+                    Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown
+                ]
+                for reply in self.grid.send_and_receive(queries, timeout=flower.connect_timeout):
+                    if reply.has_error():
+                        continue
+                    pid = int(reply.content["config"]["partition-id"])  # type: ignore[arg-type]
+                    self.nodes[pid] = reply.metadata.src_node_id
+            if wanted <= set(self.nodes) or time.monotonic() >= deadline:
+                return
+            time.sleep(0.5)
+
+    def __call__(self, plan: RoundPlan, download: State) -> list[ClientResult]:
+        flower = self.exp.cfg.flower
+        self.discover(set(plan.clients))
+        messages = []
+        for c in plan.clients:
+            if c not in self.nodes:
+                log.warning(
+                    "round %d: no SuperNode holds partition %d; client %d is missing", plan.round, c, c
+                )
+                continue
+            rank = plan.ranks[c]
+            arrays = download if rank is None else {k: rank_slice(k, v, rank) for k, v in download.items()}
+            config: dict[str, int | list[int]] = {
+                "client": c,
+                "round": plan.round,
+                "layers": list(plan.allocation[c]),
+                "rank": rank or 0,
+            }
+            content = RecordDict({"arrays": ArrayRecord(dict(arrays)), "config": ConfigRecord(config)})  # type: ignore[arg-type]
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=self.nodes[c],
+                    message_type=MessageType.TRAIN,
+                    group_id=str(plan.round),
+                )
+            )
+        results = []
+        for reply in self.grid.send_and_receive(messages, timeout=flower.round_timeout):
+            if reply.has_error():
+                node = reply.metadata.src_node_id
+                log.warning(
+                    "round %d: node %d replied with an error: %s", plan.round, node, reply.error.reason
+                )
+                continue
+            results.append(result_from_reply(reply.content))
+        if len(results) < flower.min_replies:
+            raise RuntimeError(
+                f"round {plan.round}: {len(results)} replies, fewer than flower.min_replies="
+                f"{flower.min_replies}; completed rounds are checkpointed (resume=true continues)"
+            )
+        return sorted(results, key=lambda r: r.update.client_id)
+
+
+def reply_content(result: ClientResult) -> RecordDict:
+    """A client's reply: its trained tensors, and the numbers the server records."""
+    metrics = {
+        "num-examples": result.update.num_samples,
+        "seconds": result.seconds,
+        "peak-memory-bytes": result.peak_memory_bytes,
+        "steps": result.steps,
+        "train-loss": result.train_loss,
+        "step-seconds": list(result.step_seconds),
+    }
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(dict(result.update.deltas)),
+            "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
+            "update-metrics": MetricRecord(dict(result.update.metrics)),
+            "config": ConfigRecord({"client": result.update.client_id, "layers": list(result.layers)}),
+        }
+    )
+
+
+def result_from_reply(content: RecordDict) -> ClientResult:
+    m, config = content["metrics"], content["config"]
+    update = ClientUpdate(
+        client_id=int(config["client"]),  # type: ignore[arg-type]
+        deltas=content["arrays"].to_torch_state_dict(),  # type: ignore[union-attr]
+        num_samples=int(m["num-examples"]),  # type: ignore[arg-type]
+        metrics={k: float(v) for k, v in content["update-metrics"].items()},  # type: ignore[arg-type]
+    )
+    return ClientResult(
+        update,
+        tuple(int(x) for x in config["layers"]),  # type: ignore[union-attr]
+        float(m["seconds"]),  # type: ignore[arg-type]
+        int(m["peak-memory-bytes"]),  # type: ignore[arg-type]
+        int(m["steps"]),  # type: ignore[arg-type]
+        float(m["train-loss"]),  # type: ignore[arg-type]
+        [float(x) for x in m["step-seconds"]],  # type: ignore[union-attr]
+    )
+
+
+# -- client side -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _client_experiment(config_json: str) -> Experiment:
+    """The model and data a ClientApp process needs; built once per process and config."""
+    return prepare_experiment(config_from_dict(json.loads(config_json)))
+
+
+def train_from_message(exp: Experiment, content: RecordDict, partition_id: int | None) -> RecordDict:
+    """Train the client the message names, from the adapters it carries."""
+    config = content["config"]
+    c = int(config["client"])  # type: ignore[arg-type]
+    if partition_id is not None and partition_id != c:
+        raise ValueError(f"message for client {c} reached the SuperNode of partition {partition_id}")
+    rank = int(config["rank"]) or None  # type: ignore[arg-type]
+    state: dict[str, torch.Tensor] = content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    if rank is not None:  # rank slices back to the model's shapes; train_client truncates again
+        shapes = exp.lm.lora_state()
+        state = {k: pad_rank(k, v, shapes[k].shape) for k, v in state.items()}
+    cfg = exp.cfg
+    result = train_client(
+        exp.lm,
+        state,
+        c,
+        [int(x) for x in config["layers"]],  # type: ignore[union-attr]
+        exp.tokens,
+        exp.client_indices[c],
+        cfg.train,
+        train_head=exp.train_head,
+        seed=cfg.seed,
+        round_index=int(config["round"]),  # type: ignore[arg-type]
+        pad_id=exp.pad_id,
+        device=exp.device,
+        rank=rank,
+        pruning=exp.rank_pruning,
+    )
+    return reply_content(result)
+
+
+# -- the apps --------------------------------------------------------------------------------
+def _settings(context: Context, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    return {**defaults, **{k: v for k, v in context.run_config.items() if v not in ("", None)}}
+
+
+def _config_of(settings: Mapping[str, Any]) -> ExperimentConfig:
+    if isinstance(settings.get("config"), ExperimentConfig):
+        return settings["config"]
+    if settings.get(RESUME):
+        return load_config(Path(str(settings[OUT_DIR])) / "config.yaml")
+    path = settings.get(CONFIG_PATH)
+    if not path:
+        raise UserError(f"run config '{CONFIG_PATH}': give the absolute path of an experiment config")
+    return load_config(str(path))
+
+
+def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
+    """The ServerApp; `defaults` (a config object, out-dir, resume) stand in for the run config."""
+    app = ServerApp()
+    base = dict(defaults or {})
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        settings = _settings(context, base)
+        if not settings.get(OUT_DIR):
+            raise UserError(f"run config '{OUT_DIR}': give the absolute path of the run directory")
+        cfg = _config_of(settings)
+        run_federation(
+            cfg,
+            Path(str(settings[OUT_DIR])),
+            functools.partial(FlowerTrainer, grid),
+            resume=bool(settings.get(RESUME)),
+        )
+
+    return app
+
+
+def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
+    """The ClientApp: answers which partition it holds, and trains when asked."""
+    app = ClientApp()
+    base = dict(defaults or {})
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        return Message(RecordDict({"config": ConfigRecord({"partition-id": pid})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = _config_of(_settings(context, base))
+        exp = _client_experiment(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
+        pid = context.node_config.get("partition-id")
+        content = train_from_message(exp, msg.content, None if pid is None else int(pid))
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+# What `flwr run` loads (pyproject.toml, [tool.flwr.app.components]); settings from the run config.
+server_app = make_server_app()
+client_app = make_client_app()
+
+
+def run_simulation_engine(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+    """`engine: flower` from `fedhello run`: Flower's simulation engine, one SuperNode per client."""
+    from flwr.simulation import run_simulation
+
+    run_dir = run_dir.resolve()
+    defaults = {"config": cfg, OUT_DIR: str(run_dir), RESUME: resume}
+    run_simulation(
+        server_app=make_server_app(defaults),
+        client_app=make_client_app(defaults),
+        num_supernodes=cfg.partition.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": cfg.flower.cpus_per_client, "num_gpus": 0.0},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+        },
+    )
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise RuntimeError(f"the Flower run ended without a summary in {run_dir}; see the log above")
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    return summary
