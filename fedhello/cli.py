@@ -154,12 +154,17 @@ def _names(text: str) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
-    from fedhello.grid import plan_grid, run_grid
+    from fedhello.grid import plan_grid, run_grid, write_grid_meta
 
     base = load_config(args.config, args.overrides)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "compare" / out.name
-    cells = plan_grid(base, _names(args.methods), args.seeds, _names(args.settings), _names(args.rocs))
+    methods, settings, rocs = _names(args.methods), _names(args.settings), _names(args.rocs)
+    cells = plan_grid(base, methods, args.seeds, settings, rocs)
+    command = " ".join(["fedhello", *sys.argv[1:]])
+    write_grid_meta(
+        out, base, command=command, methods=methods, seeds=args.seeds, settings=settings, rocs=rocs
+    )
     total = len(cells)
     done = 0
 
@@ -182,7 +187,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from fedhello.reporting.report import write_report
 
         report = Path(args.report) if args.report else out / "report.md"
-        write_report([out], report, command=" ".join(["fedhello", *sys.argv[1:]]))
+        write_report([out], report, command=command)
         print(f"report: {report}", file=sys.stderr)
     return 1 if failed else 0
 

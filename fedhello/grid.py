@@ -170,7 +170,10 @@ def plan_grid(
 ) -> list[tuple[Cell, ExperimentConfig]]:
     """Every cell with its config; names are checked before anything runs."""
     for m in methods:
-        method_spec(m)
+        try:
+            method_spec(m)
+        except ValueError as e:
+            raise UserError(f"--methods: {e}") from None
     if seeds < 1:
         raise UserError("--seeds: must be at least 1")
     cells = []
@@ -181,6 +184,29 @@ def plan_grid(
                     cell = Cell(setting, roc, method, base.seed + i)
                     cells.append((cell, cell_config(base, cell)))
     return cells
+
+
+def write_grid_meta(
+    out: Path,
+    base: ExperimentConfig,
+    *,
+    command: str,
+    methods: Sequence[str],
+    seeds: int,
+    settings: Sequence[str],
+    rocs: Sequence[str],
+) -> None:
+    """What the grid is (the report quotes it): the command, the base config and the axes."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": command,
+        "methods": list(methods),
+        "seeds": seeds,
+        "settings": list(settings),
+        "rocs": list(rocs),
+        "base_config": base.model_dump(mode="json"),
+    }
+    write_json_atomic(out / "grid.json", meta)
 
 
 def is_finished(out: Path, cell: Cell, cfg: ExperimentConfig) -> bool:

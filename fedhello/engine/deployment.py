@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import ipaddress
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+import psutil
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -206,8 +206,13 @@ class LocalDeployment:
 
     def kill_supernode(self, partition: int) -> None:
         """Kill a SuperNode and its ClientApp processes at once, as a crashed machine would stop."""
-        proc = self.supernodes[partition]
-        _kill_group(proc, signal.SIGKILL)
+        root = psutil.Process(self.supernodes[partition].pid)
+        procs = [root, *root.children(recursive=True)]
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(procs, timeout=10)
+        self.supernodes[partition].wait(timeout=10)
 
     def _flwr(self, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -247,14 +252,27 @@ class LocalDeployment:
         return proc.stdout
 
     def stop(self) -> None:
-        for proc in [*self.supernodes.values(), *([self.superlink] if self.superlink else [])]:
-            _kill_group(proc, signal.SIGTERM)
-        for proc in [*self.supernodes.values(), *([self.superlink] if self.superlink else [])]:
+        """Stop every process this deployment started, helpers included (the SuperLink starts
+        flower-superexec, which starts the ServerApp in a session of its own), by process id."""
+        roots = [p for p in [self.superlink, *self.supernodes.values()] if p is not None]
+        procs = []
+        for root in roots:
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc, signal.SIGKILL)
-                proc.wait()
+                parent = psutil.Process(root.pid)
+                procs += [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        for root in roots:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                root.wait(timeout=1)  # reap
         for log in self._logs:
             log.close()
 
@@ -269,11 +287,3 @@ class LocalDeployment:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    """Signal the process and everything it started (it leads its own session)."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)

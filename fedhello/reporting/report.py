@@ -1,0 +1,433 @@
+"""The comparison report: tables and plots from the finished cells of one or more grids.
+
+Accuracy is reported three ways, none of them best-on-test: the final round's, the mean
+of the last five rounds' evaluations, and the test accuracy at the round with the best
+validation accuracy; each as mean and standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from fedhello.grid import git_commit, load_cells
+
+ACCURACY = {
+    "final": "final_test_accuracy",
+    "last-5": "mean_last5_test_accuracy",
+    "at best val": "test_accuracy_at_best_val",
+}
+MiB = 2**20
+
+
+@dataclass
+class Grid:
+    """One grid's cells, grouped by (setting, roc, method)."""
+
+    path: Path
+    cells: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: Path) -> Grid:
+        meta_path = path / "grid.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        return cls(path, load_cells(path), meta)
+
+    def ordered(self, key: str) -> list[str]:
+        """Values of a cell key in the grid's own order (the command's), else first seen."""
+        wanted = self.meta.get(key + "s", [])
+        seen = [c["cell"][key] for c in self.cells]
+        return [v for v in wanted if v in seen] + [v for v in dict.fromkeys(seen) if v not in wanted]
+
+    def group(self, setting: str, roc: str, method: str) -> list[dict[str, Any]]:
+        return [
+            c
+            for c in self.cells
+            if (c["cell"]["setting"], c["cell"]["roc"], c["cell"]["method"]) == (setting, roc, method)
+        ]
+
+    @property
+    def model(self) -> str:
+        return str(self.cells[0].get("model", "?")) if self.cells else "?"
+
+
+def _values(cells: Sequence[dict[str, Any]], key: str) -> list[float]:
+    return [float(c["summary"][key]) for c in cells if c["summary"].get(key) is not None]
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _fmt(values: Sequence[float]) -> str:
+    m, s = _mean_std(values)
+    return "n/a" if np.isnan(m) else f"{m:.3f} ± {s:.3f}"
+
+
+def _peak_mib(cells: Sequence[dict[str, Any]], group: str) -> float:
+    vals = [c["summary"]["peak_memory_bytes_by_group"].get(group, 0) for c in cells]
+    vals = [v for v in vals if v]
+    return float(np.median(vals)) / MiB if vals else float("nan")
+
+
+def _step_s(cells: Sequence[dict[str, Any]], group: str) -> float:
+    vals = [c["summary"]["step_seconds_median_by_group"].get(group) for c in cells]
+    vals = [v for v in vals if v is not None]
+    return float(np.median(vals)) if vals else float("nan")
+
+
+def _mean_client_peak(cells: Sequence[dict[str, Any]]) -> float:
+    """Mean over client-rounds of a client's peak training memory (what a typical client needs)."""
+    vals = [cl["peak_memory_bytes"] for c in cells for r in c["rounds"] for cl in r["clients"] if cl["steps"]]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# -- tables --------------------------------------------------------------------------------
+def accuracy_table(grid: Grid, roc: str) -> str:
+    settings, methods = grid.ordered("setting"), grid.ordered("method")
+    head = "| method | " + " | ".join(f"{s}: {a}" for s in settings for a in ACCURACY) + " |"
+    lines = [head, "|---" * (1 + len(settings) * len(ACCURACY)) + "|"]
+    best: dict[tuple[str, str], float] = {}
+    for s in settings:
+        for a, key in ACCURACY.items():
+            means = [_mean_std(_values(grid.group(s, roc, m), key))[0] for m in methods]
+            best[(s, a)] = np.nanmax(means) if not all(np.isnan(means)) else float("nan")
+    for m in methods:
+        row = []
+        for s in settings:
+            for a, key in ACCURACY.items():
+                vals = _values(grid.group(s, roc, m), key)
+                text = _fmt(vals)
+                if vals and abs(_mean_std(vals)[0] - best[(s, a)]) < 1e-12:
+                    text = f"**{text}**"
+                row.append(text)
+        n = len(grid.group(settings[0], roc, m))
+        lines.append(f"| {m} ({n} seeds) | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(grid: Grid, roc: str) -> str:
+    """Per method, pooled over settings and seeds: memory and step time per group, bytes, compute."""
+    methods = grid.ordered("method")
+    cells0 = grid.cells[0]
+    groups = list(cells0["summary"]["groups"])
+    head = (
+        "| method | "
+        + " | ".join(
+            f"{g} ({cells0['summary']['groups'][g]['num_layers']} layers): peak MiB, step s" for g in groups
+        )
+        + " | upload MB/round | download MB/round | upload MB total | client compute s total |"
+    )
+    lines = [head, "|---" * (5 + len(groups)) + "|"]
+    for m in methods:
+        cells = [c for c in grid.cells if c["cell"]["method"] == m and c["cell"]["roc"] == roc]
+        if not cells:
+            continue
+        per_group = " | ".join(f"{_peak_mib(cells, g):.0f}, {_step_s(cells, g):.3f}" for g in groups)
+        rounds = [r for c in cells for r in c["rounds"]]
+        up = np.mean([r["bytes_up"] for r in rounds]) / 1e6
+        down = np.mean([r["bytes_down"] for r in rounds]) / 1e6
+        up_total = np.mean(_values(cells, "bytes_uploaded_total")) / 1e6
+        compute = np.mean(_values(cells, "client_train_seconds"))
+        lines.append(f"| {m} | {per_group} | {up:.2f} | {down:.2f} | {up_total:.1f} | {compute:.0f} |")
+    return "\n".join(lines)
+
+
+def fedit_fraction_table(grid: Grid, method: str = "fedhello", reference: str = "fedit") -> str:
+    """What fraction of FedIT's accuracy `method` reaches, at what fraction of its costs."""
+    lines = [
+        f"| setting | client ratio | {method} final acc | {reference} final acc | accuracy fraction (final) "
+        "| accuracy fraction (last-5) | upload bytes fraction | mean client peak memory fraction "
+        "| low group peak memory fraction |",
+        "|---" * 9 + "|",
+    ]
+    low = next(iter(grid.cells[0]["summary"]["groups"])) if grid.cells else ""
+    for s in grid.ordered("setting"):
+        for roc in grid.ordered("roc"):
+            a, b = grid.group(s, roc, method), grid.group(s, roc, reference)
+            if not a or not b:
+                continue
+            fa, fb = _mean_std(_values(a, ACCURACY["final"]))[0], _mean_std(_values(b, ACCURACY["final"]))[0]
+            la, lb = (
+                _mean_std(_values(a, ACCURACY["last-5"]))[0],
+                _mean_std(_values(b, ACCURACY["last-5"]))[0],
+            )
+            up = np.mean(_values(a, "bytes_uploaded_total")) / np.mean(_values(b, "bytes_uploaded_total"))
+            mem = _mean_client_peak(a) / _mean_client_peak(b)
+            low_mem = _peak_mib(a, low) / _peak_mib(b, low)
+            lines.append(
+                f"| {s} | {roc} | {fa:.3f} | {fb:.3f} | {fa / fb:.2f} | {la / lb:.2f} | {up:.2f} | {mem:.2f} | {low_mem:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def losses_against(grid: Grid, method: str = "fedhello") -> list[str]:
+    """Every (setting, ratio, baseline) where `method` does not have the higher mean final accuracy."""
+    out = []
+    for s in grid.ordered("setting"):
+        for roc in grid.ordered("roc"):
+            mine = _values(grid.group(s, roc, method), ACCURACY["final"])
+            if not mine:
+                continue
+            m_mean, m_std = _mean_std(mine)
+            for other in grid.ordered("method"):
+                theirs = _values(grid.group(s, roc, other), ACCURACY["final"])
+                if other == method or not theirs:
+                    continue
+                o_mean, o_std = _mean_std(theirs)
+                if o_mean >= m_mean:
+                    within = "within" if o_mean - m_mean <= max(m_std, o_std) else "beyond"
+                    out.append(
+                        f"- {s}, {roc}: {other} {o_mean:.3f} ± {o_std:.3f} vs {method} {m_mean:.3f} ± {m_std:.3f} "
+                        f"(+{o_mean - m_mean:.3f}, {within} one seed std)"
+                    )
+    return out
+
+
+def write_csv(grids: Sequence[Grid], path: Path) -> None:
+    """One row per (grid, setting, ratio, method): accuracies over seeds and costs."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        head = ["model", "grid", "setting", "roc", "method", "seeds"]
+        for a in ACCURACY:
+            head += [f"{a} mean", f"{a} std"]
+        head += ["upload MB total", "download MB total", "client train s total", "mean client peak MiB"]
+        w.writerow(head)
+        for g in grids:
+            for s in g.ordered("setting"):
+                for roc in g.ordered("roc"):
+                    for m in g.ordered("method"):
+                        cells = g.group(s, roc, m)
+                        if not cells:
+                            continue
+                        row: list[Any] = [g.model, g.path.name, s, roc, m, len(cells)]
+                        for key in ACCURACY.values():
+                            row += [f"{x:.4f}" for x in _mean_std(_values(cells, key))]
+                        row += [
+                            f"{np.mean(_values(cells, 'bytes_uploaded_total')) / 1e6:.3f}",
+                            f"{np.mean(_values(cells, 'bytes_downloaded_total')) / 1e6:.3f}",
+                            f"{np.mean(_values(cells, 'client_train_seconds')):.2f}",
+                            f"{_mean_client_peak(cells) / MiB:.1f}",
+                        ]
+                        w.writerow(row)
+
+
+# -- plots ---------------------------------------------------------------------------------
+def _curve(cells: Sequence[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    by_round: dict[int, list[float]] = defaultdict(list)
+    for c in cells:
+        for r in c["rounds"]:
+            if r.get("test_accuracy") is not None:
+                by_round[r["round"]].append(r["test_accuracy"])
+    rounds = sorted(by_round)
+    return rounds, [float(np.mean(by_round[r])) for r in rounds]
+
+
+def _colors(methods: Sequence[str]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+
+
+def plot_curves(grid: Grid, roc: str, path: Path) -> None:
+    settings, methods = grid.ordered("setting"), grid.ordered("method")
+    colors = _colors(methods)
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
+    for ax, s in zip(axes[0], settings, strict=True):
+        for m in methods:
+            rounds, acc = _curve(grid.group(s, roc, m))
+            if rounds:
+                ax.plot(rounds, acc, "o-", ms=3, lw=1.4, color=colors[m], label=m)
+        ax.set_title(f"{s}, clients {roc}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_cost(grid: Grid, key: str, label: str, scale: float, path: Path) -> None:
+    settings, methods = grid.ordered("setting"), grid.ordered("method")
+    colors = _colors(methods)
+    markers = dict(zip(grid.ordered("roc"), "os^Dv", strict=False))
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
+    for ax, s in zip(axes[0], settings, strict=True):
+        for m in methods:
+            for roc, marker in markers.items():
+                cells = grid.group(s, roc, m)
+                if not cells:
+                    continue
+                x = np.mean(_values(cells, key)) / scale
+                y = np.mean(_values(cells, ACCURACY["final"]))
+                ax.scatter(x, y, color=colors[m], marker=marker, s=36, label=f"{m} ({roc})")
+        ax.set_title(s)
+        ax.set_xlabel(label)
+        ax.set_ylabel("final test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_group_costs(grid: Grid, roc: str, path: Path) -> None:
+    methods = grid.ordered("method")
+    groups = list(grid.cells[0]["summary"]["groups"])
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(groups)
+    x = np.arange(len(methods))
+    for i, g in enumerate(groups):
+        cells_of = [
+            [c for c in grid.cells if c["cell"]["method"] == m and c["cell"]["roc"] == roc] for m in methods
+        ]
+        ax_m.bar(x + i * width, [_peak_mib(cs, g) for cs in cells_of], width, label=g)
+        ax_t.bar(x + i * width, [_step_s(cs, g) for cs in cells_of], width, label=g)
+    for ax, title in ((ax_m, "peak training memory (MiB)"), (ax_t, "median step time (s)")):
+        ax.set_xticks(x + width * (len(groups) - 1) / 2, methods, rotation=45, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    ax_m.legend(title="group", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_allocation(grid: Grid, roc: str, path: Path) -> None:
+    """Realised fraction of client-rounds that trained each layer, per group and method."""
+    methods = grid.ordered("method")
+    groups = list(grid.cells[0]["summary"]["groups"])
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(3.6 * len(groups), 0.35 * len(methods) + 1.6), squeeze=False
+    )
+    for ax, g in zip(axes[0], groups, strict=True):
+        rows = []
+        for m in methods:
+            cells = [c for c in grid.cells if c["cell"]["method"] == m and c["cell"]["roc"] == roc]
+            rows.append(np.mean([c["layer_frequency"][g] for c in cells], axis=0))
+        im = ax.imshow(np.array(rows), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_yticks(range(len(methods)), methods, fontsize=8)
+        ax.set_xlabel("layer (0 = input side)")
+        ax.set_title(f"group {g}")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction of client-rounds")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -- the report ----------------------------------------------------------------------------
+def _describe(grid: Grid) -> str:
+    c = grid.cells[0]["summary"]
+    groups = ", ".join(f"{g} {v['num_layers']} of {c['num_layers']} blocks" for g, v in c["groups"].items())
+    base = grid.meta.get("base_config", {})
+    fed, train, data = base.get("federation", {}), base.get("train", {}), base.get("data", {})
+    parts = [
+        f"model {grid.model} ({c['num_layers']} blocks)",
+        f"budgets: {groups}",
+        f"settings: {', '.join(grid.ordered('setting'))}",
+        f"client ratios (low:mid:high): {', '.join(grid.ordered('roc'))}",
+        f"{len(grid.cells)} finished cells",
+    ]
+    if fed:
+        parts.append(
+            f"{fed.get('rounds')} rounds, {fed.get('clients_per_round')} of "
+            f"{base.get('partition', {}).get('num_clients')} clients per round, {train.get('local_steps')} local "
+            f"steps of batch {train.get('batch_size')}, lr {train.get('lr')}, sequence length "
+            f"{base.get('model', {}).get('max_length')}, {data.get('val_size')} validation and "
+            f"{data.get('test_size')} test examples"
+        )
+    return "; ".join(parts) + "."
+
+
+def write_report(
+    grids: Sequence[Path], out: Path, *, command: str | None = None, notes: Path | None = None
+) -> None:
+    """Write the Markdown report and its PNG plots (into a folder named after the report)."""
+    figures = out.parent / (out.stem + "-plots")
+    figures.mkdir(parents=True, exist_ok=True)
+    loaded = [g for g in (Grid.load(p) for p in grids) if g.cells]
+    commits = sorted({c["commit"] for g in loaded for c in g.cells})
+    lines = [
+        "# Results: Fed-HeLLo against its baselines",
+        "",
+        f"Made by `{command or 'fedhello report ' + ' '.join(map(str, grids))}` "
+        f"(report written at commit {git_commit()} on {time.strftime('%Y-%m-%d')}; "
+        f"cells computed at commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}).",
+        "",
+        f"The same numbers as CSV: [{out.with_suffix('.csv').name}]({out.with_suffix('.csv').name}).",
+        "",
+        "Accuracy is the test accuracy of the global model: at the final round, averaged over the "
+        "evaluations of the last five rounds, and at the round of best validation accuracy (never "
+        "best-on-test); mean ± standard deviation over seeds. The best mean of each column is in bold.",
+        "",
+    ]
+    if notes is not None and notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    for gi, grid in enumerate(loaded):
+        tag = f"g{gi}"
+        lines += [f"## {grid.model}: {grid.path.name}", "", _describe(grid), ""]
+        if grid.meta.get("command"):
+            lines += [f"Grid command: `{grid.meta['command']}`", ""]
+        methods = grid.ordered("method")
+        for roc in grid.ordered("roc"):
+            lines += [f"### Accuracy, clients {roc} (low:mid:high)", "", accuracy_table(grid, roc), ""]
+            name = f"{tag}-curves-{roc.replace(':', '-')}.png"
+            plot_curves(grid, roc, figures / name)
+            lines += [f"![accuracy per round, {roc}]({figures.name}/{name})", ""]
+        if "fedhello" in methods and "fedit" in methods:
+            lines += [
+                "### Fed-HeLLo against FedIT (all layers)",
+                "",
+                "Fractions are Fed-HeLLo's value over FedIT's in the same setting and ratio (means over seeds).",
+                "",
+                fedit_fraction_table(grid),
+                "",
+            ]
+        if "fedhello" in methods:
+            losses = losses_against(grid)
+            lines += ["### Where Fed-HeLLo does not have the best mean final accuracy", ""]
+            lines += (losses or ["- nowhere in this grid"]) + [""]
+        for roc in grid.ordered("roc"):
+            lines += [f"### Costs per client group, clients {roc} (pooled over settings and seeds)", ""]
+            lines += [cost_table(grid, roc), ""]
+            name = f"{tag}-group-costs-{roc.replace(':', '-')}.png"
+            plot_group_costs(grid, roc, figures / name)
+            lines += [f"![peak memory and step time per group]({figures.name}/{name})", ""]
+            name = f"{tag}-allocation-{roc.replace(':', '-')}.png"
+            plot_allocation(grid, roc, figures / name)
+            lines += [
+                f"Realised per-layer training frequencies (fraction of a group's client-rounds that trained "
+                f"each layer, pooled over settings and seeds), clients {roc}:",
+                "",
+                f"![allocation frequencies]({figures.name}/{name})",
+                "",
+            ]
+        name = f"{tag}-accuracy-vs-upload.png"
+        plot_accuracy_vs_cost(grid, "bytes_uploaded_total", "total upload (MB)", 1e6, figures / name)
+        lines += [
+            "### Accuracy against communication and compute",
+            "",
+            f"![accuracy vs upload]({figures.name}/{name})",
+        ]
+        name = f"{tag}-accuracy-vs-compute.png"
+        plot_accuracy_vs_cost(
+            grid, "client_train_seconds", "total client training time (s)", 1.0, figures / name
+        )
+        lines += ["", f"![accuracy vs client compute]({figures.name}/{name})", ""]
+    out.write_text("\n".join(lines) + "\n")
+    write_csv(loaded, out.with_suffix(".csv"))

@@ -1,0 +1,112 @@
+"""`fedhello compare`: a 2x2 grid runs, writes the table (Markdown, CSV) and plots, and a
+second call skips the finished cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fedhello import load_config
+from fedhello.errors import UserError
+from fedhello.grid import Cell, cell_config, config_hash, plan_grid
+
+
+def _compare(tmp_path: Path, overrides: list[str], *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable, "-m", "fedhello", "compare", *overrides,
+            "--methods", "fedhello,fedit", "--settings", "iid,extreme", "--rocs", "6:3:1",
+            "--seeds", "1", "--jobs", "2", "--out", str(tmp_path / "grid"), "--work", str(tmp_path / "work"),
+            *extra,
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_compare_runs_a_grid_writes_the_report_and_skips_finished_cells(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    overrides = tiny_overrides("federation.rounds=2")
+    proc = _compare(tmp_path, overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = sorted((tmp_path / "grid" / "cells").glob("*.json"))
+    assert [p.stem for p in cells] == [
+        "extreme_roc6-3-1_fedhello_seed0",
+        "extreme_roc6-3-1_fedit_seed0",
+        "iid_roc6-3-1_fedhello_seed0",
+        "iid_roc6-3-1_fedit_seed0",
+    ]
+    record = json.loads(cells[0].read_text())
+    assert record["summary"]["rounds_completed"] == 2
+    assert len(record["rounds"]) == 2 and record["rounds"][0]["clients"]
+    # the cell's partition is the setting's: 2 classes per client in 'extreme'
+    assert record["cell"] == {"setting": "extreme", "roc": "6:3:1", "method": "fedhello", "seed": 0}
+
+    report = (tmp_path / "grid" / "report.md").read_text()
+    for text in (
+        "iid: final",
+        "extreme: last-5",
+        "| fedhello (1 seeds) |",
+        "| fedit (1 seeds) |",
+        "Fed-HeLLo against FedIT",
+    ):
+        assert text in report
+    plots = sorted((tmp_path / "grid" / "report-plots").glob("*.png"))
+    assert len(plots) >= 5 and all(p.stat().st_size > 5000 for p in plots)
+    rows = list(csv.DictReader((tmp_path / "grid" / "report.csv").open()))
+    assert {(r["setting"], r["method"]) for r in rows} == {
+        (s, m) for s in ("iid", "extreme") for m in ("fedhello", "fedit")
+    }
+    fedit_iid = next(r for r in rows if (r["setting"], r["method"]) == ("iid", "fedit"))
+    summary = json.loads((tmp_path / "grid" / "cells" / "iid_roc6-3-1_fedit_seed0.json").read_text())[
+        "summary"
+    ]
+    assert float(fedit_iid["final mean"]) == pytest.approx(summary["final_test_accuracy"], abs=1e-4)
+
+    before = {p.name: p.stat().st_mtime_ns for p in cells}
+    again = _compare(tmp_path, overrides, "--no-report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[1]" not in again.stderr  # nothing ran
+    assert {p.name: p.stat().st_mtime_ns for p in cells} == before
+
+
+def test_cells_differ_only_in_their_axes() -> None:
+    base = load_config(
+        overrides=["groups=[{name: a, share: 1, budget: 0.5}, {name: b, share: 1, budget: 1.0}]"]
+    )
+    cfg = cell_config(base, Cell("pathological-3", "3:1", "fedra", 7))
+    assert (cfg.method, cfg.seed, cfg.partition.scheme, cfg.partition.classes_per_client) == (
+        "fedra",
+        7,
+        "pathological",
+        3,
+    )
+    assert [g.share for g in cfg.groups] == [3.0, 1.0]
+    assert config_hash(cfg) == config_hash(cfg.model_copy(update={"threads": 4}))
+    assert config_hash(cfg) != config_hash(cell_config(base, Cell("pathological-3", "3:1", "fedra", 8)))
+    assert len(plan_grid(base, ["fedit", "fedra"], 2, ["iid", "dirichlet-0.5"], ["1:1", "3:1"])) == 16
+
+
+@pytest.mark.parametrize(
+    ("methods", "settings", "rocs", "message"),
+    [
+        (["nope"], ["iid"], ["1:1"], "nope"),
+        (["fedit"], ["sideways"], ["1:1"], "--settings: unknown setting 'sideways'"),
+        (["fedit"], ["iid"], ["1:1:1"], "--rocs: '1:1:1' has 3 parts but the config has 2 groups"),
+        (["fedit"], ["iid"], ["1:x"], "--rocs: '1:x' is not a ratio"),
+    ],
+)
+def test_bad_grid_axes_are_named(
+    methods: list[str], settings: list[str], rocs: list[str], message: str
+) -> None:
+    base = load_config(
+        overrides=["groups=[{name: a, share: 1, budget: 0.5}, {name: b, share: 1, budget: 1.0}]"]
+    )
+    with pytest.raises(UserError, match=message):
+        plan_grid(base, methods, 1, settings, rocs)

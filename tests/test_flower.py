@@ -1,0 +1,180 @@
+"""The Flower engine: simulation and a real deployment (separate SuperLink and SuperNode
+processes on 127.0.0.1, TLS and node authentication) give the in-process engine's results;
+a dead SuperNode does not stop a run; a run cut off mid-way resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fedhello import load_config, run_experiment
+from fedhello.engine.client import trained_keys
+from fedhello.engine.deployment import LocalDeployment
+from fedhello.engine.setup import prepare_experiment
+from fedhello.method.aggregation import payload_bytes
+
+
+def _config_file(tmp_path: Path, overrides: list[str], name: str = "cfg.yaml") -> Path:
+    """The experiment as a YAML file with absolute paths, as deployment processes need it."""
+    cfg = load_config(overrides=overrides)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def _base(tiny_overrides: Callable[..., list[str]], *extra: str) -> list[str]:
+    # 3 clients, one per SuperNode, all sampled; groups train 1, 2 and 4 of the 4 blocks
+    return tiny_overrides(
+        "partition.num_clients=3",
+        "federation.clients_per_round=3",
+        "federation.rounds=2",
+        "method=rgd-bottleneck",
+        "groups=[{name: low, share: 1, budget: 1}, {name: mid, share: 1, budget: 2}, {name: high, share: 1, budget: 4}]",
+        *extra,
+    )
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _adapters(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(sorted((run_dir / "checkpoint").glob("adapters-round*.safetensors"))[-1])
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ra, rb = _records(a), _records(b)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb, strict=True):
+        for key in ("val_accuracy", "test_accuracy", "val_loss", "test_loss", "bytes_up", "bytes_down"):
+            assert x[key] == pytest.approx(y[key], abs=1e-6), key
+        cx = [(c["client"], c["layers"], c["bytes_up"], c["samples"], c["steps"]) for c in x["clients"]]
+        cy = [(c["client"], c["layers"], c["bytes_up"], c["samples"], c["steps"]) for c in y["clients"]]
+        assert cx == cy
+        assert [c["train_loss"] for c in x["clients"]] == pytest.approx(
+            [c["train_loss"] for c in y["clients"]], abs=1e-6
+        )
+    wa, wb = _adapters(a), _adapters(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def _wait_for_round(run_dir: Path, round_number: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").is_file() and len(_records(run_dir)) >= round_number:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"round {round_number} did not finish within {timeout:.0f} s")
+
+
+def test_simulation_engine_equals_in_process(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    overrides = _base(tiny_overrides)
+    run_experiment(load_config(overrides=overrides), tmp_path / "local")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedhello",
+            "run",
+            *overrides,
+            "engine=flower",
+            "--out",
+            str(tmp_path / "sim"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(tmp_path / "local", tmp_path / "sim")
+    summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+
+
+def test_deployment_with_tls_and_auth_equals_in_process(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    overrides = _base(tiny_overrides)
+    cfg_path = _config_file(tmp_path, overrides)
+    run_experiment(load_config(cfg_path), tmp_path / "local")
+    with LocalDeployment(tmp_path / "deploy", num_supernodes=3, tls=True, auth=True) as fed:
+        fed.run(cfg_path, tmp_path / "flower", timeout=600)
+        assert all(p.poll() is None for p in fed.supernodes.values())
+    _assert_same_run(tmp_path / "local", tmp_path / "flower")
+    # replies carried only the trained tensors: the server accepts no extra key, and the bytes
+    # of each reply are those of the client's layers, fewer for clients with fewer layers
+    exp = prepare_experiment(load_config(cfg_path))
+    for record in _records(tmp_path / "flower"):
+        assert record["rejected"] == {}
+        for c in record["clients"]:
+            assert c["accepted"]
+            keys = trained_keys(exp.lm, c["layers"], exp.train_head)
+            assert c["bytes_up"] == payload_bytes({k: exp.lm.parameter(k) for k in keys})
+        sizes = {len(c["layers"]): c["bytes_up"] for c in record["clients"]}
+        assert sizes[1] < sizes[2] < sizes[4]
+
+
+def test_dead_supernode_does_not_stop_the_run(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    overrides = _base(
+        tiny_overrides, "federation.rounds=3", "flower.round_timeout=20", "flower.min_replies=2"
+    )
+    cfg_path = _config_file(tmp_path, overrides)
+    run_dir = tmp_path / "flower"
+    with LocalDeployment(tmp_path / "deploy", num_supernodes=3, tls=False, auth=False) as fed:
+        out: dict[str, str] = {}
+        runner = threading.Thread(target=lambda: out.update(log=fed.run(cfg_path, run_dir, timeout=600)))
+        runner.start()
+        _wait_for_round(run_dir, 1, timeout=300)
+        fed.kill_supernode(2)
+        runner.join(timeout=600)
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert records[0]["missing"] == []
+    for r in records[1:]:
+        assert r["missing"] == [2]  # logged in the run's metrics ...
+        assert sorted(c["client"] for c in r["clients"]) == [0, 1]  # ... and the others aggregated
+    assert "no reply from clients [2]" in out["log"]  # ... and in the ServerApp's log
+    assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 3
+
+
+def test_interrupted_flower_run_resumes_from_its_checkpoint(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    overrides = _base(tiny_overrides, "federation.rounds=3")
+    cfg_path = _config_file(tmp_path, overrides)
+    run_experiment(load_config(cfg_path), tmp_path / "local")
+    run_dir = tmp_path / "flower"
+    with LocalDeployment(tmp_path / "first", num_supernodes=3, tls=False, auth=False) as fed:
+        runner = threading.Thread(target=lambda: _ignore_errors(fed.run, cfg_path, run_dir, timeout=600))
+        runner.start()
+        _wait_for_round(run_dir, 1, timeout=300)
+    # every process of the first deployment is gone, the ServerApp with them
+    runner.join(timeout=120)
+    assert not (run_dir / "summary.json").exists()
+    assert 1 <= len(_records(run_dir)) < 3
+    with LocalDeployment(tmp_path / "second", num_supernodes=3, tls=False, auth=False) as fed:
+        fed.run(cfg_path, run_dir, resume=True, timeout=600)
+    _assert_same_run(tmp_path / "local", run_dir)
+
+
+def _ignore_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+        fn(*args, **kwargs)
