@@ -10,7 +10,7 @@ $FH compare benchmarks/configs/reference.yaml \
   --seeds 3 --settings iid,noniid,extreme --rocs 1:1:1,6:3:1 --jobs 2 \
   --out benchmarks/results/reference --no-report
 $FH compare benchmarks/configs/reference-mpnet.yaml \
-  --methods fedhello,rgd-bottleneck,fedra,straggler,fedit \
+  --methods fedhello,fedra,fedit \
   --seeds 1 --settings iid,extreme --rocs 1:1:1 --jobs 2 \
   --out benchmarks/results/reference-mpnet --no-report
 $FH report benchmarks/results/reference benchmarks/results/reference-mpnet \
