@@ -58,6 +58,10 @@ class Grid:
             if (c["cell"]["setting"], c["cell"]["roc"], c["cell"]["method"]) == (setting, roc, method)
         ]
 
+    def pooled(self, method: str, roc: str) -> list[dict[str, Any]]:
+        """A method's cells at one client ratio, over every setting and seed."""
+        return [c for c in self.cells if c["cell"]["method"] == method and c["cell"]["roc"] == roc]
+
     @property
     def model(self) -> str:
         return str(self.cells[0].get("model", "?")) if self.cells else "?"
@@ -134,7 +138,7 @@ def cost_table(grid: Grid, roc: str) -> str:
     )
     lines = [head, "|---" * (5 + len(groups)) + "|"]
     for m in methods:
-        cells = [c for c in grid.cells if c["cell"]["method"] == m and c["cell"]["roc"] == roc]
+        cells = grid.pooled(m, roc)
         if not cells:
             continue
         per_group = " | ".join(f"{_peak_mib(cells, g):.0f}, {_step_s(cells, g):.3f}" for g in groups)
@@ -239,6 +243,11 @@ def _curve(cells: Sequence[dict[str, Any]]) -> tuple[list[int], list[float]]:
     return rounds, [float(np.mean(by_round[r])) for r in rounds]
 
 
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _colors(methods: Sequence[str]) -> dict[str, Any]:
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
@@ -258,9 +267,7 @@ def plot_curves(grid: Grid, roc: str, path: Path) -> None:
         ax.set_ylabel("test accuracy (mean over seeds)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_accuracy_vs_cost(grid: Grid, key: str, label: str, scale: float, path: Path) -> None:
@@ -282,9 +289,7 @@ def plot_accuracy_vs_cost(grid: Grid, key: str, label: str, scale: float, path: 
         ax.set_ylabel("final test accuracy")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_group_costs(grid: Grid, roc: str, path: Path) -> None:
@@ -294,9 +299,7 @@ def plot_group_costs(grid: Grid, roc: str, path: Path) -> None:
     width = 0.8 / len(groups)
     x = np.arange(len(methods))
     for i, g in enumerate(groups):
-        cells_of = [
-            [c for c in grid.cells if c["cell"]["method"] == m and c["cell"]["roc"] == roc] for m in methods
-        ]
+        cells_of = [grid.pooled(m, roc) for m in methods]
         ax_m.bar(x + i * width, [_peak_mib(cs, g) for cs in cells_of], width, label=g)
         ax_t.bar(x + i * width, [_step_s(cs, g) for cs in cells_of], width, label=g)
     for ax, title in ((ax_m, "peak training memory (MiB)"), (ax_t, "median step time (s)")):
@@ -304,9 +307,7 @@ def plot_group_costs(grid: Grid, roc: str, path: Path) -> None:
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     ax_m.legend(title="group", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_allocation(grid: Grid, roc: str, path: Path) -> None:
@@ -319,15 +320,17 @@ def plot_allocation(grid: Grid, roc: str, path: Path) -> None:
     for ax, g in zip(axes[0], groups, strict=True):
         rows = []
         for m in methods:
-            cells = [c for c in grid.cells if c["cell"]["method"] == m and c["cell"]["roc"] == roc]
+            cells = grid.pooled(m, roc)
+            if not cells:
+                rows.append(np.full(grid.cells[0]["summary"]["num_layers"], np.nan))
+                continue
             rows.append(np.mean([c["layer_frequency"][g] for c in cells], axis=0))
         im = ax.imshow(np.array(rows), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_yticks(range(len(methods)), methods, fontsize=8)
+        ax.set_yticks(range(len(methods)), methods if ax is axes[0][0] else [], fontsize=8)
         ax.set_xlabel("layer (0 = input side)")
         ax.set_title(f"group {g}")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction of client-rounds")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path)
 
 
 # -- the report ----------------------------------------------------------------------------
