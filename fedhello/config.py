@@ -234,7 +234,7 @@ class FlowerConfig(_Strict):
         1, ge=1, description="A round with fewer replies stops the run (resume it from the checkpoint)."
     )
     connect_timeout: float = Field(
-        120.0, gt=0, description="Seconds to wait at start for the SuperNodes of all partitions."
+        120.0, gt=0, description="Seconds the first round waits for the SuperNodes of its clients."
     )
     cpus_per_client: float = Field(1.0, gt=0, description="Simulation only: CPUs each ClientApp reserves.")
 

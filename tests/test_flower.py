@@ -81,10 +81,14 @@ def _wait_for_round(run_dir: Path, round_number: int, timeout: float) -> None:
     raise AssertionError(f"round {round_number} did not finish within {timeout:.0f} s")
 
 
+@pytest.mark.parametrize(
+    "method",
+    ["rgd-bottleneck", "hetlora"],  # layer sets; rank slices (with self-pruning) both ways
+)
 def test_simulation_engine_equals_in_process(
-    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+    method: str, tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
-    overrides = _base(tiny_overrides)
+    overrides = _base(tiny_overrides, f"method={method}", "hetlora.self_pruning=true")
     run_experiment(load_config(overrides=overrides), tmp_path / "local")
     proc = subprocess.run(
         [

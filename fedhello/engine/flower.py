@@ -31,8 +31,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedhello.config import ExperimentConfig, config_from_dict, load_config
-from fedhello.engine.client import ClientResult, train_client
-from fedhello.engine.local import run_federation
+from fedhello.engine.client import ClientResult
+from fedhello.engine.local import run_federation, train_assigned
 from fedhello.engine.server import RoundPlan
 from fedhello.engine.setup import Experiment, prepare_experiment
 from fedhello.errors import UserError
@@ -178,23 +178,8 @@ def train_from_message(exp: Experiment, content: RecordDict, partition_id: int |
     if rank is not None:  # rank slices back to the model's shapes; train_client truncates again
         shapes = exp.lm.lora_state()
         state = {k: pad_rank(k, v, shapes[k].shape) for k, v in state.items()}
-    cfg = exp.cfg
-    result = train_client(
-        exp.lm,
-        state,
-        c,
-        [int(x) for x in config["layers"]],  # type: ignore[union-attr]
-        exp.tokens,
-        exp.client_indices[c],
-        cfg.train,
-        train_head=exp.train_head,
-        seed=cfg.seed,
-        round_index=int(config["round"]),  # type: ignore[arg-type]
-        pad_id=exp.pad_id,
-        device=exp.device,
-        rank=rank,
-        pruning=exp.rank_pruning,
-    )
+    layers = [int(x) for x in config["layers"]]  # type: ignore[union-attr]
+    result = train_assigned(exp, state, c, layers, int(config["round"]), rank)  # type: ignore[arg-type]
     return reply_content(result)
 
 

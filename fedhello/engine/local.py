@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,28 +92,35 @@ TrainRound = Callable[[RoundPlan, State], list[ClientResult]]
 """How an engine gets a round's client results: (plan, download state) -> results it received."""
 
 
+def train_assigned(
+    exp: Experiment, download: State, client: int, layers: Sequence[int], round_index: int, rank: int | None
+) -> ClientResult:
+    """One client's local training as the plan assigned it; every engine trains through this."""
+    cfg = exp.cfg
+    return train_client(
+        exp.lm,
+        download,
+        client,
+        layers,
+        exp.tokens,
+        exp.client_indices[client],
+        cfg.train,
+        train_head=exp.train_head,
+        seed=cfg.seed,
+        round_index=round_index,
+        pad_id=exp.pad_id,
+        device=exp.device,
+        rank=rank,
+        pruning=exp.rank_pruning,
+    )
+
+
 def local_trainer(exp: Experiment) -> TrainRound:
     """Every sampled client trains here, one after another, on the shared base model."""
 
     def train_round(plan: RoundPlan, download: State) -> list[ClientResult]:
-        cfg = exp.cfg
         return [
-            train_client(
-                exp.lm,
-                download,
-                c,
-                plan.allocation[c],
-                exp.tokens,
-                exp.client_indices[c],
-                cfg.train,
-                train_head=exp.train_head,
-                seed=cfg.seed,
-                round_index=plan.round,
-                pad_id=exp.pad_id,
-                device=exp.device,
-                rank=plan.ranks[c],
-                pruning=exp.rank_pruning,
-            )
+            train_assigned(exp, download, c, plan.allocation[c], plan.round, plan.ranks[c])
             for c in plan.clients
         ]
 
