@@ -56,7 +56,7 @@ class FlowerTrainer:
         self.first_round = True
 
     def discover(self, wanted: set[int]) -> None:
-        """Learn which node holds which partition; at the first round wait for all of them."""
+        """Learn which node holds which partition; the first round waits for all `wanted` ones."""
         flower = self.exp.cfg.flower
         deadline = time.monotonic() + (flower.connect_timeout if self.first_round else 0.0)
         self.first_round = False
