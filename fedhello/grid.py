@@ -93,10 +93,11 @@ def cell_config(base: ExperimentConfig, cell: Cell) -> ExperimentConfig:
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
-    """Identifies what a cell computed; `threads` and `quiet` change nothing in the result."""
+    """Identifies what a cell computed. Settings that change nothing in the result are left out:
+    `threads`, `quiet`, and the engine (both engines give the same result for one config)."""
     tree = cfg.model_dump(mode="json")
-    tree.pop("threads", None)
-    tree.pop("quiet", None)
+    for key in ("threads", "quiet", "engine", "flower"):
+        tree.pop(key, None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -88,7 +88,7 @@ def test_cells_differ_only_in_their_axes() -> None:
         3,
     )
     assert [g.share for g in cfg.groups] == [3.0, 1.0]
-    assert config_hash(cfg) == config_hash(cfg.model_copy(update={"threads": 4}))
+    assert config_hash(cfg) == config_hash(cfg.model_copy(update={"threads": 4, "engine": "flower"}))
     assert config_hash(cfg) != config_hash(cell_config(base, Cell("pathological-3", "3:1", "fedra", 8)))
     assert len(plan_grid(base, ["fedit", "fedra"], 2, ["iid", "dirichlet-0.5"], ["1:1", "3:1"])) == 16
 
