@@ -141,7 +141,12 @@ def cost_table(grid: Grid, roc: str) -> str:
         cells = grid.pooled(m, roc)
         if not cells:
             continue
-        per_group = " | ".join(f"{_peak_mib(cells, g):.0f}, {_step_s(cells, g):.3f}" for g in groups)
+        per_group = " | ".join(
+            "never trains"
+            if np.isnan(_peak_mib(cells, g))
+            else f"{_peak_mib(cells, g):.0f}, {_step_s(cells, g):.3f}"
+            for g in groups
+        )
         rounds = [r for c in cells for r in c["rounds"]]
         up = np.mean([r["bytes_up"] for r in rounds]) / 1e6
         down = np.mean([r["bytes_down"] for r in rounds]) / 1e6
