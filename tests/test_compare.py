@@ -52,8 +52,8 @@ def test_compare_runs_a_grid_writes_the_report_and_skips_finished_cells(
     for text in (
         "iid: final",
         "extreme: last-5",
-        "| fedhello (1 seeds) |",
-        "| fedit (1 seeds) |",
+        "| fedhello (1 seed) |",
+        "| fedit (1 seed) |",
         "Fed-HeLLo against FedIT",
     ):
         assert text in report

@@ -78,8 +78,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _fmt(values: Sequence[float]) -> str:
+    """Mean ± std over seeds; a single seed shows its value alone (it has no spread to show)."""
     m, s = _mean_std(values)
-    return "n/a" if np.isnan(m) else f"{m:.3f} ± {s:.3f}"
+    if np.isnan(m):
+        return "n/a"
+    return f"{m:.3f}" if len(values) == 1 else f"{m:.3f} ± {s:.3f}"
 
 
 def _peak_mib(cells: Sequence[dict[str, Any]], group: str) -> float:
@@ -120,7 +123,7 @@ def accuracy_table(grid: Grid, roc: str) -> str:
                     text = f"**{text}**"
                 row.append(text)
         n = len(grid.group(settings[0], roc, m))
-        lines.append(f"| {m} ({n} seeds) | " + " | ".join(row) + " |")
+        lines.append(f"| {m} ({n} seed{'s' if n != 1 else ''}) | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -199,10 +202,14 @@ def losses_against(grid: Grid, method: str = "fedhello") -> list[str]:
                     continue
                 o_mean, o_std = _mean_std(theirs)
                 if o_mean >= m_mean:
-                    within = "within" if o_mean - m_mean <= max(m_std, o_std) else "beyond"
+                    if len(mine) > 1 and len(theirs) > 1:
+                        spread = "within" if o_mean - m_mean <= max(m_std, o_std) else "beyond"
+                        note = f"{spread} one seed std"
+                    else:
+                        note = "one seed: no spread to compare with"
                     out.append(
-                        f"- {s}, {roc}: {other} {o_mean:.3f} ± {o_std:.3f} vs {method} {m_mean:.3f} ± {m_std:.3f} "
-                        f"(+{o_mean - m_mean:.3f}, {within} one seed std)"
+                        f"- {s}, {roc}: {other} {_fmt(theirs)} vs {method} {_fmt(mine)} "
+                        f"(+{o_mean - m_mean:.3f}, {note})"
                     )
     return out
 
@@ -248,7 +255,9 @@ def _curve(cells: Sequence[dict[str, Any]]) -> tuple[list[int], list[float]]:
     return rounds, [float(np.mean(by_round[r])) for r in rounds]
 
 
-def _save(fig: Any, path: Path) -> None:
+def _save(fig: Any, path: Path, *, tight: bool = True) -> None:
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -334,8 +343,9 @@ def plot_allocation(grid: Grid, roc: str, path: Path) -> None:
         ax.set_yticks(range(len(methods)), methods if ax is axes[0][0] else [], fontsize=8)
         ax.set_xlabel("layer (0 = input side)")
         ax.set_title(f"group {g}")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="fraction of client-rounds")
-    _save(fig, path)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.colorbar(im, cax=fig.add_axes((0.92, 0.2, 0.015, 0.6)), label="fraction of client-rounds")
+    _save(fig, path, tight=False)
 
 
 # -- the report ----------------------------------------------------------------------------
