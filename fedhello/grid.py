@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedhello.config import ExperimentConfig, config_from_dict, config_to_yaml
+from fedhello.config import ExperimentConfig, config_from_dict, config_to_yaml, load_config
 from fedhello.errors import UserError
 from fedhello.method.methods import method_spec
 from fedhello.reporting.plots import layer_frequency
@@ -224,15 +225,12 @@ def run_cell(
     run_dir = work / cell.name
     cfg = cfg.model_copy(update={"threads": threads})
     ckpt = run_dir / "checkpoint" / "state.json"
+    args: list[str] = []
     if ckpt.is_file():
-        saved = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
-        if saved == config_to_yaml(cfg):
+        if config_hash(load_config(run_dir / "config.yaml")) == config_hash(cfg):
             args = ["--resume", "--out", str(run_dir)]
         else:  # an attempt with another config: start over
-            _remove_tree(run_dir)
-            args = []
-    else:
-        args = []
+            shutil.rmtree(run_dir, ignore_errors=True)
     if not args:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = run_dir.parent / f"{cell.name}.yaml"
@@ -253,12 +251,6 @@ def run_cell(
     (out / "cells").mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "cells" / f"{cell.name}.json", record)
     return record
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_grid(
