@@ -33,11 +33,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedhello.config import ExperimentConfig, config_from_dict, load_config
 from fedhello.engine.client import ClientResult
 from fedhello.engine.local import run_federation, train_assigned
-from fedhello.engine.server import RoundPlan
+from fedhello.engine.server import FederatedServer, RoundPlan
 from fedhello.engine.setup import Experiment, prepare_experiment
 from fedhello.errors import UserError
 from fedhello.method.aggregation import ClientUpdate, State
-from fedhello.method.rank import pad_rank, rank_slice
+from fedhello.method.rank import pad_rank
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class FlowerTrainer:
                 )
                 continue
             rank = plan.ranks[c]
-            arrays = download if rank is None else {k: rank_slice(k, v, rank) for k, v in download.items()}
+            arrays = FederatedServer.client_download(download, rank)
             config: dict[str, int | list[int]] = {
                 "client": c,
                 "round": plan.round,
@@ -176,8 +176,7 @@ def train_from_message(exp: Experiment, content: RecordDict, partition_id: int |
     rank = int(config["rank"]) or None  # type: ignore[arg-type]
     state: dict[str, torch.Tensor] = content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     if rank is not None:  # rank slices back to the model's shapes; train_client truncates again
-        shapes = exp.lm.lora_state()
-        state = {k: pad_rank(k, v, shapes[k].shape) for k, v in state.items()}
+        state = {k: pad_rank(k, v, exp.lm.parameter(k).shape) for k, v in state.items()}
     layers = [int(x) for x in config["layers"]]  # type: ignore[union-attr]
     result = train_assigned(exp, state, c, layers, int(config["round"]), rank)  # type: ignore[arg-type]
     return reply_content(result)

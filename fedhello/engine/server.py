@@ -102,11 +102,15 @@ class FederatedServer:
         return {k: v for k, v in self.global_state.items() if k not in head}
 
     @staticmethod
-    def download_bytes(download: State, rank: int | None) -> int:
-        """Bytes a client receives: everything, or only its rank slices under HetLoRA/FlexLoRA."""
+    def client_download(download: State, rank: int | None) -> State:
+        """What one client receives: everything, or only its rank slices under HetLoRA/FlexLoRA."""
         if rank is None:
-            return payload_bytes(download)
-        return payload_bytes({k: rank_slice(k, v, rank) for k, v in download.items()})
+            return download
+        return {k: rank_slice(k, v, rank) for k, v in download.items()}
+
+    @classmethod
+    def download_bytes(cls, download: State, rank: int | None) -> int:
+        return payload_bytes(cls.client_download(download, rank))
 
     def expected_shapes(self, plan: RoundPlan) -> dict[int, dict[str, tuple[int, ...]]]:
         """For each client, the tensors it may send and their shapes (rank slices under HetLoRA/FlexLoRA)."""

@@ -132,6 +132,11 @@ def _objective(logits: Tensor, labels: Tensor, objective: Objective) -> Tensor:
     return logits.gather(-1, labels[:, None].long()).squeeze(-1)
 
 
+def _zero_accumulators(lora: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    """Float64 sums of squared gradients, one per LoRA tensor (float32 sums lose small terms)."""
+    return {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in lora.items()}
+
+
 def _check_indices(indices: np.ndarray) -> np.ndarray:
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.size == 0:
@@ -188,7 +193,7 @@ def fisher_diagonal(
     lengths = np.array([len(tokens.input_ids[i]) for i in idx])
     order = np.argsort(lengths, kind="stable")
     with _fisher_mode(lm) as lora:
-        acc = {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in lora.items()}
+        acc = _zero_accumulators(lora)
         handles = [m.register_forward_hook(hook) for m in linears.values()]
         try:
             for start in range(0, len(order), options.batch_size):
@@ -256,7 +261,7 @@ def fisher_diagonal_loop(
     with _fisher_mode(lm) as lora:
         names = list(lora)
         tensors = [lora[n] for n in names]
-        acc = {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in lora.items()}
+        acc = _zero_accumulators(lora)
         for n, i in enumerate(idx):
             input_ids = torch.from_numpy(np.asarray(tokens.input_ids[i], dtype=np.int64))[None].to(device)
             mask = torch.ones_like(input_ids)
