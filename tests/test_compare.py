@@ -55,6 +55,7 @@ def test_compare_runs_a_grid_writes_the_report_and_skips_finished_cells(
         "| fedhello (1 seed) |",
         "| fedit (1 seed) |",
         "Fed-HeLLo against FedIT",
+        "download MB total",
     ):
         assert text in report
     plots = sorted((tmp_path / "grid" / "report-plots").glob("*.png"))

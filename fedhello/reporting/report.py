@@ -137,9 +137,9 @@ def cost_table(grid: Grid, roc: str) -> str:
         + " | ".join(
             f"{g} ({cells0['summary']['groups'][g]['num_layers']} layers): peak MiB, step s" for g in groups
         )
-        + " | upload MB/round | download MB/round | upload MB total | client compute s total |"
+        + " | upload MB/round | download MB/round | upload MB total | download MB total | client compute s total |"
     )
-    lines = [head, "|---" * (5 + len(groups)) + "|"]
+    lines = [head, "|---" * (6 + len(groups)) + "|"]
     for m in methods:
         cells = grid.pooled(m, roc)
         if not cells:
@@ -154,8 +154,11 @@ def cost_table(grid: Grid, roc: str) -> str:
         up = np.mean([r["bytes_up"] for r in rounds]) / 1e6
         down = np.mean([r["bytes_down"] for r in rounds]) / 1e6
         up_total = np.mean(_values(cells, "bytes_uploaded_total")) / 1e6
+        down_total = np.mean(_values(cells, "bytes_downloaded_total")) / 1e6
         compute = np.mean(_values(cells, "client_train_seconds"))
-        lines.append(f"| {m} | {per_group} | {up:.2f} | {down:.2f} | {up_total:.1f} | {compute:.0f} |")
+        lines.append(
+            f"| {m} | {per_group} | {up:.2f} | {down:.2f} | {up_total:.1f} | {down_total:.1f} | {compute:.0f} |"
+        )
     return "\n".join(lines)
 
 
