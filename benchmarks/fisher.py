@@ -24,10 +24,11 @@ def measure(model: str, proxy: int, seq_len: int, repeats: int, loop_repeats: in
     import numpy as np
     import torch
 
-    from fedhello.config import DataConfig, LoraConfig, ModelConfig
+    from fedhello.config import DataConfig, ExperimentConfig, FisherConfig, LoraConfig, ModelConfig
     from fedhello.data import load_examples, tokenize_examples
-    from fedhello.method.fisher import FisherOptions, fisher_layer_scores
+    from fedhello.method.fisher import fisher_layer_scores
     from fedhello.models import add_lora, load_classifier
+    from fedhello.tasks.text_classification import TextClassification
 
     examples = load_examples(DataConfig())
     base, tokenizer = load_classifier(
@@ -46,13 +47,13 @@ def measure(model: str, proxy: int, seq_len: int, repeats: int, loop_repeats: in
     )
     idx = np.arange(proxy)
     device = torch.device("cpu")
-    opts = FisherOptions()
+    task = TextClassification(ExperimentConfig())
+    task.pad_id = int(tokenizer.pad_token_id or 0)
 
     def timed(method: str) -> tuple[float, np.ndarray]:
         start = time.perf_counter()
-        scores = fisher_layer_scores(
-            lm, tokens, idx, int(tokenizer.pad_token_id or 0), device, opts, 0, method
-        )  # type: ignore[arg-type]
+        opts = FisherConfig(computation=method)  # type: ignore[arg-type]
+        scores = fisher_layer_scores(lm, task, tokens, idx, device, opts, 0)
         return time.perf_counter() - start, scores
 
     timed("vectorised")  # warm-up

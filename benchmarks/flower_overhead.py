@@ -27,7 +27,8 @@ import numpy as np
 import yaml
 
 from fedhello import load_config
-from fedhello.engine.deployment import LocalDeployment
+from fedhello.deploy import LocalDeployment
+from fedhello.records import read_records
 
 DEFAULTS = [
     "model.name=minilm",
@@ -46,16 +47,12 @@ DEFAULTS = [
 ]
 
 
-def _records(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-
-
 def measure(name: str, run_dir: Path, total: float, infrastructure: float = 0.0) -> dict[str, Any]:
-    records = _records(run_dir)
-    rounds = [r["round_seconds"] for r in records]
-    train = [r["train_seconds"] for r in records]
-    evals = [r.get("eval_seconds", 0.0) for r in records]
-    fisher = [r.get("fisher", {}).get("seconds", 0.0) for r in records]
+    records = read_records(run_dir / "metrics.jsonl")
+    rounds = [r.round_seconds or 0.0 for r in records]
+    train = [r.train_seconds for r in records]
+    evals = [r.eval_seconds or 0.0 for r in records]
+    fisher = [r.fisher["seconds"] if r.fisher is not None else 0.0 for r in records]
     overhead = [w - t - e - f for w, t, e, f in zip(rounds, train, evals, fisher, strict=True)]
     return {
         "engine": name,

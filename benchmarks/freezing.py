@@ -66,11 +66,13 @@ def worker(
     import numpy as np
     import torch
 
-    from fedhello.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+    from fedhello.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig, TrainConfig
     from fedhello.data import load_examples, tokenize_examples
-    from fedhello.engine.client import train_client, trained_keys
+    from fedhello.engine.client import train_client
     from fedhello.method.aggregation import payload_bytes
+    from fedhello.method.base import Assignment
     from fedhello.models import add_lora, load_classifier
+    from fedhello.tasks.text_classification import TextClassification
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     examples = load_examples(DataConfig())
@@ -90,23 +92,24 @@ def worker(
     state = lm.lora_state()
     rss_before = _proc_status_kib("VmRSS")
     can_reset = _reset_peak_rss()
+    task = TextClassification(ExperimentConfig())
+    task.pad_id = int(tokenizer.pad_token_id or 0)
     result = train_client(
         lm,
-        state,
-        0,
-        layers,
+        task,
         tokens,
         np.arange(n),
+        state,
+        Assignment(0, tuple(layers)),
         cfg,
         train_head=True,
         seed=0,
-        round_index=1,
-        pad_id=int(tokenizer.pad_token_id or 0),
+        round_number=1,
         device=device,
     )
     peak_rss = _proc_status_kib("VmHWM")
     measured = result.step_seconds[warmup:]
-    keys = trained_keys(lm, layers, True)
+    keys = lm.trained_names(layers, True)
     return {
         "model": model,
         "num_layers": lm.num_layers,
@@ -126,6 +129,7 @@ def worker(
 def overhead_run(rounds: int) -> dict[str, Any]:
     """A short federated MiniLM run; overhead = round wall time - client training - evaluation."""
     from fedhello import load_config, run_experiment
+    from fedhello.records import read_records
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(
@@ -141,21 +145,21 @@ def overhead_run(rounds: int) -> dict[str, Any]:
             ],
         )
         summary = run_experiment(cfg, Path(tmp) / "run")
-        records = [
-            json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
-        ]
+        records = read_records(Path(tmp) / "run" / "metrics.jsonl")
     rows = []
     for r in records:
-        fisher = r["fisher"]["seconds"] if "fisher" in r else 0.0
-        pure = r["train_seconds"] + r.get("eval_seconds", 0.0) + fisher
+        fisher = r.fisher["seconds"] if r.fisher is not None else 0.0
+        evaluation = r.eval_seconds or 0.0
+        round_seconds = r.round_seconds or 0.0
+        pure = r.train_seconds + evaluation + fisher
         rows.append(
             {
-                "round": r["round"],
-                "round_seconds": r["round_seconds"],
-                "train_seconds": r["train_seconds"],
-                "eval_seconds": r.get("eval_seconds", 0.0),
+                "round": r.round,
+                "round_seconds": round_seconds,
+                "train_seconds": r.train_seconds,
+                "eval_seconds": evaluation,
                 "fisher_seconds": fisher,
-                "overhead_fraction": (r["round_seconds"] - pure) / r["round_seconds"],
+                "overhead_fraction": (round_seconds - pure) / round_seconds,
             }
         )
     return {"rounds": rows, "overall_fraction": summary["framework_overhead_fraction"]}

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.config import ExperimentConfig
-from fedhello.engine.local import RoundCallback, default_run_dir, run_local
+from fedhello.engine.local import run_local
+from fedhello.engine.loop import RoundCallback, default_run_dir
 from fedhello.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""Command line: `fedhello run`, `compare`, `report`, `allocate`, `partition`.
+"""Command line: `fedhello run`, `compare`, `report`, `allocate`, `partition`, `deploy`.
 
 User errors print one line and exit with status 2; nothing else is printed for them.
 """
@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedhello.errors import UserError
 
@@ -33,7 +35,7 @@ def _floats_or_ints(text: str, what: str) -> list[int | float]:
 def cmd_run(args: argparse.Namespace) -> int:
     from fedhello.api import run_experiment
     from fedhello.config import load_config
-    from fedhello.engine.local import default_run_dir
+    from fedhello.engine.loop import default_run_dir
 
     if args.resume:
         if args.out is None:
@@ -56,13 +58,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
-    from fedhello.method.allocation import (
-        allocate_layers,
-        build_strategy,
-        collective_distribution,
-        inclusion_frequency,
-    )
+    from fedhello.method.allocation import collective_distribution, inclusion_frequency
+    from fedhello.method.base import ClientProfile, MethodContext
     from fedhello.method.groups import resolve_budget
+    from fedhello.method.registry import build_method
     from fedhello.seeding import Stream, numpy_rng
 
     L = args.num_layers
@@ -76,19 +75,22 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         raise UserError("--shares: every share must be positive")
     if args.strategy in ("gd", "rgd") and args.pattern is None:
         raise UserError(f"--pattern is required for strategy '{args.strategy}'")
-    method = args.strategy if args.strategy in ("full", "fedra") else f"{args.strategy}-{args.pattern}"
-    strategy = build_strategy(method, L, budgets, [float(s) for s in shares])
-    round1 = allocate_layers(strategy, 1, dict(enumerate(budgets)), args.seed)
-    result: dict[str, Any] = {"method": method, "num_layers": L, "groups": []}
-    probabilities = getattr(strategy, "probabilities", None)
+    method_name = args.strategy if args.strategy in ("full", "fedra") else f"{args.strategy}-{args.pattern}"
+    ctx = MethodContext(num_layers=L, budgets=budgets, shares=[float(s) for s in shares], seed=args.seed)
+    method = build_method(method_name, ctx)
+    profiles = {g: ClientProfile(budget=n, rank=1) for g, n in enumerate(budgets)}
+    plan = method.plan_round(1, profiles, numpy_rng(args.seed, Stream.ALLOCATION, 1), _no_scores)
+    result: dict[str, Any] = {"method": method_name, "num_layers": L, "groups": []}
+    probabilities = plan.probabilities
     for g, (n, s) in enumerate(zip(budgets, shares, strict=True)):
         entry: dict[str, Any] = {"group": g, "budget": n, "share": s}
+        layers = list(plan.assignments[g].layers)
         if probabilities is None:
-            entry["layers"] = list(round1[g])
+            entry["layers"] = layers
         else:
-            entry["example_draw"] = list(round1[g])
+            entry["example_draw"] = layers
             freq = inclusion_frequency(
-                probabilities, n, args.draws, numpy_rng(args.seed, Stream.ALLOCATION, g)
+                np.asarray(probabilities), n, args.draws, numpy_rng(args.seed, Stream.ALLOCATION, g)
             )
             entry["inclusion_frequency"] = [round(float(x), 4) for x in freq]
         result["groups"].append(entry)
@@ -103,6 +105,10 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     else:
         print(_allocation_table(result))
     return 0
+
+
+def _no_scores() -> Any:
+    raise UserError("fedhello allocate: Fisher-driven methods need a model; use `fedhello run`")
 
 
 def _allocation_table(result: dict[str, Any]) -> str:
@@ -268,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--notes", help="Markdown file whose text is included as the discussion")
     rep.add_argument("--command-line", default=None, help="the command to quote as having made the grid")
     rep.set_defaults(func=cmd_report)
+
+    from fedhello.deploy import add_deploy_commands
+
+    add_deploy_commands(sub)
     return parser
 
 

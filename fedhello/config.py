@@ -49,6 +49,9 @@ class DataConfig(_Strict):
     language: Literal["en-us", "fr-fr", "es-es"] = "en-us"
     text_column: str = "text"
     label_column: str = "label"
+    hf_config: str | None = Field(
+        None, description="hf: the dataset's configuration name (e.g. 'ledgar' for path 'lex_glue')."
+    )
     hf_split: str = "train"
     val_size: float | int = Field(300, description="Validation examples (int) or fraction (float).")
     test_size: float | int = Field(1000, description="Test examples (int) or fraction (float).")
@@ -243,11 +246,15 @@ class ExperimentConfig(_Strict):
     """A whole experiment. `fedhello run` and `fedhello.run_experiment` take one of these."""
 
     seed: int = 0
+    task: str = Field(
+        "text-classification",
+        description="What is learned and measured (fedhello/tasks/); the model's head follows from it.",
+    )
     method: str = Field(
         "fedhello",
         description="fedhello | fim | gd-<pattern> | rgd-<pattern> | full | fedit | straggler | exclusive | "
         "fedra | hetlora | flexlora; pattern: triangle, inverted_triangle, bottleneck or uniform "
-        "(see fedhello/method/methods.py)",
+        "(see fedhello/method/registry.py)",
     )
     engine: Literal["local", "flower"] = Field(
         "local",
@@ -257,6 +264,9 @@ class ExperimentConfig(_Strict):
     device: str = Field("auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default.")
     quiet: bool = False
+    tracking: Literal["none", "tensorboard"] = Field(
+        "none", description="'tensorboard': every round's metrics and costs as TensorBoard scalars."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -272,9 +282,18 @@ class ExperimentConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from fedhello.method.methods import method_spec
+        from fedhello.method.registry import check_method
 
-        method_spec(v)
+        check_method(v)
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from fedhello.tasks import task_names
+
+        if v not in task_names():
+            raise ValueError(f"unknown task '{v}' (choose from {', '.join(task_names())})")
         return v
 
     @field_validator("groups")

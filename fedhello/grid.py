@@ -24,9 +24,10 @@ from typing import Any
 
 from fedhello.config import ExperimentConfig, config_from_dict, config_to_yaml, load_config
 from fedhello.errors import UserError
-from fedhello.method.methods import method_spec
+from fedhello.io import write_json_atomic
+from fedhello.method.registry import check_method
+from fedhello.records import read_records, records_from_json
 from fedhello.reporting.plots import layer_frequency
-from fedhello.reporting.summary import write_json_atomic
 
 # Named data settings; `pathological-K` and `dirichlet-A` name any other.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -122,7 +123,18 @@ def git_commit() -> str:
         return "unknown"
 
 
-CLIENT_FIELDS = [
+# what a committed cell keeps of each round: metrics and costs, not the Fisher details
+CELL_ROUND_FIELDS = {
+    "schema",
+    "round",
+    "metrics",
+    "primary_metric",
+    "bytes_up",
+    "bytes_down",
+    "train_seconds",
+    "clients",
+}
+CELL_CLIENT_FIELDS = {
     "client",
     "group",
     "layers",
@@ -132,22 +144,18 @@ CLIENT_FIELDS = [
     "peak_memory_bytes",
     "bytes_up",
     "bytes_down",
-]
+}
 
 
 def cell_record(cell: Cell, cfg: ExperimentConfig, run_dir: Path, commit: str) -> dict[str, Any]:
     """The small, committed result of one cell: summary plus compact per-round records."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_records(run_dir / "metrics.jsonl")
     groups = list(summary["groups"])
     rounds = []
     for r in records:
-        entry = {
-            k: r[k]
-            for k in ("round", "val_accuracy", "test_accuracy", "bytes_up", "bytes_down", "train_seconds")
-            if k in r
-        }
-        entry["clients"] = [{k: c[k] for k in CLIENT_FIELDS} for c in r["clients"]]
+        entry = {k: v for k, v in r.to_json().items() if k in CELL_ROUND_FIELDS}
+        entry["clients"] = [{k: v for k, v in c.items() if k in CELL_CLIENT_FIELDS} for c in entry["clients"]]
         rounds.append(entry)
     freq = layer_frequency(records, groups, summary["num_layers"])
     return {
@@ -164,7 +172,18 @@ def cell_record(cell: Cell, cfg: ExperimentConfig, run_dir: Path, commit: str) -
 
 
 def load_cells(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    """Every finished cell of a grid, with its rounds read as typed records (any schema version)."""
+    cells = []
+    for p in sorted((out / "cells").glob("*.json")):
+        try:
+            cell = json.loads(p.read_text())
+            cell["rounds"] = records_from_json(cell["rounds"], str(p))
+            cell["summary"].setdefault("primary_metric", "accuracy")
+            cell["summary"].setdefault("higher_is_better", True)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{p}: not a grid cell ({e.__class__.__name__}: {e})") from None
+        cells.append(cell)
+    return cells
 
 
 def plan_grid(
@@ -173,7 +192,7 @@ def plan_grid(
     """Every cell with its config; names are checked before anything runs."""
     for m in methods:
         try:
-            method_spec(m)
+            check_method(m)
         except ValueError as e:
             raise UserError(f"--methods: {e}") from None
     if seeds < 1:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import build_strategy
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -9,7 +10,6 @@ from fedhello.errors import UserError
 from fedhello.method.allocation import (
     PATTERNS,
     allocate_layers,
-    build_strategy,
     collective_distribution,
     geometric_layers,
     inclusion_frequency,

@@ -1,4 +1,4 @@
-"""Fisher layer scores: the vectorised per-example method equals the per-example loop (SPEC 2.3)."""
+"""Fisher layer scores: the vectorised per-example method equals the per-example loop (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,17 @@ import pytest
 import torch
 
 from fedhello import load_config
-from fedhello.config import LoraConfig
+from fedhello.config import ExperimentConfig, FisherConfig, LoraConfig
 from fedhello.data import TokenizedExamples
-from fedhello.engine.setup import Experiment, prepare_experiment
-from fedhello.method import fisher as fisher_mod
+from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.method.fisher import (
-    FisherOptions,
     fisher_diagonal,
     fisher_diagonal_loop,
     fisher_layer_scores,
     layer_scores,
 )
 from fedhello.models import LoraModel, add_lora
+from fedhello.tasks.text_classification import TextClassification, fisher_labels
 
 COMBOS = [
     (objective, labels)
@@ -64,10 +63,10 @@ def _varied_lengths(exp: Experiment, n: int = 20) -> tuple[TokenizedExamples, np
     """Real texts cut to lengths 6..32 (keeping the final [SEP]), so batches need padding."""
     idx = _proxy(exp, n)
     cut = [
-        np.concatenate([exp.tokens.input_ids[i][: 5 + (7 * j) % 27], exp.tokens.input_ids[i][-1:]])
+        np.concatenate([exp.data.input_ids[i][: 5 + (7 * j) % 27], exp.data.input_ids[i][-1:]])
         for j, i in enumerate(idx)
     ]
-    return TokenizedExamples(cut, exp.tokens.labels[idx]), np.arange(n)
+    return TokenizedExamples(cut, exp.data.labels[idx]), np.arange(n)
 
 
 def test_vectorised_equals_loop_on_tiny_bert(bert: Experiment) -> None:
@@ -76,9 +75,9 @@ def test_vectorised_equals_loop_on_tiny_bert(bert: Experiment) -> None:
     assert len({len(ids) for ids in tokens.input_ids}) > 10, "the proxy examples should need padding"
     results = {}
     for objective, labels in COMBOS:
-        opts = FisherOptions(objective=objective, labels=labels, batch_size=6)  # type: ignore[arg-type]
-        vec = fisher_diagonal(lm, tokens, idx, bert.pad_id, bert.device, opts, seed=7)
-        loop = fisher_diagonal_loop(lm, tokens, idx, bert.pad_id, bert.device, opts, seed=7)
+        opts = FisherConfig(objective=objective, labels=labels, batch_size=6)  # type: ignore[arg-type]
+        vec = fisher_diagonal(lm, bert.task, tokens, idx, bert.device, opts, seed=7)
+        loop = fisher_diagonal_loop(lm, bert.task, tokens, idx, bert.device, opts, seed=7)
         _assert_same_fisher(vec, loop)
         assert set(vec) == set(lm.lora_params)
         assert not set(vec) & set(lm.head_params)
@@ -94,10 +93,10 @@ def test_vectorised_equals_loop_on_tiny_bert(bert: Experiment) -> None:
 
 def test_model_labels_are_seeded(bert: Experiment) -> None:
     lm, idx = bert.lm, _proxy(bert, 12)
-    opts = FisherOptions(labels="model")
-    a = fisher_diagonal(lm, bert.tokens, idx, bert.pad_id, bert.device, opts, seed=3)
-    b = fisher_diagonal(lm, bert.tokens, idx, bert.pad_id, bert.device, opts, seed=3)
-    c = fisher_diagonal(lm, bert.tokens, idx, bert.pad_id, bert.device, opts, seed=4)
+    opts = FisherConfig(labels="model")
+    a = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device, opts, seed=3)
+    b = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device, opts, seed=3)
+    c = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device, opts, seed=4)
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.allclose(a[n], c[n]) for n in a)
 
@@ -106,17 +105,17 @@ def test_label_sampling_follows_the_predictive_distribution() -> None:
     n = 10_000
     logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]])).expand(n, 3)
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    sampled = fisher_mod._labels(logits, torch.zeros(n, dtype=torch.long), u, "model")
+    sampled = fisher_labels(logits, torch.zeros(n, dtype=torch.long), u, "model")
     freq = torch.bincount(sampled, minlength=3).double() / n
     assert torch.allclose(freq, torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64), atol=1e-3)
     data = torch.tensor([2, 0, 1])
-    assert torch.equal(fisher_mod._labels(logits[:3], data, u[:3], "empirical"), data)
+    assert torch.equal(fisher_labels(logits[:3], data, u[:3], "empirical"), data)
 
 
 def test_flags_and_modes_are_restored_and_dropout_is_off(bert: Experiment) -> None:
     lm, idx = bert.lm, _proxy(bert, 8)
     assert bert.cfg.lora.dropout > 0  # dropout exists, must be inactive
-    reference = fisher_diagonal(lm, bert.tokens, idx, bert.pad_id, bert.device)
+    reference = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device)
 
     lm.model.train()
     odd = {lm.head_params[0], lm.layer_params[1][0]}
@@ -125,7 +124,7 @@ def test_flags_and_modes_are_restored_and_dropout_is_off(bert: Experiment) -> No
     flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
     modes = {n: m.training for n, m in lm.model.named_modules()}
     for fn in (fisher_diagonal, fisher_diagonal_loop):
-        result = fn(lm, bert.tokens, idx, bert.pad_id, bert.device)
+        result = fn(lm, bert.task, bert.data, idx, bert.device)
         assert {n: p.requires_grad for n, p in lm.model.named_parameters()} == flags
         assert {n: m.training for n, m in lm.model.named_modules()} == modes
         assert all(p.grad is None for p in lm.model.parameters())
@@ -134,7 +133,7 @@ def test_flags_and_modes_are_restored_and_dropout_is_off(bert: Experiment) -> No
 
 def test_layer_scores_sum_is_the_trace(bert: Experiment) -> None:
     lm, idx = bert.lm, _proxy(bert, 8)
-    f = fisher_diagonal(lm, bert.tokens, idx, bert.pad_id, bert.device)
+    f = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device)
     scores = layer_scores(lm, f, "sum")
     assert scores.shape == (lm.num_layers,)
     hand = [sum(float(f[n].sum()) for n in names) for names in lm.layer_params]
@@ -142,8 +141,8 @@ def test_layer_scores_sum_is_the_trace(bert: Experiment) -> None:
     frob = [sum(float(torch.linalg.vector_norm(f[n])) for n in names) for names in lm.layer_params]
     np.testing.assert_allclose(layer_scores(lm, f, "frobenius"), frob, rtol=1e-12)
     for method in ("vectorised", "loop"):
-        opts = FisherOptions(reduction="frobenius")
-        got = fisher_layer_scores(lm, bert.tokens, idx, bert.pad_id, bert.device, opts, method=method)
+        opts = FisherConfig(reduction="frobenius", computation=method)  # type: ignore[arg-type]
+        got = fisher_layer_scores(lm, bert.task, bert.data, idx, bert.device, opts)
         np.testing.assert_allclose(got, frob, rtol=1e-5)
 
 
@@ -165,11 +164,11 @@ def test_layer_scores_hand_example() -> None:
 
 def test_bad_options_and_empty_proxy(bert: Experiment) -> None:
     with pytest.raises(ValueError):
-        FisherOptions(objective="loss")  # type: ignore[arg-type]
+        FisherConfig(objective="loss")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        FisherOptions(batch_size=0)
+        FisherConfig(batch_size=0)
     with pytest.raises(ValueError):
-        fisher_diagonal(bert.lm, bert.tokens, np.array([], dtype=np.int64), bert.pad_id, bert.device)
+        fisher_diagonal(bert.lm, bert.task, bert.data, np.array([], dtype=np.int64), bert.device)
 
 
 def test_vectorised_equals_loop_on_tiny_llama() -> None:
@@ -194,11 +193,12 @@ def test_vectorised_equals_loop_on_tiny_llama() -> None:
         labels=rng.integers(0, 3, size=14).astype(np.int64),
     )
     idx = np.arange(14)[::-1].copy()
+    task = TextClassification(ExperimentConfig())  # pad id 0, like the model
     device = torch.device("cpu")
     for objective, labels in COMBOS:
-        opts = FisherOptions(objective=objective, labels=labels, batch_size=5)  # type: ignore[arg-type]
-        vec = fisher_diagonal(lm, tokens, idx, 0, device, opts, seed=1)
-        loop = fisher_diagonal_loop(lm, tokens, idx, 0, device, opts, seed=1)
+        opts = FisherConfig(objective=objective, labels=labels, batch_size=5)  # type: ignore[arg-type]
+        vec = fisher_diagonal(lm, task, tokens, idx, device, opts, seed=1)
+        loop = fisher_diagonal_loop(lm, task, tokens, idx, device, opts, seed=1)
         _assert_same_fisher(vec, loop)
         assert set(vec) == set(lm.lora_params)
 
@@ -207,7 +207,7 @@ def test_released_quantities_match_a_direct_computation(bert: Experiment) -> Non
     """The compatibility options give the released code's score: per example, the gradient of the
     raw true-class logit; F = mean of squares per tensor; layer score = sum of the per-tensor
     Frobenius norms of F. Recomputed here independently with plain autograd, one example at a time."""
-    lm, tokens = bert.lm, bert.tokens
+    lm, tokens = bert.lm, bert.data
     idx = _proxy(bert, 8)
     names = lm.lora_params
     params = [lm.parameter(n) for n in names]
@@ -227,8 +227,8 @@ def test_released_quantities_match_a_direct_computation(bert: Experiment) -> Non
         [sum(float(torch.linalg.norm(fisher[n])) for n in layer) for layer in lm.layer_params]
     )
 
-    released = FisherOptions(objective="true_class_logit", reduction="frobenius")
-    got = fisher_layer_scores(lm, tokens, idx, bert.pad_id, bert.device, released)
+    released = FisherConfig(objective="true_class_logit", reduction="frobenius")
+    got = fisher_layer_scores(lm, bert.task, tokens, idx, bert.device, released)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
-    ours = fisher_layer_scores(lm, tokens, idx, bert.pad_id, bert.device, FisherOptions())
+    ours = fisher_layer_scores(lm, bert.task, tokens, idx, bert.device, FisherConfig())
     assert not np.allclose(ours, got)  # the project's default is a different quantity

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from flower_deployment import TestDeployment
 from safetensors.torch import load_file
 
 from fedhello import load_config, run_experiment
-from fedhello.engine.client import trained_keys
-from fedhello.engine.deployment import LocalDeployment
-from fedhello.engine.setup import prepare_experiment
+from fedhello.deploy import LocalDeployment
+from fedhello.engine.experiment import prepare_experiment
 from fedhello.method.aggregation import payload_bytes
 
 
@@ -58,8 +58,11 @@ def _assert_same_run(a: Path, b: Path) -> None:
     ra, rb = _records(a), _records(b)
     assert len(ra) == len(rb)
     for x, y in zip(ra, rb, strict=True):
-        for key in ("val_accuracy", "test_accuracy", "val_loss", "test_loss", "bytes_up", "bytes_down"):
-            assert x[key] == pytest.approx(y[key], abs=1e-6), key
+        assert x["metrics"].keys() == y["metrics"].keys()
+        for split, metrics in x["metrics"].items():
+            assert metrics == pytest.approx(y["metrics"][split], abs=1e-6), split
+        for key in ("bytes_up", "bytes_down"):
+            assert x[key] == y[key], key
         cx = [(c["client"], c["layers"], c["bytes_up"], c["samples"], c["steps"]) for c in x["clients"]]
         cy = [(c["client"], c["layers"], c["bytes_up"], c["samples"], c["steps"]) for c in y["clients"]]
         assert cx == cy
@@ -128,7 +131,7 @@ def test_deployment_with_tls_and_auth_equals_in_process(
         assert record["rejected"] == {}
         for c in record["clients"]:
             assert c["accepted"]
-            keys = trained_keys(exp.lm, c["layers"], exp.train_head)
+            keys = exp.lm.trained_names(c["layers"], exp.train_head)
             assert c["bytes_up"] == payload_bytes({k: exp.lm.parameter(k) for k in keys})
         sizes = {len(c["layers"]): c["bytes_up"] for c in record["clients"]}
         assert sizes[1] < sizes[2] < sizes[4]
@@ -142,7 +145,7 @@ def test_dead_supernode_does_not_stop_the_run(
     )
     cfg_path = _config_file(tmp_path, overrides)
     run_dir = tmp_path / "flower"
-    with LocalDeployment(tmp_path / "deploy", num_supernodes=3, tls=False, auth=False) as fed:
+    with TestDeployment(tmp_path / "deploy", num_supernodes=3, tls=False, auth=False) as fed:
         out: dict[str, str] = {}
         runner = threading.Thread(target=lambda: out.update(log=fed.run(cfg_path, run_dir, timeout=600)))
         runner.start()

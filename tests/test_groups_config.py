@@ -24,9 +24,9 @@ def test_budgets_absolute_and_fractional() -> None:
         12,
         16,
     )
-    assert [g.num_layers for g in groups] == [6, 9, 12, 4]
+    assert [g.budget for g in groups] == [6, 9, 12, 4]
     assert [g.rank for g in groups] == [8, 12, 16, 5]  # parameter-matched default ranks
-    assert [g.num_layers for g in resolve_groups([GroupConfig(name="a", share=1, budget=0.75)], 6, 16)] == [4]
+    assert [g.budget for g in resolve_groups([GroupConfig(name="a", share=1, budget=0.75)], 6, 16)] == [4]
     released = resolve_groups([GroupConfig(name="a", share=1, budget=6, rank=4)], 12, 16)
     assert released[0].rank == 4  # e.g. the released 4/8/16
     with pytest.raises(UserError, match=r"groups\.0\.rank"):
@@ -52,10 +52,10 @@ def test_assignment_is_seeded_and_respects_sizes() -> None:
 
 
 def test_client_sampling_without_replacement_and_seeded() -> None:
-    s = sample_clients(20, 5, seed=0, round_index=1)
+    s = sample_clients(20, 5, seed=0, round_number=1)
     assert len(set(s)) == 5 and s == sorted(s)
-    assert s == sample_clients(20, 5, seed=0, round_index=1)
-    rounds = {tuple(sample_clients(20, 5, seed=0, round_index=r)) for r in range(1, 10)}
+    assert s == sample_clients(20, 5, seed=0, round_number=1)
+    rounds = {tuple(sample_clients(20, 5, seed=0, round_number=r)) for r in range(1, 10)}
     assert len(rounds) > 1
 
 

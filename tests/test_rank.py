@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from helpers import build_strategy
 
 from fedhello.method.aggregation import ClientUpdate
-from fedhello.method.allocation import allocate_layers, build_strategy
-from fedhello.method.rank import (
-    flexlora_aggregate,
-    hetlora_aggregate,
-    product_norm,
-    rank_slice,
-    truncate_rank,
-)
+from fedhello.method.allocation import allocate_layers
+from fedhello.method.base import ClientProfile, MethodContext
+from fedhello.method.flexlora import flexlora_aggregate
+from fedhello.method.hetlora import hetlora_aggregate, product_norm
+from fedhello.method.rank import rank_slice, truncate_rank
+from fedhello.method.registry import build_method
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
 
@@ -78,7 +78,9 @@ def test_layer_baselines_allocations() -> None:
     assert set(st.values()) == {(0, 2, 4)}  # weakest budget, uniformly spaced, for everyone
     fedit = allocate_layers(build_strategy("fedit", 6, [3, 4, 6], [1, 1, 1]), 1, budgets, 0)
     assert set(fedit.values()) == {tuple(range(6))}
-    for m in ("hetlora", "flexlora"):  # rank methods train every layer
-        assert set(allocate_layers(build_strategy(m, 6, [3, 4, 6], [1, 1, 1]), 1, budgets, 0).values()) == {
-            tuple(range(6))
-        }
+    profiles = {c: ClientProfile(budget=n, rank=n) for c, n in budgets.items()}
+    for m in ("hetlora", "flexlora"):  # rank methods train every layer, at the group's rank
+        method = build_method(m, MethodContext(6, [3, 4, 6], [1, 1, 1]))
+        plan = method.plan_round(1, profiles, np.random.default_rng(0), lambda: np.zeros(6))
+        assert {a.layers for a in plan.assignments.values()} == {tuple(range(6))}
+        assert {c: a.rank for c, a in plan.assignments.items()} == budgets

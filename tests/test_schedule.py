@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import build_strategy
 
 from fedhello.config import FisherConfig
 from fedhello.method.allocation import (
     FisherAllocation,
     FisherSchedule,
     allocate_layers,
-    build_strategy,
     pattern_prior,
     sample_layers,
 )
@@ -22,9 +22,9 @@ PRIOR = pattern_prior("bottleneck", [3, 4, 6], [1, 1, 1], L)
 BUDGETS = {0: 3, 1: 4, 2: 6, 5: 3}
 
 
-def scores_for(round_index: int) -> np.ndarray:
+def scores_for(round_number: int) -> np.ndarray:
     """Distinct scores per refresh so that each refresh gives different probabilities."""
-    rng = np.random.default_rng(round_index)
+    rng = np.random.default_rng(round_number)
     return rng.permutation([0.1, 0.2, 1.0, 1.1, 5.0, 5.5])
 
 

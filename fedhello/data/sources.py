@@ -50,7 +50,7 @@ def load_examples(cfg: DataConfig, seed: int = 0) -> TextExamples:
         elif cfg.source == "jsonl":
             examples = _load_jsonl(cfg.path, cfg.text_column, cfg.label_column)
         else:
-            examples = _load_hf(cfg.path, cfg.hf_split, cfg.text_column, cfg.label_column)
+            examples = _load_hf(cfg.path, cfg.hf_split, cfg.text_column, cfg.label_column, cfg.hf_config)
 
     if cfg.max_examples is not None and cfg.max_examples < len(examples.texts):
         rng = numpy_rng(seed, Stream.SPLIT, 1)
@@ -195,8 +195,11 @@ def _load_jsonl(path: str, text_column: str, label_column: str) -> TextExamples:
     return _make_examples(texts, raw_labels, path)
 
 
-def _load_hf(path: str, split: str, text_column: str, label_column: str) -> TextExamples:
-    """A dataset saved with `save_to_disk` (a directory), or else a Hugging Face hub dataset name."""
+def _load_hf(
+    path: str, split: str, text_column: str, label_column: str, name: str | None = None
+) -> TextExamples:
+    """A dataset saved with `save_to_disk` (a directory), or else a Hugging Face hub dataset name
+    (with its configuration `name`, e.g. `lex_glue` / `ledgar`)."""
     import datasets  # imported here: slow to import, and only this source needs it
 
     try:
@@ -208,7 +211,7 @@ def _load_hf(path: str, split: str, text_column: str, label_column: str) -> Text
                     raise UserError(f"data.path {path}: no split '{split}' (splits: {splits})")
                 loaded = loaded[split]
         else:
-            loaded = datasets.load_dataset(path, split=split)
+            loaded = datasets.load_dataset(path, name, split=split)
     except UserError:
         raise
     except Exception as e:

@@ -10,15 +10,16 @@ checkpoint. No generator state needs saving: every random stream is derived from
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedhello.errors import UserError
+from fedhello.io import write_atomic
+from fedhello.records import RoundRecord, records_from_json
 
 STATE_FILE = "state.json"
 
@@ -27,32 +28,26 @@ STATE_FILE = "state.json"
 class Checkpoint:
     round: int  # last completed round
     global_state: dict[str, torch.Tensor]
-    history: list[dict[str, Any]]  # the metrics records of rounds 1..round
+    history: list[RoundRecord]  # the records of rounds 1..round
     wall_seconds: float
     extra: dict[str, Any]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def save_checkpoint(directory: Path, ckpt: Checkpoint, seed: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"adapters-round{ckpt.round:05d}.safetensors"
-    tmp = directory / (name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.global_state.items()}, str(tmp))
-    os.replace(tmp, directory / name)
+    write_atomic(
+        directory / name, save({k: v.detach().cpu().contiguous() for k, v in ckpt.global_state.items()})
+    )
     state = {
         "round": ckpt.round,
         "adapters": name,
         "wall_seconds": ckpt.wall_seconds,
         "rng": {"seed": seed, "scheme": "numpy SeedSequence([seed, stream, round, client])"},
-        "history": ckpt.history,
+        "history": [r.to_json() for r in ckpt.history],
         "extra": ckpt.extra,
     }
-    _atomic_write_text(directory / STATE_FILE, json.dumps(state))
+    write_atomic(directory / STATE_FILE, json.dumps(state))
     for old in directory.glob("adapters-round*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -67,6 +62,5 @@ def load_checkpoint(directory: Path) -> Checkpoint:
         tensors = load_file(str(directory / state["adapters"]))
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"{path}: unreadable checkpoint ({e.__class__.__name__})") from None
-    return Checkpoint(
-        state["round"], tensors, state["history"], float(state["wall_seconds"]), state.get("extra", {})
-    )
+    history = records_from_json(state["history"], str(path))
+    return Checkpoint(state["round"], tensors, history, float(state["wall_seconds"]), state.get("extra", {}))

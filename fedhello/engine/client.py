@@ -1,6 +1,6 @@
-"""Local training of one client on the shared base model, and evaluation of the global model.
+"""Local training of one client on the shared base model.
 
-Both engines call these functions. A client trains only the LoRA tensors of its layer set
+Both engines train clients through `train_assignment`. A client trains only the LoRA tensors of its layer set
 (and the head when the head is trained): those alone require grad, the optimizer holds only
 them, and the blocks below the lowest trained one run without autograd, so a client that
 trains fewer, higher layers really uses less memory and time.
@@ -9,19 +9,20 @@ trains fewer, higher layers really uses less memory and time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from fedhello.config import HetLoRAConfig, TrainConfig
-from fedhello.data import TokenizedExamples, pad_batch
-from fedhello.method.aggregation import ClientUpdate
-from fedhello.method.rank import is_lora_a, is_lora_b, rank_slice, tail_norm, tail_start, truncate_rank
+from fedhello.config import TrainConfig
+from fedhello.engine.experiment import Experiment
+from fedhello.method.aggregation import ClientUpdate, State
+from fedhello.method.base import Assignment, LocalTraining
 from fedhello.models import LoraModel
 from fedhello.seeding import Stream, derived_seed
+from fedhello.tasks import Task, batches
 
 
 @dataclass
@@ -35,12 +36,6 @@ class ClientResult:
     steps: int
     train_loss: float
     step_seconds: list[float] = field(default_factory=list)
-
-
-def trained_keys(lm: LoraModel, layers: Sequence[int], train_head: bool) -> list[str]:
-    """Names of the tensors a client with this layer set trains and uploads."""
-    keys = [k for layer in sorted(layers) for k in lm.layer_params[layer]]
-    return keys + (list(lm.head_params) if train_head else [])
 
 
 def seed_torch(seed: int, stream: Stream, *keys: int) -> torch.Generator:
@@ -120,65 +115,43 @@ class MemoryMeter:
         self.peak = max(self.peak, sum(self.saved.values()) + grads + states)
 
 
-def iterate_batches(
-    data: TokenizedExamples, indices: np.ndarray, batch_size: int, order: torch.Generator | None, pad_id: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches of the given examples; shuffled by `order`, or in length order for evaluation."""
-    if order is not None:
-        idx = indices[torch.randperm(len(indices), generator=order).numpy()]
-    else:
-        lengths = np.array([len(data.input_ids[i]) for i in indices])
-        idx = indices[np.argsort(lengths, kind="stable")]
-    for start in range(0, len(idx), batch_size):
-        chunk = idx[start : start + batch_size]
-        batch = pad_batch([data.input_ids[i] for i in chunk], data.labels[chunk], pad_id)
-        yield {k: torch.from_numpy(v) for k, v in batch.items()}
-
-
 def train_client(
     lm: LoraModel,
-    global_state: Mapping[str, torch.Tensor],
-    client_id: int,
-    layers: Sequence[int],
-    data: TokenizedExamples,
+    task: Task,
+    data: object,
     indices: np.ndarray,
+    received: Mapping[str, torch.Tensor],
+    assignment: Assignment,
     cfg: TrainConfig,
     *,
+    local: LocalTraining | None = None,
     train_head: bool,
     seed: int,
-    round_index: int,
-    pad_id: int,
+    round_number: int,
     device: torch.device,
-    rank: int | None = None,
-    pruning: HetLoRAConfig | None = None,
 ) -> ClientResult:
-    """Train one client from the global adapters and return the change of what it trained.
+    """Train one client from the adapters it received and return the change of what it trained.
 
-    With `rank` (HetLoRA, FlexLoRA) the client holds the adapters truncated to their first
-    `rank` components, trains only those and uploads only those slices. With `pruning`
-    (HetLoRA self-pruning) a penalty on the tail components is added to the loss, and if the
-    tail's norm shrank during training the client prunes it (uploads zeros there) and reports
-    the smaller rank it will use from now on.
+    The client trains the LoRA tensors of `assignment.layers` (and the head when `train_head`);
+    `local` holds the method's changes to local training (a rank mask, a penalty, what to
+    upload; see `fedhello.method.base.LocalTraining`).
     """
-    if rank is not None:
-        global_state = truncate_rank(global_state, rank)
-    lm.load_lora_state(global_state)
-    keys = trained_keys(lm, layers, train_head)
+    local = local or LocalTraining()
+    layers = assignment.layers
+    start_state = local.start_state(received, {k: lm.parameter(k).shape for k in received})
+    lm.load_lora_state(start_state)
+    keys = lm.trained_names(layers, train_head)
     params = dict(lm.model.named_parameters())
     if cfg.freezing == "real":
         requires = set(keys)
         lowest = min(layers) if layers else lm.num_layers
     else:  # released pseudo-freezing: every adapter trains, untrained ones at learning rate 0
-        requires = set(trained_keys(lm, range(lm.num_layers), train_head))
+        requires = set(lm.trained_names(range(lm.num_layers), train_head))
         lowest = 0
     for name, p in params.items():
         p.requires_grad_(name in requires)
     trainable = [params[k] for k in keys]
-    lora = {k: params[k] for k in keys if is_lora_a(k) or is_lora_b(k)}
-    prune = pruning if rank is not None and pruning is not None and pruning.self_pruning else None
-    with torch.no_grad():
-        tail_before = float(tail_norm(lora, rank, prune.gamma)) if prune and rank else 0.0
-    hooks = [] if rank is None else [params[k].register_hook(_rank_mask(k, rank)) for k in keys]
+    local.begin({k: params[k] for k in keys})
     groups: list[dict[str, object]] = [{"params": trainable}]
     if cfg.freezing == "lr0":
         groups.append({"params": [params[k] for k in sorted(requires - set(keys))], "lr": 0.0})
@@ -187,7 +160,7 @@ def train_client(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    order = seed_torch(seed, Stream.LOCAL_TRAINING, round_index, client_id)
+    order = seed_torch(seed, Stream.LOCAL_TRAINING, round_number, assignment.client)
     lm.model.train()
     losses: list[float] = []
     step_seconds: list[float] = []
@@ -196,14 +169,13 @@ def train_client(
     start = time.perf_counter()
     with no_grad_below(lm.blocks, lowest):
         for _ in range(cfg.local_epochs):
-            for batch in iterate_batches(data, indices, cfg.batch_size, order, pad_id):
+            for batch in batches(task, data, indices, cfg.batch_size, order):
                 step_start = time.perf_counter()
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with meter.step():
-                    loss = lm.model(**batch).loss
-                    objective = loss
-                    if prune and rank:
-                        objective = loss + prune.regularization * tail_norm(lora, rank, prune.gamma)
+                    loss = task.loss(lm.model, batch)
+                    penalty = local.penalty()
+                    objective = loss if penalty is None else loss + penalty
                     objective.backward()
                 optimizer.step()
                 meter.record([p for g in groups for p in g["params"]], optimizer)  # type: ignore[attr-defined]
@@ -218,62 +190,35 @@ def train_client(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    for h in hooks:
-        h.remove()
+    local.end()
     for p in params.values():
         p.requires_grad_(False)
-    new_rank = rank
-    with torch.no_grad():
-        faded = (
-            prune is not None and rank is not None and float(tail_norm(lora, rank, prune.gamma)) < tail_before
-        )
-    if faded and prune and rank:
-        new_rank = max(prune.min_rank, tail_start(rank, prune.gamma))
-        with torch.no_grad():
-            for k, p in lora.items():
-                (p[new_rank:rank] if is_lora_a(k) else p[:, new_rank:rank]).zero_()
-
-    deltas = {k: (params[k].detach() - global_state[k].to(device)).cpu() for k in keys}
-    if rank is not None:
-        deltas = {k: rank_slice(k, d, rank).contiguous() for k, d in deltas.items()}
+    method_metrics = local.finish()
+    deltas = {k: (params[k].detach() - start_state[k].to(device)).cpu() for k in keys}
+    deltas = local.upload(deltas)
     train_loss = float(np.mean(losses)) if losses else float("nan")
-    metrics = {"train_loss": train_loss} | ({} if new_rank is None else {"rank": float(new_rank)})
-    update = ClientUpdate(client_id, deltas, len(indices), metrics)
+    update = ClientUpdate(
+        assignment.client, deltas, len(indices), {"train_loss": train_loss} | method_metrics
+    )
     return ClientResult(update, tuple(sorted(layers)), seconds, meter.peak, steps, train_loss, step_seconds)
 
 
-def _rank_mask(name: str, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A gradient hook that keeps only the first `rank` LoRA components trainable."""
-
-    def mask(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        if is_lora_a(name):
-            grad[rank:] = 0
-        elif is_lora_b(name):
-            grad[:, rank:] = 0
-        return grad
-
-    return mask
-
-
-@torch.inference_mode()
-def evaluate(
-    lm: LoraModel,
-    state: Mapping[str, torch.Tensor],
-    data: TokenizedExamples,
-    indices: np.ndarray,
-    batch_size: int,
-    pad_id: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of the model with these adapters on the given examples."""
-    lm.load_lora_state(state)
-    lm.model.eval()
-    correct, loss_sum = 0, 0.0
-    for batch in iterate_batches(data, indices, batch_size, None, pad_id):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
-    n = max(len(indices), 1)
-    return {"accuracy": correct / n, "loss": loss_sum / n}
+def train_assignment(
+    exp: Experiment, received: State, assignment: Assignment, round_number: int
+) -> ClientResult:
+    """One client's local training as the round plan assigned it; every engine trains through this."""
+    cfg = exp.cfg
+    return train_client(
+        exp.lm,
+        exp.task,
+        exp.data,
+        exp.client_indices[assignment.client],
+        received,
+        assignment,
+        cfg.train,
+        local=exp.method.local_training(assignment),
+        train_head=exp.train_head,
+        seed=cfg.seed,
+        round_number=round_number,
+        device=exp.device,
+    )

@@ -31,13 +31,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedhello.config import ExperimentConfig, config_from_dict, load_config
-from fedhello.engine.client import ClientResult
-from fedhello.engine.local import run_federation, train_assigned
-from fedhello.engine.server import FederatedServer, RoundPlan
-from fedhello.engine.setup import Experiment, prepare_experiment
+from fedhello.engine.client import ClientResult, train_assignment
+from fedhello.engine.experiment import Experiment, prepare_experiment
+from fedhello.engine.loop import run_federation
+from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
-from fedhello.method.aggregation import ClientUpdate, State
-from fedhello.method.rank import pad_rank
+from fedhello.method.aggregation import ClientUpdate
+from fedhello.method.base import Assignment, RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +77,23 @@ class FlowerTrainer:
                 return
             time.sleep(0.5)
 
-    def __call__(self, plan: RoundPlan, download: State) -> list[ClientResult]:
+    def __call__(self, plan: RoundPlan, server: FederatedServer) -> list[ClientResult]:
         flower = self.exp.cfg.flower
         self.discover(set(plan.clients))
         messages = []
         for c in plan.clients:
             if c not in self.nodes:
                 log.warning(
-                    "round %d: no SuperNode holds partition %d; client %d is missing", plan.round, c, c
+                    "round %d: no SuperNode holds partition %d; client %d is missing", plan.round_number, c, c
                 )
                 continue
-            rank = plan.ranks[c]
-            arrays = FederatedServer.client_download(download, rank)
+            assignment = plan.assignments[c]
+            arrays = server.client_download(assignment)
             config: dict[str, int | list[int]] = {
                 "client": c,
-                "round": plan.round,
-                "layers": list(plan.allocation[c]),
-                "rank": rank or 0,
+                "round": plan.round_number,
+                "layers": list(assignment.layers),
+                "rank": assignment.rank or 0,
             }
             content = RecordDict({"arrays": ArrayRecord(dict(arrays)), "config": ConfigRecord(config)})  # type: ignore[arg-type]
             messages.append(
@@ -101,7 +101,7 @@ class FlowerTrainer:
                     content,
                     dst_node_id=self.nodes[c],
                     message_type=MessageType.TRAIN,
-                    group_id=str(plan.round),
+                    group_id=str(plan.round_number),
                 )
             )
         results = []
@@ -109,13 +109,13 @@ class FlowerTrainer:
             if reply.has_error():
                 node = reply.metadata.src_node_id
                 log.warning(
-                    "round %d: node %d replied with an error: %s", plan.round, node, reply.error.reason
+                    "round %d: node %d replied with an error: %s", plan.round_number, node, reply.error.reason
                 )
                 continue
             results.append(result_from_reply(reply.content))
         if len(results) < flower.min_replies:
             raise RuntimeError(
-                f"round {plan.round}: {len(results)} replies, fewer than flower.min_replies="
+                f"round {plan.round_number}: {len(results)} replies, fewer than flower.min_replies="
                 f"{flower.min_replies}; completed rounds are checkpointed (resume=true continues)"
             )
         return sorted(results, key=lambda r: r.update.client_id)
@@ -175,10 +175,9 @@ def train_from_message(exp: Experiment, content: RecordDict, partition_id: int |
         raise ValueError(f"message for client {c} reached the SuperNode of partition {partition_id}")
     rank = int(config["rank"]) or None  # type: ignore[arg-type]
     state: dict[str, torch.Tensor] = content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
-    if rank is not None:  # rank slices back to the model's shapes; train_client truncates again
-        state = {k: pad_rank(k, v, exp.lm.parameter(k).shape) for k, v in state.items()}
-    layers = [int(x) for x in config["layers"]]  # type: ignore[union-attr]
-    result = train_assigned(exp, state, c, layers, int(config["round"]), rank)  # type: ignore[arg-type]
+    layers = tuple(int(x) for x in config["layers"])  # type: ignore[union-attr]
+    assignment = Assignment(c, layers, rank)
+    result = train_assignment(exp, state, assignment, int(config["round"]))  # type: ignore[arg-type]
     return reply_content(result)
 
 

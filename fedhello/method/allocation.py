@@ -8,19 +8,19 @@ Two mechanisms cover every strategy:
 - sequential weighted sampling without replacement from per-layer probabilities
   (RGD-HLA from a pattern's collective distribution, FedRA's uniform draw, and the
   co-designed schedule whose probabilities come from Fisher scores).
-Method names and their defaults live in `methods.py`.
+Methods built on these strategies, and their names, live in `layers.py`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from fedhello.config import FisherConfig
 from fedhello.errors import UserError
 from fedhello.method.importance import (
     fisher_probabilities,
@@ -28,14 +28,14 @@ from fedhello.method.importance import (
     level_probabilities,
     released_levels,
 )
-from fedhello.method.methods import PATTERNS, method_spec, resolve_rounds
 from fedhello.seeding import Stream, numpy_rng
 
 Allocation = dict[int, tuple[int, ...]]
+PATTERNS = ("triangle", "inverted_triangle", "bottleneck", "uniform")
 
 
 def geometric_layers(pattern: str, budget: int, num_layers: int) -> tuple[int, ...]:
-    """The GD-HLA layer set of a budget (SPEC 2.1); sets of one pattern are nested in the budget."""
+    """The GD-HLA layer set of a budget (docs/method.md, "Allocation"); sets of one pattern are nested in the budget."""
     n, L = budget, num_layers
     if not 1 <= n <= L:
         raise UserError(f"budget {n} must be between 1 and the number of layers {L}")
@@ -68,7 +68,7 @@ def collective_distribution(
 def pattern_prior(
     pattern: str, budgets: Sequence[int], shares: Sequence[float], num_layers: int
 ) -> np.ndarray:
-    """RGD-HLA prior p_l = c_l / sum c (SPEC 2.2); the uniform pattern's prior is flat."""
+    """RGD-HLA prior p_l = c_l / sum c (docs/method.md, "Allocation"); the uniform pattern's prior is flat."""
     if pattern == "uniform":
         return np.full(num_layers, 1.0 / num_layers)
     c = collective_distribution(pattern, budgets, shares, num_layers)
@@ -90,7 +90,7 @@ def sample_layers(probabilities: np.ndarray, budget: int, rng: np.random.Generat
 def inclusion_frequency(
     probabilities: np.ndarray, budget: int, draws: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Realised per-layer inclusion rate over many draws (flatter than p, see SPEC 2.2)."""
+    """Realised per-layer inclusion rate over many draws (flatter than p, see docs/method.md)."""
     counts = np.zeros(len(probabilities))
     for _ in range(draws):
         counts[list(sample_layers(probabilities, budget, rng))] += 1
@@ -102,13 +102,42 @@ class AllocationStrategy(Protocol):
 
     name: str
 
+    def prepare_round(
+        self, round_number: int, layer_scores: Callable[[], np.ndarray]
+    ) -> dict[str, Any] | None:
+        """Anything to do before allocating (a Fisher refresh); returns what the run should log."""
+        ...
+
     def allocate(
-        self, round_index: int, budgets: Mapping[int, int], rng: np.random.Generator
+        self, round_number: int, budgets: Mapping[int, int], rng: np.random.Generator
     ) -> Allocation: ...
+
+    def probabilities_for(self, round_number: int) -> np.ndarray | None:
+        """The per-layer sampling probabilities governing a round; None for fixed sets."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class _Stateless:
+    """Strategies with nothing to prepare and nothing to checkpoint."""
+
+    def prepare_round(
+        self, round_number: int, layer_scores: Callable[[], np.ndarray]
+    ) -> dict[str, Any] | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
 
 
 @dataclass
-class FixedAllocation:
+class FixedAllocation(_Stateless):
     """Each budget always trains the same set: GD-HLA patterns, or all layers (`full`)."""
 
     name: str
@@ -124,24 +153,30 @@ class FixedAllocation:
             return tuple(range(self.num_layers))
         return geometric_layers(self.pattern, self.budget or budget, self.num_layers)
 
-    def allocate(self, round_index: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
+    def allocate(self, round_number: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
         return {c: self.layers_for(n) for c, n in sorted(budgets.items())}
+
+    def probabilities_for(self, round_number: int) -> np.ndarray | None:
+        return None
 
 
 @dataclass
-class SampledAllocation:
+class SampledAllocation(_Stateless):
     """Each client draws its budget of layers from per-layer probabilities, every round."""
 
     name: str
     probabilities: np.ndarray = field(repr=False)
 
-    def allocate(self, round_index: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
+    def allocate(self, round_number: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
         return {c: sample_layers(self.probabilities, n, rng) for c, n in sorted(budgets.items())}
+
+    def probabilities_for(self, round_number: int) -> np.ndarray | None:
+        return self.probabilities
 
 
 @dataclass(frozen=True)
 class FisherSchedule:
-    """When Fisher scores are refreshed and how long their probabilities hold (SPEC 2.4).
+    """When Fisher scores are refreshed and how long their probabilities hold (docs/method.md, "Allocation").
 
     Rounds are numbered from 1. Rounds 1..W sample from the prior; the scores are recomputed on
     rounds W+1, W+1+E, ...; between refreshes `hold` decides what is used:
@@ -154,8 +189,8 @@ class FisherSchedule:
     refresh_every: int
     hold: Literal["persist_probs", "persist_allocation", "single_round"] = "persist_probs"
 
-    def is_refresh(self, round_index: int) -> bool:
-        past = round_index - self.warmup_rounds - 1
+    def is_refresh(self, round_number: int) -> bool:
+        past = round_number - self.warmup_rounds - 1
         return past >= 0 and past % self.refresh_every == 0
 
 
@@ -177,16 +212,31 @@ class FisherAllocation:
     fisher_probabilities: np.ndarray | None = field(default=None, repr=False)
     refreshed_at: int | None = None
 
-    def needs_scores(self, round_index: int) -> bool:
-        return self.schedule.is_refresh(round_index)
+    def needs_scores(self, round_number: int) -> bool:
+        return self.schedule.is_refresh(round_number)
 
-    def update_scores(self, round_index: int, scores: np.ndarray) -> dict[str, Any]:
+    def prepare_round(
+        self, round_number: int, layer_scores: Callable[[], np.ndarray]
+    ) -> dict[str, Any] | None:
+        """On a refresh round: score the layers of the current global model and update the
+        probabilities; returns the refresh's record (scores, levels, probabilities, seconds)."""
+        if not self.needs_scores(round_number):
+            return None
+        start = time.perf_counter()
+        refresh = self.update_scores(round_number, layer_scores())
+        refresh["seconds"] = time.perf_counter() - start
+        return refresh
+
+    def probabilities_for(self, round_number: int) -> np.ndarray | None:
+        return self.probabilities(round_number)
+
+    def update_scores(self, round_number: int, scores: np.ndarray) -> dict[str, Any]:
         """Turn fresh layer scores into probabilities; returns what the run should log."""
         if self.released_levels:
             levels = released_levels(
                 scores,
                 self.num_levels,
-                seed=int(numpy_rng(self.seed, Stream.ALLOCATION, round_index, 0).integers(2**31)),
+                seed=int(numpy_rng(self.seed, Stream.ALLOCATION, round_number, 0).integers(2**31)),
             )
             prior = self.prior if self.prior_product else None
             p = (
@@ -198,24 +248,24 @@ class FisherAllocation:
             levels = importance_levels(scores, self.num_levels)
             p = fisher_probabilities(scores, self.num_levels, self.prior if self.prior_product else None)
         self.fisher_probabilities = p
-        self.refreshed_at = round_index
+        self.refreshed_at = round_number
         return {
-            "round": round_index,
+            "round": round_number,
             "scores": [float(x) for x in scores],
             "levels": [int(x) for x in levels],
             "probabilities": [float(x) for x in p],
         }
 
-    def probabilities(self, round_index: int) -> np.ndarray:
-        """The per-layer probabilities that govern `round_index`."""
-        if self.fisher_probabilities is None or round_index <= self.schedule.warmup_rounds:
+    def probabilities(self, round_number: int) -> np.ndarray:
+        """The per-layer probabilities that govern `round_number`."""
+        if self.fisher_probabilities is None or round_number <= self.schedule.warmup_rounds:
             return self.prior
-        if self.schedule.hold == "single_round" and round_index != self.refreshed_at:
+        if self.schedule.hold == "single_round" and round_number != self.refreshed_at:
             return self.prior
         return self.fisher_probabilities
 
-    def allocate(self, round_index: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
-        p = self.probabilities(round_index)
+    def allocate(self, round_number: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
+        p = self.probabilities(round_number)
         if (
             self.schedule.hold == "persist_allocation"
             and self.refreshed_at is not None
@@ -245,51 +295,8 @@ def _normalise(p: np.ndarray) -> np.ndarray:
     return p / p.sum()
 
 
-def build_strategy(
-    method: str,
-    num_layers: int,
-    budgets: Sequence[int],
-    shares: Sequence[float],
-    *,
-    rounds: int = 1,
-    seed: int = 0,
-    fisher: FisherConfig | None = None,
-) -> AllocationStrategy:
-    """The strategy named by `method` for groups with these budgets and client shares."""
-    try:
-        spec = method_spec(method)
-    except ValueError as e:
-        raise UserError(f"method: {e}") from None
-    if spec.mechanism == "all_layers":
-        return FixedAllocation(method, num_layers)
-    if spec.mechanism == "exclusive":
-        return FixedAllocation(method, num_layers, exclusive=True)
-    if spec.mechanism == "straggler":
-        return FixedAllocation(method, num_layers, spec.pattern, budget=min(budgets))
-    if spec.mechanism == "geometric":
-        return FixedAllocation(method, num_layers, spec.pattern)
-    if spec.mechanism == "uniform_random":
-        return SampledAllocation(method, np.full(num_layers, 1.0 / num_layers))
-    assert spec.pattern is not None
-    prior = pattern_prior(spec.pattern, budgets, shares, num_layers)
-    if spec.mechanism == "sampled":
-        return SampledAllocation(method, prior)
-    f = fisher or FisherConfig()
-    warmup = resolve_rounds(f.warmup_rounds if f.warmup_rounds is not None else spec.warmup_rounds, rounds, 0)
-    every = resolve_rounds(f.refresh_every if f.refresh_every is not None else spec.refresh_every, rounds, 1)
-    return FisherAllocation(
-        method,
-        prior,
-        FisherSchedule(warmup, every, f.hold),
-        seed,
-        num_levels=f.num_levels,
-        prior_product=f.prior_product,
-        released_levels=f.levels == "released",
-    )
-
-
 def allocate_layers(
-    strategy: AllocationStrategy, round_index: int, budgets: Mapping[int, int], seed: int
+    strategy: AllocationStrategy, round_number: int, budgets: Mapping[int, int], seed: int
 ) -> Allocation:
     """One round's allocation; the random stream depends only on (seed, round)."""
-    return strategy.allocate(round_index, budgets, numpy_rng(seed, Stream.ALLOCATION, round_index))
+    return strategy.allocate(round_number, budgets, numpy_rng(seed, Stream.ALLOCATION, round_number))

@@ -1,15 +1,17 @@
-"""Fisher-information scores of the LoRA layers (FIM-HLA, SPEC 2.3).
+"""Fisher-information scores of the LoRA layers (FIM-HLA; docs/method.md, "Fisher scores").
 
 On the server, with the current global model in eval mode and a small labelled proxy set, the
 diagonal Fisher of every LoRA tensor is F = mean_n g_n^2, where g_n is the gradient of the
 objective for example n with respect to that tensor. Only LoRA tensors get entries: the head and
 the frozen base weights are constants here.
 
-Objective (`FisherOptions.objective`):
+The per-example objective comes from the task (`Task.fisher_objective`); for classification:
+
+Objective (`FisherConfig.objective`):
 - "log_likelihood" (default): log p(y_n | x_n), the log-softmax of the true class;
 - "true_class_logit": the raw logit z_{y_n}(x_n), what the released code differentiated.
 
-Labels (`FisherOptions.labels`):
+Labels (`FisherConfig.labels`):
 - "empirical" (default): y_n from the data (the empirical Fisher);
 - "model": y_n sampled from the model's own predictive distribution (the true Fisher). The
   sampling uses one uniform draw per proxy example, all drawn up front from a `torch.Generator`
@@ -34,7 +36,7 @@ Two implementations with the same signature:
   approach); the reference the vectorised one is tested against.
 
 `layer_scores` reduces the per-tensor Fisher to one score per block: "sum" is the trace (sum of
-F over the block's LoRA tensors, SPEC 2.3); "frobenius" sums the Frobenius norms of the
+F over the block's LoRA tensors); "frobenius" sums the Frobenius norms of the
 per-tensor F (the released code's reduction, kept as a compatibility option).
 """
 
@@ -42,39 +44,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedhello.data import TokenizedExamples, pad_batch
+from fedhello.config import FisherConfig
 from fedhello.models import LoraModel
+from fedhello.tasks import Task
 
-Objective = Literal["log_likelihood", "true_class_logit"]
-LabelMode = Literal["empirical", "model"]
 Reduction = Literal["sum", "frobenius"]
-
-
-@dataclass
-class FisherOptions:
-    """How the Fisher scores are computed; the defaults are the project's (SPEC 2.3)."""
-
-    objective: Objective = "log_likelihood"
-    labels: LabelMode = "empirical"
-    reduction: Reduction = "sum"
-    batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        if self.objective not in ("log_likelihood", "true_class_logit"):
-            raise ValueError(f"FisherOptions.objective: unknown value {self.objective!r}")
-        if self.labels not in ("empirical", "model"):
-            raise ValueError(f"FisherOptions.labels: unknown value {self.labels!r}")
-        if self.reduction not in ("sum", "frobenius"):
-            raise ValueError(f"FisherOptions.reduction: unknown value {self.reduction!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"FisherOptions.batch_size: must be at least 1, got {self.batch_size}")
 
 
 class HasLayerParams(Protocol):
@@ -115,23 +95,6 @@ def _uniforms(n: int, seed: int) -> Tensor:
     return torch.rand(n, generator=g, dtype=torch.float64)
 
 
-def _labels(logits: Tensor, data_labels: Tensor, u: Tensor, mode: LabelMode) -> Tensor:
-    """The labels the objective uses: the data's, or sampled by inverting the predictive CDF."""
-    if mode == "empirical":
-        return data_labels.to(logits.device)
-    cdf = torch.softmax(logits.detach().double(), dim=-1).cumsum(-1).cpu()
-    sampled = (cdf < u[:, None]).sum(-1).clamp_(max=logits.shape[-1] - 1)
-    return sampled.to(logits.device)
-
-
-def _objective(logits: Tensor, labels: Tensor, objective: Objective) -> Tensor:
-    """Per-example objective: log p(y|x) or the raw true-class logit."""
-    logits = logits.float()
-    if objective == "log_likelihood":
-        logits = torch.log_softmax(logits, dim=-1)
-    return logits.gather(-1, labels[:, None].long()).squeeze(-1)
-
-
 def _zero_accumulators(lora: dict[str, nn.Parameter]) -> dict[str, Tensor]:
     """Float64 sums of squared gradients, one per LoRA tensor (float32 sums lose small terms)."""
     return {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for name, p in lora.items()}
@@ -167,11 +130,11 @@ def _lora_linears(lm: LoraModel) -> dict[str, nn.Linear]:
 
 def fisher_diagonal(
     lm: LoraModel,
-    tokens: TokenizedExamples,
+    task: Task,
+    data: Any,
     indices: np.ndarray,
-    pad_id: int,
     device: torch.device,
-    options: FisherOptions | None = None,
+    options: FisherConfig | None = None,
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher of every LoRA tensor, vectorised per batch (see the module docstring).
@@ -179,7 +142,7 @@ def fisher_diagonal(
     Returns float64 CPU tensors shaped like the parameters, keyed by the names of
     `lm.model.named_parameters()` (exactly `lm.lora_params`).
     """
-    options = options or FisherOptions()
+    options = options or FisherConfig()
     idx = _check_indices(indices)
     u = _uniforms(len(idx), seed)
     linears = _lora_linears(lm)
@@ -190,25 +153,19 @@ def fisher_diagonal(
         calls.append((module_name[id(module)], args[0].detach(), output))
 
     # Batch examples of similar length together (less padding); positions map back to `u`.
-    lengths = np.array([len(tokens.input_ids[i]) for i in idx])
-    order = np.argsort(lengths, kind="stable")
+    order = np.argsort(task.lengths(data)[idx], kind="stable")
     with _fisher_mode(lm) as lora:
         acc = _zero_accumulators(lora)
         handles = [m.register_forward_hook(hook) for m in linears.values()]
         try:
             for start in range(0, len(order), options.batch_size):
                 pos = order[start : start + options.batch_size]
-                chunk = idx[pos]
-                batch = pad_batch([tokens.input_ids[i] for i in chunk], tokens.labels[chunk], pad_id)
-                input_ids = torch.from_numpy(batch["input_ids"]).to(device)
-                mask = torch.from_numpy(batch["attention_mask"]).to(device)
+                batch = {k: v.to(device) for k, v in task.collate(data, idx[pos]).items()}
                 calls.clear()
-                logits = lm.model(input_ids=input_ids, attention_mask=mask).logits
-                labels = _labels(logits, torch.from_numpy(batch["labels"]), u[pos], options.labels)
-                total = _objective(logits, labels, options.objective).sum()
+                total = task.fisher_objective(lm.model, batch, options, u[pos]).sum()
                 outs = [y for _, _, y in calls]
                 grads = torch.autograd.grad(total, outs, allow_unused=True)
-                _accumulate_batch(acc, calls, grads, mask)
+                _accumulate_batch(acc, calls, grads, batch.get("attention_mask"))
         finally:
             for h in handles:
                 h.remove()
@@ -220,17 +177,17 @@ def _accumulate_batch(
     acc: dict[str, Tensor],
     calls: list[tuple[str, Tensor, Tensor]],
     grads: tuple[Tensor | None, ...],
-    mask: Tensor,
+    mask: Tensor | None,
 ) -> None:
     """Add sum_n g_n^2 for this batch, with g_n = sum over calls and tokens of dL/dy (outer) x."""
-    batch, seq = mask.shape
     per_example: dict[str, Tensor] = {}
     for (name, x, _), gy in zip(calls, grads, strict=True):
         if gy is None:  # this adapter did not influence the logits
             continue
         x32 = x.float()
         g32 = gy.float()
-        if x32.shape[:-1] == (batch, seq):
+        batch = x32.shape[0] if mask is None else mask.shape[0]
+        if mask is not None and x32.shape[:-1] == mask.shape:
             g32 = g32 * mask[..., None].to(g32.dtype)
         if x32.shape[0] != batch:
             raise ValueError(f"Fisher (vectorised): '{name}' input is not batch-first: {tuple(x.shape)}")
@@ -244,18 +201,18 @@ def _accumulate_batch(
 
 def fisher_diagonal_loop(
     lm: LoraModel,
-    tokens: TokenizedExamples,
+    task: Task,
+    data: Any,
     indices: np.ndarray,
-    pad_id: int,
     device: torch.device,
-    options: FisherOptions | None = None,
+    options: FisherConfig | None = None,
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """Same as `fisher_diagonal`, one unpadded forward/backward pass per example (released approach).
 
-    `pad_id` and `options.batch_size` are unused (kept for the common signature).
+    `options.batch_size` is unused (kept for the common signature).
     """
-    options = options or FisherOptions()
+    options = options or FisherConfig()
     idx = _check_indices(indices)
     u = _uniforms(len(idx), seed)
     with _fisher_mode(lm) as lora:
@@ -263,12 +220,8 @@ def fisher_diagonal_loop(
         tensors = [lora[n] for n in names]
         acc = _zero_accumulators(lora)
         for n, i in enumerate(idx):
-            input_ids = torch.from_numpy(np.asarray(tokens.input_ids[i], dtype=np.int64))[None].to(device)
-            mask = torch.ones_like(input_ids)
-            logits = lm.model(input_ids=input_ids, attention_mask=mask).logits
-            data_label = torch.tensor([int(tokens.labels[i])])
-            labels = _labels(logits, data_label, u[n : n + 1], options.labels)
-            value = _objective(logits, labels, options.objective).sum()
+            batch = {k: v.to(device) for k, v in task.collate(data, [i]).items()}
+            value = task.fisher_objective(lm.model, batch, options, u[n : n + 1]).sum()
             grads = torch.autograd.grad(value, tensors, allow_unused=True)
             for name, g in zip(names, grads, strict=True):
                 if g is not None:
@@ -300,20 +253,20 @@ def layer_scores(lm: HasLayerParams, fisher: dict[str, Tensor], reduction: Reduc
 
 def fisher_layer_scores(
     lm: LoraModel,
-    tokens: TokenizedExamples,
+    task: Task,
+    data: Any,
     indices: np.ndarray,
-    pad_id: int,
     device: torch.device,
-    options: FisherOptions | None = None,
+    options: FisherConfig | None = None,
     seed: int = 0,
-    method: Literal["vectorised", "loop"] = "vectorised",
 ) -> np.ndarray:
-    """Layer scores (length L) of the current model on the proxy examples `indices`."""
-    options = options or FisherOptions()
-    if method == "vectorised":
-        fisher = fisher_diagonal(lm, tokens, indices, pad_id, device, options, seed)
-    elif method == "loop":
-        fisher = fisher_diagonal_loop(lm, tokens, indices, pad_id, device, options, seed)
+    """Layer scores (length L) of the current model on the proxy examples `indices`;
+    `options.computation` picks the vectorised or the per-example implementation."""
+    options = options or FisherConfig()
+    if options.computation == "vectorised":
+        fisher = fisher_diagonal(lm, task, data, indices, device, options, seed)
+    elif options.computation == "loop":
+        fisher = fisher_diagonal_loop(lm, task, data, indices, device, options, seed)
     else:
-        raise ValueError(f"fisher_layer_scores: unknown method {method!r}")
+        raise ValueError(f"fisher_layer_scores: unknown computation {options.computation!r}")
     return layer_scores(lm, fisher, options.reduction)

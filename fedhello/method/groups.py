@@ -19,7 +19,7 @@ class ResourceGroup:
 
     name: str
     share: float
-    num_layers: int
+    budget: int  # how many LoRA layers a client of this group may train
     rank: int
 
 
@@ -64,7 +64,7 @@ def assign_clients_to_groups(num_clients: int, groups: Sequence[ResourceGroup], 
     return numpy_rng(seed, Stream.GROUPS).permutation(membership)
 
 
-def sample_clients(num_clients: int, per_round: int, seed: int, round_index: int) -> list[int]:
+def sample_clients(num_clients: int, per_round: int, seed: int, round_number: int) -> list[int]:
     """The clients of one round: uniform without replacement, sorted."""
-    rng = numpy_rng(seed, Stream.CLIENT_SAMPLING, round_index)
+    rng = numpy_rng(seed, Stream.CLIENT_SAMPLING, round_number)
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))

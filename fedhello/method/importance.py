@@ -1,4 +1,4 @@
-"""From layer scores to sampling probabilities: exact 1-D k-means and importance levels (SPEC 2.3).
+"""From layer scores to sampling probabilities: exact 1-D k-means and importance levels (docs/method.md, "Fisher scores").
 
 The L Fisher layer scores are clustered into `num_levels` (3) groups; the groups are ordered by
 centroid and given levels 1 (least important) .. num_levels; a layer's sampling probability is
@@ -145,7 +145,7 @@ def fisher_probabilities(
 ) -> np.ndarray:
     """Sampling probabilities from layer scores: level-proportional, optionally times a prior.
 
-    With `prior` (e.g. the geometric pattern's p, SPEC 2.4's product variant):
+    With `prior` (e.g. the geometric pattern's p, the product variant in docs/method.md):
     p_l proportional to prior_l * level_l / sum(levels), renormalised to sum 1.
     """
     p = level_probabilities(importance_levels(scores, num_levels))

@@ -1,17 +1,31 @@
-"""Rank heterogeneity (HetLoRA, FlexLoRA): clients train every layer at their own LoRA rank.
+"""Rank heterogeneity, the base of HetLoRA (`hetlora.py`) and FlexLoRA (`flexlora.py`):
+clients train every layer at their own LoRA rank.
 
-The global adapters have the full rank r. A client of rank r_k starts from them truncated to
-their first r_k components (rows of A, columns of B), trains only those, and uploads only
-those slices; the server zero-pads them back to r. Plain functions over {name: tensor} dicts.
+The global adapters have the full rank r. A client of rank r_k downloads their first r_k
+components (rows of A, columns of B), zero-pads them back to r, trains only those components,
+and uploads only those slices; the server zero-pads them back to r. The slicing functions are
+plain functions over {name: tensor} dicts; `RankHeterogeneous` is the shared method base.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
-from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
+from fedhello.method.aggregation import ClientUpdate, State
+from fedhello.method.base import (
+    Assignment,
+    ClientProfile,
+    LayerScores,
+    LocalTraining,
+    Method,
+    MethodContext,
+    RoundPlan,
+)
 
 
 def is_lora_a(name: str) -> bool:
@@ -70,10 +84,10 @@ def tail_norm(tensors: Mapping[str, torch.Tensor], rank: int, gamma: float) -> t
     return total
 
 
-def _split(
+def split_updates(
     global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate], ranks: Mapping[int, int]
 ) -> tuple[list[dict[str, torch.Tensor]], list[ClientUpdate]]:
-    """Each client's full-size LoRA values (zero-padded), and its non-LoRA (head) deltas."""
+    """Each client's full-size LoRA values (global + delta, zero-padded), and its non-LoRA (head) deltas."""
     values, heads = [], []
     for u in updates:
         r = ranks[u.client_id]
@@ -90,60 +104,85 @@ def _split(
     return values, heads
 
 
-def product_norm(values: Mapping[str, torch.Tensor]) -> float:
-    """||B A||_F over all adapted modules together: sqrt(sum over modules of ||B_m A_m||_F^2)."""
-    total = 0.0
-    for name, a in values.items():
+def _rank_mask(name: str, rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient hook that keeps only the first `rank` LoRA components trainable."""
+
+    def mask(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
         if is_lora_a(name):
-            total += float(torch.linalg.matrix_norm(values[partner_b(name)].double() @ a.double()) ** 2)
-    return total**0.5
+            grad[rank:] = 0
+        elif is_lora_b(name):
+            grad[:, rank:] = 0
+        return grad
+
+    return mask
 
 
-def hetlora_aggregate(
-    global_state: Mapping[str, torch.Tensor],
-    updates: Sequence[ClientUpdate],
-    ranks: Mapping[int, int],
-    weighting: str = "samples",
-) -> State:
-    """HetLoRA: zero-padded LoRA values averaged with weights proportional to each client's
-    ||B_k A_k||_F (normalised to sum 1); the head is averaged as in every other method."""
-    if not updates:
-        return {k: v.clone() for k, v in global_state.items()}
-    values, heads = _split(global_state, updates, ranks)
-    norms = [product_norm(v) for v in values]
-    total = sum(norms)
-    weights = [n / total for n in norms] if total > 0 else [1.0 / len(values)] * len(values)
-    new_state = aggregate_per_layer(global_state, heads, weighting)  # type: ignore[arg-type]
-    for name in values[0]:
-        mix = sum(w * v[name].double() for w, v in zip(weights, values, strict=True))
-        new_state[name] = torch.as_tensor(mix).to(global_state[name].dtype)
-    return new_state
+class RankLocalTraining(LocalTraining):
+    """A rank-r_k client: starts from the zero-padded slices, trains only the first r_k
+    components (a gradient mask), uploads only the slices."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.handles: list[Any] = []
+        self.lora: dict[str, nn.Parameter] = {}
+
+    def start_state(self, received: Mapping[str, Tensor], shapes: Mapping[str, torch.Size]) -> State:
+        return {k: pad_rank(k, rank_slice(k, v, self.rank).clone(), shapes[k]) for k, v in received.items()}
+
+    def begin(self, trained: Mapping[str, nn.Parameter]) -> None:
+        self.lora = {k: p for k, p in trained.items() if is_lora_a(k) or is_lora_b(k)}
+        self.handles = [p.register_hook(_rank_mask(k, self.rank)) for k, p in trained.items()]
+
+    def end(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def finish(self) -> dict[str, float]:
+        return {"rank": float(self.rank)}
+
+    def upload(self, deltas: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: rank_slice(k, d, self.rank).contiguous() for k, d in deltas.items()}
 
 
-def flexlora_aggregate(
-    global_state: Mapping[str, torch.Tensor],
-    updates: Sequence[ClientUpdate],
-    ranks: Mapping[int, int],
-    weighting: str = "samples",
-) -> State:
-    """FlexLoRA: per module, average the full-size products B_k A_k (weighted by data size),
-    take the SVD of the mean W = U S V^T and store its top-r part as B = U S, A = V^T (all singular
-    values in B, as in the official code), so a rank-r_k client's truncation is the best rank-r_k
-    approximation of W. Every client uses the global LoRA scaling alpha/r, so truncation and
-    padding do not rescale anyone's update."""
-    if not updates:
-        return {k: v.clone() for k, v in global_state.items()}
-    values, heads = _split(global_state, updates, ranks)
-    sizes = [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]
-    weights = [s / sum(sizes) for s in sizes]
-    new_state = aggregate_per_layer(global_state, heads, weighting)  # type: ignore[arg-type]
-    for name_a in [k for k in values[0] if is_lora_a(k)]:
-        name_b = partner_b(name_a)
-        mean = sum(
-            w * (v[name_b].double() @ v[name_a].double()) for w, v in zip(weights, values, strict=True)
+class RankHeterogeneous(Method):
+    """Every client trains every layer, at its group's LoRA rank; subclasses aggregate."""
+
+    def __init__(self, name: str, ctx: MethodContext) -> None:
+        super().__init__(name, ctx)
+
+    def client_rank(self, client: int, profile: ClientProfile) -> int:
+        return profile.rank
+
+    def plan_round(
+        self,
+        round_number: int,
+        profiles: Mapping[int, ClientProfile],
+        rng: np.random.Generator,
+        layer_scores: LayerScores,
+    ) -> RoundPlan:
+        every = tuple(range(self.ctx.num_layers))
+        return RoundPlan(
+            round_number,
+            {c: Assignment(c, every, self.client_rank(c, p)) for c, p in sorted(profiles.items())},
         )
-        u, s, vh = torch.linalg.svd(torch.as_tensor(mean), full_matrices=False)
-        r = global_state[name_a].shape[0]
-        new_state[name_b] = (u[:, :r] * s[:r]).to(global_state[name_b].dtype)
-        new_state[name_a] = vh[:r].to(global_state[name_a].dtype)
-    return new_state
+
+    def download(self, state: Mapping[str, Tensor], assignment: Assignment) -> State:
+        rank = _rank(assignment)
+        return {k: rank_slice(k, v, rank) for k, v in state.items()}
+
+    def upload_shapes(
+        self, global_state: Mapping[str, Tensor], keys: Sequence[str], assignment: Assignment
+    ) -> dict[str, tuple[int, ...]]:
+        rank = _rank(assignment)
+        return {k: tuple(rank_slice(k, global_state[k], rank).shape) for k in keys}
+
+    def local_training(self, assignment: Assignment) -> LocalTraining:
+        return RankLocalTraining(_rank(assignment))
+
+
+def _rank(assignment: Assignment) -> int:
+    if assignment.rank is None:
+        raise ValueError(f"client {assignment.client}: a rank-heterogeneous method needs a rank")
+    return assignment.rank

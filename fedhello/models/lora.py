@@ -1,10 +1,10 @@
 """Put LoRA adapters on the attention projections of every transformer block.
 
-A "LoRA layer" (SPEC 1) is the set of adapters inside one block; clients train whole LoRA layers.
+A "LoRA layer" (docs/method.md) is the set of adapters inside one block; clients train whole LoRA layers.
 `LoraModel` therefore records, for every block index, the exact parameter names of its adapters.
 The mapping is built from module identity (which parameter objects live inside block i), never
 from parsing layer numbers out of names: the released code's substring match made "1" also hit
-layers 10 and 11 (SPEC 7).
+layers 10 and 11 (docs/method.md).
 """
 
 from __future__ import annotations
@@ -84,6 +84,11 @@ class LoraModel:
                         f"the model expects {tuple(param.shape)}"
                     )
                 param.copy_(value)
+
+    def trained_names(self, layers: Iterable[int], include_head: bool) -> list[str]:
+        """Names of the tensors a client with this layer set trains and uploads (blocks in order)."""
+        names = [name for layer in sorted(layers) for name in self.layer_params[layer]]
+        return names + (list(self.head_params) if include_head else [])
 
     def layer_of(self, param_name: str) -> int | None:
         """Block index of a LoRA parameter; None for a head parameter; KeyError otherwise."""

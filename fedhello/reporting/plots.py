@@ -1,10 +1,9 @@
-"""The run's pictures: accuracy per round, and how often each group trained each layer."""
+"""The run's pictures: the primary metric per round, and how often each group trained each layer."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -12,32 +11,48 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedhello.records import RoundRecord
+
 
 def layer_frequency(
-    records: Sequence[dict[str, Any]], group_names: Sequence[str], num_layers: int
+    records: Sequence[RoundRecord], group_names: Sequence[str], num_layers: int
 ) -> np.ndarray:
     """[group, layer] = fraction of that group's client-rounds that trained the layer."""
     counts = np.zeros((len(group_names), num_layers))
     seen = np.zeros(len(group_names))
     index = {g: i for i, g in enumerate(group_names)}
     for r in records:
-        for c in r["clients"]:
-            g = index[c["group"]]
+        for c in r.clients:
+            g = index[c.group]
             seen[g] += 1
-            counts[g, c["layers"]] += 1
+            counts[g, c.layers] += 1
     return counts / np.maximum(seen, 1)[:, None]
 
 
-def plot_accuracy(records: Sequence[dict[str, Any]], path: Path, title: str, majority: float | None) -> None:
-    ev = [r for r in records if r.get("test_accuracy") is not None]
+def plot_metric(
+    records: Sequence[RoundRecord],
+    metric: str,
+    path: Path,
+    title: str,
+    baseline: float | None,
+    baseline_label: str = "trivial baseline",
+) -> None:
+    """Validation and test values of `metric` per evaluated round, with the trivial baseline."""
+    ev = [r for r in records if r.metric("test", metric) is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot([r["round"] for r in ev], [r["val_accuracy"] for r in ev], "o-", label="validation")
-    ax.plot([r["round"] for r in ev], [r["test_accuracy"] for r in ev], "s-", label="test")
-    if majority is not None:
-        ax.axhline(majority, color="grey", ls="--", lw=1, label="majority class")
+    rounds = [r.round for r in ev]
+
+    def values(split: str) -> list[float]:
+        return [float("nan") if (v := r.metric(split, metric)) is None else v for r in ev]
+
+    ax.plot(rounds, values("val"), "o-", label="validation")
+    ax.plot(rounds, values("test"), "s-", label="test")
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label=baseline_label)
     ax.set_xlabel("round")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel(metric.replace("_", " "))
+    if metric in ("accuracy", "macro_f1"):
+        ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -61,9 +76,9 @@ def plot_layer_heatmap(freq: np.ndarray, group_names: Sequence[str], path: Path,
     plt.close(fig)
 
 
-def plot_fisher_scores(records: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
+def plot_fisher_scores(records: Sequence[RoundRecord], path: Path, title: str) -> bool:
     """Each layer's Fisher score at every refresh (log scale); False when the run had none."""
-    refreshes = [r["fisher"] for r in records if "fisher" in r]
+    refreshes = [r.fisher for r in records if r.fisher is not None]
     if not refreshes:
         return False
     scores = np.array([f["scores"] for f in refreshes])
@@ -85,12 +100,12 @@ def plot_fisher_scores(records: Sequence[dict[str, Any]], path: Path, title: str
     return True
 
 
-def plot_layer_counts(records: Sequence[dict[str, Any]], num_layers: int, path: Path, title: str) -> None:
+def plot_layer_counts(records: Sequence[RoundRecord], num_layers: int, path: Path, title: str) -> None:
     """How many client-rounds trained each layer, over the whole run."""
     counts = np.zeros(num_layers, dtype=int)
     for r in records:
-        for c in r["clients"]:
-            counts[c["layers"]] += 1
+        for c in r.clients:
+            counts[c.layers] += 1
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * num_layers + 2), 3.4))
     ax.bar(range(num_layers), counts, color="tab:blue")
     ax.set_xticks(range(num_layers), [str(i) for i in range(num_layers)])

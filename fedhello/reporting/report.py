@@ -1,8 +1,10 @@
 """The comparison report: tables and plots from the finished cells of one or more grids.
 
-Accuracy is reported three ways, none of them best-on-test: the final round's, the mean
-of the last five rounds' evaluations, and the test accuracy at the round with the best
-validation accuracy; each as mean and standard deviation over seeds.
+The task's primary metric (accuracy for classification) is reported three ways, none of them
+best-on-test: the final round's, the mean of the last five rounds' evaluations, and the test
+value at the round with the best validation value; each as mean and standard deviation over
+seeds. Next to them: the other final metrics (macro-F1), and the task's trivial baseline
+(always the largest class) per setting, with every cell that does not beat it flagged.
 """
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ import numpy as np
 
 from fedhello.grid import git_commit, load_cells
 
-ACCURACY = {
-    "final": "final_test_accuracy",
-    "last-5": "mean_last5_test_accuracy",
-    "at best val": "test_accuracy_at_best_val",
-}
 MiB = 2**20
+FLAG = "†"  # marks a score that does not beat the trivial baseline
+
+
+def score_keys(metric: str) -> dict[str, str]:
+    """Summary keys of the three ways a primary metric is reported."""
+    return {
+        "final": f"final_test_{metric}",
+        "last-5": f"mean_last5_test_{metric}",
+        "at best val": f"test_{metric}_at_best_val",
+    }
 
 
 @dataclass
@@ -66,6 +73,53 @@ class Grid:
     def model(self) -> str:
         return str(self.cells[0].get("model", "?")) if self.cells else "?"
 
+    @property
+    def metric(self) -> str:
+        """The task's primary metric (cells written before typed records: accuracy)."""
+        return str(self.cells[0]["summary"].get("primary_metric", "accuracy")) if self.cells else "accuracy"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return bool(self.cells[0]["summary"].get("higher_is_better", True)) if self.cells else True
+
+    @property
+    def extra_metrics(self) -> list[str]:
+        """Other final test metrics the cells report (e.g. macro_f1), in first-seen order."""
+        names: dict[str, None] = {}
+        for c in self.cells:
+            for key in c["summary"]:
+                if key.startswith("final_test_") and key != f"final_test_{self.metric}":
+                    names[key.removeprefix("final_test_")] = None
+        return [n for n in names if n != "loss"]
+
+    def baseline(self, setting: str, metric: str | None = None) -> float:
+        """The trivial baseline's test score in a setting (mean over its cells; NaN if unknown)."""
+        metric = metric or self.metric
+        values = []
+        for c in self.cells:
+            if c["cell"]["setting"] != setting:
+                continue
+            name = c["summary"].get("trivial_baseline", {}).get("name", "majority_class")
+            value = c["summary"].get(f"{name}_test_{metric}")
+            if value is not None:
+                values.append(float(value))
+        return float(np.mean(values)) if values else float("nan")
+
+    def baseline_name(self) -> str:
+        name = self.cells[0]["summary"].get("trivial_baseline", {}).get("name", "majority_class")
+        return str(name).replace("_", " ")
+
+    def beats(self, value: float, setting: str, metric: str | None = None) -> bool:
+        base = self.baseline(setting, metric)
+        if np.isnan(base) or np.isnan(value):
+            return True
+        return value > base if self.higher_is_better else value < base
+
+
+def _budget(group: dict[str, Any]) -> int:
+    """A group's layer budget (cells written before the rename call it num_layers)."""
+    return int(group.get("budget", group.get("num_layers", 0)))
+
 
 def _values(cells: Sequence[dict[str, Any]], key: str) -> list[float]:
     return [float(c["summary"][key]) for c in cells if c["summary"].get(key) is not None]
@@ -99,32 +153,68 @@ def _step_s(cells: Sequence[dict[str, Any]], group: str) -> float:
 
 def _mean_client_peak(cells: Sequence[dict[str, Any]]) -> float:
     """Mean over client-rounds of a client's peak training memory (what a typical client needs)."""
-    vals = [cl["peak_memory_bytes"] for c in cells for r in c["rounds"] for cl in r["clients"] if cl["steps"]]
+    vals = [cl.peak_memory_bytes for c in cells for r in c["rounds"] for cl in r.clients if cl.steps]
     return float(np.mean(vals)) if vals else float("nan")
 
 
 # -- tables --------------------------------------------------------------------------------
 def accuracy_table(grid: Grid, roc: str) -> str:
+    """Methods x (setting, way of reporting) of the primary metric, the other final metrics, and a
+    last row with the trivial baseline; a score that does not beat it carries the FLAG."""
     settings, methods = grid.ordered("setting"), grid.ordered("method")
-    head = "| method | " + " | ".join(f"{s}: {a}" for s in settings for a in ACCURACY) + " |"
-    lines = [head, "|---" * (1 + len(settings) * len(ACCURACY)) + "|"]
+    keys = score_keys(grid.metric)
+    extra = grid.extra_metrics
+    columns = [(a, key, grid.metric) for a, key in keys.items()] + [
+        (f"final {e}", f"final_test_{e}", e) for e in extra
+    ]
+    head = "| method | " + " | ".join(f"{s}: {a}" for s in settings for a, _, _ in columns) + " |"
+    lines = [head, "|---" * (1 + len(settings) * len(columns)) + "|"]
     best: dict[tuple[str, str], float] = {}
     for s in settings:
-        for a, key in ACCURACY.items():
+        for a, key, _ in columns:
             means = [_mean_std(_values(grid.group(s, roc, m), key))[0] for m in methods]
-            best[(s, a)] = np.nanmax(means) if not all(np.isnan(means)) else float("nan")
+            pick = np.nanmax if grid.higher_is_better else np.nanmin
+            best[(s, a)] = pick(means) if not all(np.isnan(means)) else float("nan")
     for m in methods:
         row = []
         for s in settings:
-            for a, key in ACCURACY.items():
+            for a, key, metric in columns:
                 vals = _values(grid.group(s, roc, m), key)
                 text = _fmt(vals)
                 if vals and abs(_mean_std(vals)[0] - best[(s, a)]) < 1e-12:
                     text = f"**{text}**"
+                if vals and not grid.beats(_mean_std(vals)[0], s, metric):
+                    text += f" {FLAG}"
                 row.append(text)
         n = len(grid.group(settings[0], roc, m))
         lines.append(f"| {m} ({n} seed{'s' if n != 1 else ''}) | " + " | ".join(row) + " |")
+    base_row = []
+    for s in settings:
+        for _, _, metric in columns:
+            value = grid.baseline(s, metric)
+            base_row.append("n/a" if np.isnan(value) else f"{value:.3f}")
+    lines.append(f"| *{grid.baseline_name()}* | " + " | ".join(base_row) + " |")
     return "\n".join(lines)
+
+
+def not_beating_baseline(grid: Grid) -> list[str]:
+    """Every (setting, ratio, method, seed) cell whose final primary metric does not beat the
+    trivial baseline of its own test split."""
+    out = []
+    m = grid.metric
+    for c in grid.cells:
+        s = c["summary"]
+        name = s.get("trivial_baseline", {}).get("name", "majority_class")
+        value, base = s.get(f"final_test_{m}"), s.get(f"{name}_test_{m}")
+        if value is None or base is None:
+            continue
+        if (value <= base) if grid.higher_is_better else (value >= base):
+            cell = c["cell"]
+            out.append(
+                f"- {cell['setting']}, {cell['roc']}, {cell['method']}, seed {cell['seed']}: "
+                f"final {m} {value:.3f} against {base:.3f} for the {grid.baseline_name()}"
+            )
+    return out
 
 
 def cost_table(grid: Grid, roc: str) -> str:
@@ -135,7 +225,7 @@ def cost_table(grid: Grid, roc: str) -> str:
     head = (
         "| method | "
         + " | ".join(
-            f"{g} ({cells0['summary']['groups'][g]['num_layers']} layers): peak MiB, step s" for g in groups
+            f"{g} ({_budget(cells0['summary']['groups'][g])} layers): peak MiB, step s" for g in groups
         )
         + " | upload MB/round | download MB/round | upload MB total | download MB total | client compute s total |"
     )
@@ -151,8 +241,8 @@ def cost_table(grid: Grid, roc: str) -> str:
             for g in groups
         )
         rounds = [r for c in cells for r in c["rounds"]]
-        up = np.mean([r["bytes_up"] for r in rounds]) / 1e6
-        down = np.mean([r["bytes_down"] for r in rounds]) / 1e6
+        up = np.mean([r.bytes_up for r in rounds]) / 1e6
+        down = np.mean([r.bytes_down for r in rounds]) / 1e6
         up_total = np.mean(_values(cells, "bytes_uploaded_total")) / 1e6
         down_total = np.mean(_values(cells, "bytes_downloaded_total")) / 1e6
         compute = np.mean(_values(cells, "client_train_seconds"))
@@ -176,10 +266,11 @@ def fedit_fraction_table(grid: Grid, method: str = "fedhello", reference: str = 
             a, b = grid.group(s, roc, method), grid.group(s, roc, reference)
             if not a or not b:
                 continue
-            fa, fb = _mean_std(_values(a, ACCURACY["final"]))[0], _mean_std(_values(b, ACCURACY["final"]))[0]
+            keys = score_keys(grid.metric)
+            fa, fb = _mean_std(_values(a, keys["final"]))[0], _mean_std(_values(b, keys["final"]))[0]
             la, lb = (
-                _mean_std(_values(a, ACCURACY["last-5"]))[0],
-                _mean_std(_values(b, ACCURACY["last-5"]))[0],
+                _mean_std(_values(a, keys["last-5"]))[0],
+                _mean_std(_values(b, keys["last-5"]))[0],
             )
             up = np.mean(_values(a, "bytes_uploaded_total")) / np.mean(_values(b, "bytes_uploaded_total"))
             mem = _mean_client_peak(a) / _mean_client_peak(b)
@@ -195,16 +286,16 @@ def losses_against(grid: Grid, method: str = "fedhello") -> list[str]:
     out = []
     for s in grid.ordered("setting"):
         for roc in grid.ordered("roc"):
-            mine = _values(grid.group(s, roc, method), ACCURACY["final"])
+            mine = _values(grid.group(s, roc, method), score_keys(grid.metric)["final"])
             if not mine:
                 continue
             m_mean, m_std = _mean_std(mine)
             for other in grid.ordered("method"):
-                theirs = _values(grid.group(s, roc, other), ACCURACY["final"])
+                theirs = _values(grid.group(s, roc, other), score_keys(grid.metric)["final"])
                 if other == method or not theirs:
                     continue
                 o_mean, o_std = _mean_std(theirs)
-                if o_mean >= m_mean:
+                if (o_mean >= m_mean) if grid.higher_is_better else (o_mean <= m_mean):
                     if len(mine) > 1 and len(theirs) > 1:
                         spread = "within" if o_mean - m_mean <= max(m_std, o_std) else "beyond"
                         note = f"{spread} one seed std"
@@ -224,8 +315,10 @@ def write_csv(grids: Sequence[Grid], path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         head = ["model", "grid", "setting", "roc", "method", "seeds"]
-        for a in ACCURACY:
+        head += ["metric"]
+        for a in score_keys("accuracy"):
             head += [f"{a} mean", f"{a} std"]
+        head += ["trivial baseline"]
         head += ["upload MB total", "download MB total", "client train s total", "mean client peak MiB"]
         w.writerow(head)
         for g in grids:
@@ -236,8 +329,10 @@ def write_csv(grids: Sequence[Grid], path: Path) -> None:
                         if not cells:
                             continue
                         row: list[Any] = [g.model, g.path.name, s, roc, m, len(cells)]
-                        for key in ACCURACY.values():
+                        row += [g.metric]
+                        for key in score_keys(g.metric).values():
                             row += [f"{x:.4f}" for x in _mean_std(_values(cells, key))]
+                        row += [f"{g.baseline(s):.4f}"]
                         row += [
                             f"{np.mean(_values(cells, 'bytes_uploaded_total')) / 1e6:.3f}",
                             f"{np.mean(_values(cells, 'bytes_downloaded_total')) / 1e6:.3f}",
@@ -248,12 +343,13 @@ def write_csv(grids: Sequence[Grid], path: Path) -> None:
 
 
 # -- plots ---------------------------------------------------------------------------------
-def _curve(cells: Sequence[dict[str, Any]]) -> tuple[list[int], list[float]]:
+def _curve(cells: Sequence[dict[str, Any]], metric: str) -> tuple[list[int], list[float]]:
     by_round: dict[int, list[float]] = defaultdict(list)
     for c in cells:
         for r in c["rounds"]:
-            if r.get("test_accuracy") is not None:
-                by_round[r["round"]].append(r["test_accuracy"])
+            value = r.metric("test", metric)
+            if value is not None:
+                by_round[r.round].append(value)
     rounds = sorted(by_round)
     return rounds, [float(np.mean(by_round[r])) for r in rounds]
 
@@ -276,12 +372,12 @@ def plot_curves(grid: Grid, roc: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
     for ax, s in zip(axes[0], settings, strict=True):
         for m in methods:
-            rounds, acc = _curve(grid.group(s, roc, m))
+            rounds, acc = _curve(grid.group(s, roc, m), grid.metric)
             if rounds:
                 ax.plot(rounds, acc, "o-", ms=3, lw=1.4, color=colors[m], label=m)
         ax.set_title(f"{s}, clients {roc}")
         ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.set_ylabel(f"test {grid.metric.replace('_', ' ')} (mean over seeds)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     _save(fig, path)
@@ -299,11 +395,11 @@ def plot_accuracy_vs_cost(grid: Grid, key: str, label: str, scale: float, path: 
                 if not cells:
                     continue
                 x = np.mean(_values(cells, key)) / scale
-                y = np.mean(_values(cells, ACCURACY["final"]))
+                y = np.mean(_values(cells, score_keys(grid.metric)["final"]))
                 ax.scatter(x, y, color=colors[m], marker=marker, s=36, label=f"{m} ({roc})")
         ax.set_title(s)
         ax.set_xlabel(label)
-        ax.set_ylabel("final test accuracy")
+        ax.set_ylabel(f"final test {grid.metric.replace('_', ' ')}")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=2)
     _save(fig, path)
@@ -354,7 +450,7 @@ def plot_allocation(grid: Grid, roc: str, path: Path) -> None:
 # -- the report ----------------------------------------------------------------------------
 def _describe(grid: Grid) -> str:
     c = grid.cells[0]["summary"]
-    groups = ", ".join(f"{g} {v['num_layers']} of {c['num_layers']} blocks" for g, v in c["groups"].items())
+    groups = ", ".join(f"{g} {_budget(v)} of {c['num_layers']} blocks" for g, v in c["groups"].items())
     base = grid.meta.get("base_config", {})
     fed, train, data = base.get("federation", {}), base.get("train", {}), base.get("data", {})
     parts = [
@@ -392,9 +488,12 @@ def write_report(
         "",
         f"The same numbers as CSV: [{out.with_suffix('.csv').name}]({out.with_suffix('.csv').name}).",
         "",
-        "Accuracy is the test accuracy of the global model: at the final round, averaged over the "
-        "evaluations of the last five rounds, and at the round of best validation accuracy (never "
-        "best-on-test); mean ± standard deviation over seeds. The best mean of each column is in bold.",
+        "Scores are the task's primary metric (accuracy for classification) of the global model on "
+        "the test split: at the final round, averaged over the evaluations of the last five rounds, "
+        "and at the round of best validation score (never best-on-test); mean ± standard deviation "
+        "over seeds. The best mean of each column is in bold. The last row of each table is the "
+        f"task's trivial baseline on the same test split (for classification: always predicting the "
+        f"largest class); a score marked {FLAG} does not beat it.",
         "",
     ]
     if notes is not None and notes.is_file():
@@ -406,10 +505,14 @@ def write_report(
             lines += [f"Grid command: `{grid.meta['command']}`", ""]
         methods = grid.ordered("method")
         for roc in grid.ordered("roc"):
-            lines += [f"### Accuracy, clients {roc} (low:mid:high)", "", accuracy_table(grid, roc), ""]
+            lines += [f"### {grid.metric.replace('_', ' ').capitalize()}, clients {roc} (low:mid:high)", ""]
+            lines += [accuracy_table(grid, roc), ""]
             name = f"{tag}-curves-{roc.replace(':', '-')}.png"
             plot_curves(grid, roc, figures / name)
             lines += [f"![accuracy per round, {roc}]({figures.name}/{name})", ""]
+        below = not_beating_baseline(grid)
+        lines += [f"### Cells that do not beat the {grid.baseline_name()}", ""]
+        lines += (below or ["- none: every cell's final score beats it"]) + [""]
         if "fedhello" in methods and "fedit" in methods:
             lines += [
                 "### Fed-HeLLo against FedIT (all layers)",

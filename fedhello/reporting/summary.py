@@ -1,73 +1,84 @@
-"""From per-round records to the run's summary: final and late-round accuracy, not best-on-test."""
+"""From per-round records to the run's summary: final and late-round metrics, never best-on-test.
+
+The keys follow the task's metrics: for the primary metric m (e.g. accuracy) the summary has
+`final_test_m`, `mean_last5_test_m`, `best_val_m`, `best_val_round`, `test_m_at_best_val` and
+`final_val_m`; every other metric of the task has `final_test_<metric>`. So a text
+classification run keeps the keys users already read (`final_test_accuracy`) and adds
+`final_test_macro_f1`.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Rewrite metrics.jsonl from records (used on resume: the checkpoint's history is the truth)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
-def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+from fedhello.records import RoundRecord
 
 
 def summarize(
-    records: Sequence[dict[str, Any]], *, method: str, group_names: Sequence[str], wall_seconds: float
+    records: Sequence[RoundRecord],
+    *,
+    method: str,
+    group_names: Sequence[str],
+    wall_seconds: float,
+    primary_metric: str,
+    higher_is_better: bool = True,
 ) -> dict[str, Any]:
     """The run's headline numbers. Model selection uses validation, never test."""
-    evaluated = [r for r in records if r.get("test_accuracy") is not None]
-    tests = [r["test_accuracy"] for r in evaluated]
-    last_round = records[-1]["round"] if records else 0
+    m = primary_metric
+    evaluated = [r for r in records if r.metric("test", m) is not None]
+    tests = [float(r.metric("test", m)) for r in evaluated]  # type: ignore[arg-type]
+    last_round = records[-1].round if records else 0
     # the evaluations of the last five rounds (all five when evaluating every round)
-    late = [r["test_accuracy"] for r in evaluated if r["round"] > last_round - 5] or tests[-1:]
-    best = max(evaluated, key=lambda r: (r["val_accuracy"], -r["round"]), default=None)
+    late = [float(r.metric("test", m)) for r in evaluated if r.round > last_round - 5] or tests[-1:]  # type: ignore[arg-type]
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(evaluated, key=lambda r: (sign * float(r.metric("val", m) or 0.0), -r.round), default=None)
     peak: dict[str, int] = {g: 0 for g in group_names}
     seconds: dict[str, list[float]] = {g: [] for g in group_names}
     for r in records:
-        for c in r["clients"]:
-            peak[c["group"]] = max(peak[c["group"]], int(c["peak_memory_bytes"]))
-            if c["steps"]:
-                seconds[c["group"]].append(c["seconds"] / c["steps"])
-    train = sum(r["train_seconds"] for r in records)
-    evals = sum(r.get("eval_seconds", 0.0) for r in records)
-    fisher = sum(r["fisher"]["seconds"] for r in records if "fisher" in r)
-    rounds = sum(r.get("round_seconds", 0.0) for r in records)
-    return {
+        for c in r.clients:
+            peak[c.group] = max(peak[c.group], int(c.peak_memory_bytes))
+            if c.steps:
+                seconds[c.group].append(c.seconds / c.steps)
+    train = sum(r.train_seconds for r in records)
+    evals = sum(r.eval_seconds or 0.0 for r in records)
+    fisher = sum(r.fisher["seconds"] for r in records if r.fisher is not None)
+    rounds = sum(r.round_seconds or 0.0 for r in records)
+    out: dict[str, Any] = {
         "method": method,
+        "primary_metric": m,
+        "higher_is_better": higher_is_better,
         "rounds_completed": len(records),
-        "final_test_accuracy": tests[-1] if tests else None,
-        "mean_last5_test_accuracy": float(np.mean(late)) if late else None,
-        "best_val_accuracy": best["val_accuracy"] if best else None,
-        "best_val_round": best["round"] if best else None,
-        "test_accuracy_at_best_val": best["test_accuracy"] if best else None,
-        "final_val_accuracy": evaluated[-1]["val_accuracy"] if evaluated else None,
-        "bytes_uploaded_total": int(sum(r["bytes_up"] for r in records)),
-        "bytes_downloaded_total": int(sum(r["bytes_down"] for r in records)),
+        f"final_test_{m}": tests[-1] if tests else None,
+        f"mean_last5_test_{m}": float(np.mean(late)) if late else None,
+        f"best_val_{m}": best.metric("val", m) if best else None,
+        "best_val_round": best.round if best else None,
+        f"test_{m}_at_best_val": best.metric("test", m) if best else None,
+        f"final_val_{m}": evaluated[-1].metric("val", m) if evaluated else None,
+    }
+    if evaluated:
+        for name, value in evaluated[-1].metrics.get("test", {}).items():
+            out.setdefault(f"final_test_{name}", value)
+    out |= {
+        "bytes_uploaded_total": int(sum(r.bytes_up for r in records)),
+        "bytes_downloaded_total": int(sum(r.bytes_down for r in records)),
         "peak_memory_bytes_by_group": peak,
         "step_seconds_median_by_group": {g: float(np.median(v)) if v else None for g, v in seconds.items()},
-        "rejected_updates": int(sum(len(r.get("rejected", {})) for r in records)),
+        "rejected_updates": int(sum(len(r.rejected) for r in records)),
         "client_train_seconds": train,
         "eval_seconds": evals,
         "fisher_seconds": fisher,
-        "fisher_refreshes": sum(1 for r in records if "fisher" in r),
+        "fisher_refreshes": sum(1 for r in records if r.fisher is not None),
         "framework_overhead_fraction": (rounds - train - evals - fisher) / rounds if rounds > 0 else None,
         "wall_seconds": wall_seconds,
     }
+    return out
+
+
+def beats_baseline(value: float | None, baseline: float | None, higher_is_better: bool = True) -> bool | None:
+    """Whether a score beats the trivial baseline's (None when either is missing)."""
+    if value is None or baseline is None:
+        return None
+    return value > baseline if higher_is_better else value < baseline

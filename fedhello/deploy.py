@@ -1,0 +1,485 @@
+"""Setting up a Flower federation for fedhello: certificates, SuperNode keys, and a local trial.
+
+A Flower deployment is one SuperLink (on the server machine) and one SuperNode per client
+partition (each on its client machine); docs/flower.md gives the commands for real machines.
+What it needs, and what this module makes:
+
+1. TLS for the SuperLink: a CA certificate (every SuperNode and the `flwr` CLI trust it) and a
+   server certificate for the SuperLink's IP address, signed by the CA
+   (`make_tls_certificates`).
+2. One key pair per SuperNode, in OpenSSH format: the public key is registered with the
+   SuperLink (`flwr supernode register`), the private key stays on the SuperNode's machine
+   (`make_supernode_keys`).
+3. To try it all on one machine first: `LocalDeployment` starts a SuperLink and SuperNodes as
+   separate processes on 127.0.0.1, with TLS and SuperNode authentication from such
+   self-made keys, runs an experiment with `flwr run`, and stops every process it started by
+   its process id when the context ends, errors included.
+
+    with LocalDeployment(work_dir, num_supernodes=3) as fed:
+        fed.run(config_path, out_dir)          # flwr run . NAME --run-config ... --stream
+
+From the command line (`add_deploy_commands` adds them to `fedhello`):
+
+    fedhello deploy keys DIR [--supernodes N] [--host HOST]   # CA, server cert, N key pairs
+    fedhello deploy local [CONFIG] [overrides ...] --out DIR  # the experiment on a local federation
+
+The certificates are throw-away ones, valid for two days: enough to try a deployment. For a
+long-lived one, use certificates from your own CA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import psutil
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from fedhello.errors import UserError
+
+__all__ = [
+    "FEDERATION",
+    "LocalDeployment",
+    "add_deploy_commands",
+    "cmd_deploy_keys",
+    "cmd_deploy_local",
+    "make_supernode_keys",
+    "make_tls_certificates",
+]
+
+FEDERATION = "fedhello-local"
+"""The federation name `LocalDeployment` writes into its `flwr` configuration."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _default_app_dir() -> Path:
+    """The checkout this module is in: the Flower app (its pyproject.toml declares it)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def _bin(name: str) -> str:
+    """A Flower command from this Python's environment."""
+    return str(Path(sys.executable).parent / name)
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+# -- keys ------------------------------------------------------------------------------------
+def make_tls_certificates(directory: Path, host: str = "127.0.0.1") -> dict[str, Path]:
+    """A throw-away CA and a server certificate for the IP address `host`, signed by it.
+
+    Writes PEM files into `directory` (made if missing) and returns their paths:
+    "ca" (ca.crt: for the SuperNodes' `--root-certificates` and the `flwr` CLI), "cert"
+    (server.pem) and "key" (server.key: for the SuperLink's `--ssl-certfile`/`--ssl-keyfile`).
+    The server certificate names `host` and "localhost"; both certificates are valid for two days.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedhello test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": directory / "ca.crt", "cert": directory / "server.pem", "key": directory / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(key, paths["key"])
+    return paths
+
+
+def make_supernode_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    """An EC key pair in OpenSSH format, as `flwr supernode register` and the SuperNode expect.
+
+    Writes `directory/name` (the private key, for `flower-supernode --auth-supernode-private-key`)
+    and `directory/name.pub` (the public key, for `flwr supernode register`); returns both paths.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = directory / name, directory / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return private, public
+
+
+# -- a federation on this machine ------------------------------------------------------------
+class LocalDeployment:
+    """SuperLink + SuperNodes as separate processes on 127.0.0.1 (TLS and node auth by default).
+
+    `work_dir` receives the certificates, keys, logs (`logs/`), the SuperLink's database and the
+    `flwr` configuration (`FLWR_HOME`). SuperNode i holds client partition i. `app_dir` is the
+    Flower app (a checkout of fedhello; default: the one this module is in).
+    """
+
+    def __init__(
+        self,
+        work_dir: Path,
+        num_supernodes: int,
+        *,
+        app_dir: Path | None = None,
+        tls: bool = True,
+        auth: bool = True,
+    ) -> None:
+        self.work = work_dir.resolve()
+        self.num_supernodes = num_supernodes
+        self.app_dir = (app_dir or _default_app_dir()).resolve()
+        self.tls, self.auth = tls, auth
+        self.port = _free_port()
+        self.superlink: subprocess.Popen[bytes] | None = None
+        self.supernodes: dict[int, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.work / "flwr-home"),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            # the SuperLink and SuperNodes start flower-superexec and flwr-* helpers by name
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        self.startup_seconds = 0.0
+
+    # -- processes ---------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.work / "logs" / f"{name}.log").open("wb")
+        self._logs.append(log)
+        return subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+
+    def _security_args(self, *, server: bool) -> list[str]:
+        if not self.tls:
+            return ["--insecure"]
+        if server:
+            return [
+                "--ssl-certfile",
+                str(self.certs["cert"]),
+                "--ssl-keyfile",
+                str(self.certs["key"]),
+                "--ssl-ca-certfile",
+                str(self.certs["ca"]),
+            ]
+        return ["--root-certificates", str(self.certs["ca"])]
+
+    def start(self) -> LocalDeployment:
+        """Start the SuperLink, wait for its port, then start (and register) every SuperNode."""
+        start = time.perf_counter()
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            self.certs = make_tls_certificates(self.work / "certs")
+        connection = f'address = "127.0.0.1:{self.port}"\n' + (
+            f'root-certificates = "{self.certs["ca"]}"\n' if self.tls else "insecure = true\n"
+        )
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n{connection}'
+        )
+        args = [
+            _bin("flower-superlink"),
+            *self._security_args(server=True),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--database", str(self.work / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]  # fmt: skip
+        if self.auth:
+            args.append("--enable-supernode-auth")
+        self.superlink = self._spawn("superlink", args)
+        self._wait_for_port(self.superlink, self.port, 60.0)
+        for i in range(self.num_supernodes):
+            self.start_supernode(i)
+        self.startup_seconds = time.perf_counter() - start
+        return self
+
+    def start_supernode(self, partition: int) -> None:
+        """Start the SuperNode holding `partition` (registering a fresh key pair with node auth)."""
+        args = [
+            _bin("flower-supernode"),
+            *self._security_args(server=False),
+            "--superlink", f"127.0.0.1:{self.port}",
+            "--port", str(_free_port()),
+            "--node-config", f"partition-id={partition} num-partitions={self.num_supernodes}",
+        ]  # fmt: skip
+        if self.auth:
+            private, public = make_supernode_keys(self.work / "keys", f"supernode-{partition}")
+            self._flwr(["supernode", "register", str(public), FEDERATION], timeout=60)
+            args += ["--auth-supernode-private-key", str(private)]
+        self.supernodes[partition] = self._spawn(f"supernode-{partition}", args)
+
+    def _flwr(self, args: list[str], timeout: float | None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [_bin("flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.work,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"flwr {args[0]} {args[1] if len(args) > 1 else ''} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
+        return proc
+
+    def _wait_for_port(self, proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"SuperLink exited with status {proc.returncode}; see {self.work / 'logs'}"
+                )
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"SuperLink did not open port {port} within {timeout:.0f} s")
+
+    # -- runs --------------------------------------------------------------------------------
+    def run(
+        self, config_path: Path, out_dir: Path, *, resume: bool = False, timeout: float | None = 900
+    ) -> str:
+        """`flwr run` the app with this config into out_dir; returns the streamed log.
+
+        Raises RuntimeError when `flwr run` fails and subprocess.TimeoutExpired after `timeout`
+        seconds (None: no limit).
+        """
+        run_config = f"config-path='{config_path.resolve()}' out-dir='{out_dir.resolve()}' resume={str(resume).lower()}"
+        proc = self._flwr(
+            ["run", str(self.app_dir), FEDERATION, "--run-config", run_config, "--stream"], timeout=timeout
+        )
+        return proc.stdout
+
+    def stop(self) -> None:
+        """Stop every process this deployment started, helpers included (the SuperLink starts
+        flower-superexec, which starts the ServerApp in a session of its own), by process id."""
+        roots = [p for p in [self.superlink, *self.supernodes.values()] if p is not None]
+        procs = []
+        for root in roots:
+            try:
+                parent = psutil.Process(root.pid)
+                procs += [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        for root in roots:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                root.wait(timeout=1)  # reap
+        for log in self._logs:
+            log.close()
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+# -- command line ----------------------------------------------------------------------------
+def _positive(value: int, name: str) -> int:
+    if value < 1:
+        raise UserError(f"{name}: must be at least 1 (got {value})")
+    return value
+
+
+def cmd_deploy_keys(args: argparse.Namespace) -> int:
+    """`fedhello deploy keys DIR`: CA, server certificate and SuperNode key pairs into DIR."""
+    n = _positive(args.supernodes, "--supernodes")
+    try:
+        ipaddress.ip_address(args.host)
+    except ValueError:
+        raise UserError(f"--host: '{args.host}' is not an IP address") from None
+    directory = Path(args.dir)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"DIR: {directory} is not a directory")
+    names = ["ca.crt", "server.pem", "server.key"]
+    names += [f for i in range(n) for f in (f"supernode-{i}", f"supernode-{i}.pub")]
+    taken = [f for f in names if (directory / f).exists()]
+    if taken:
+        raise UserError(f"DIR: {directory / taken[0]} already exists; choose another directory")
+    certs = make_tls_certificates(directory, args.host)
+    print(f"{certs['ca']}  (CA certificate: --root-certificates of SuperNodes and flwr)")
+    print(f"{certs['cert']}  (SuperLink certificate for {args.host})")
+    print(f"{certs['key']}  (SuperLink private key)")
+    publics = []
+    for i in range(n):
+        private, public = make_supernode_keys(directory, f"supernode-{i}")
+        print(f"{private}  (SuperNode {i} private key: --auth-supernode-private-key)")
+        print(f"{public}  (SuperNode {i} public key)")
+        publics.append(public)
+    for public in publics:
+        print(f"register: flwr supernode register {public} fedhello  (see docs/flower.md)")
+    return 0
+
+
+def _run_dir_in_use(out: Path) -> bool:
+    return (out / "checkpoint" / "state.json").is_file()
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    """`fedhello deploy local`: the experiment on a TLS + authenticated federation on 127.0.0.1."""
+    import yaml
+
+    from fedhello.config import load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]  # as `fedhello run`: key=value is an override
+    cfg = load_config(config, overrides)
+    clients = cfg.partition.num_clients
+    n = _positive(args.supernodes if args.supernodes is not None else clients, "--supernodes")
+    if n > clients:
+        raise UserError(
+            f"--supernodes: {n} SuperNodes for {clients} client partitions (partition.num_clients)"
+        )
+    if args.timeout is not None and args.timeout <= 0:
+        raise UserError(f"--timeout: must be positive (got {args.timeout})")
+    out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is not a directory")
+    if _run_dir_in_use(out):
+        raise UserError(f"--out: {out} already holds a run; choose another directory")
+    app_dir = _default_app_dir()
+    if not (app_dir / "pyproject.toml").is_file():
+        raise UserError(
+            f"{app_dir}: not a checkout of fedhello (no pyproject.toml); "
+            "`fedhello deploy local` needs one as the Flower app"
+        )
+    if n < clients:
+        print(
+            f"note: partitions {n}..{clients - 1} have no SuperNode; their clients will be missing",
+            file=sys.stderr,
+        )
+    # a fresh deployment directory inside the run directory: certificates, keys, logs
+    work = out / "deployment"
+    k = 1
+    while work.exists():
+        k += 1
+        work = out / f"deployment-{k}"
+    work.mkdir(parents=True)
+    config_path = work / "experiment.yaml"  # the processes need the config as a file
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    print(f"run directory: {out}", file=sys.stderr)
+    print(f"deployment: {n} SuperNodes, logs in {work / 'logs'}", file=sys.stderr)
+    try:
+        with LocalDeployment(work, n) as fed:
+            log = fed.run(config_path, out, timeout=args.timeout)
+    except KeyboardInterrupt:
+        print("interrupted; every process of the deployment is stopped", file=sys.stderr)
+        return 130
+    except subprocess.TimeoutExpired:
+        print(f"fedhello: error: the run took longer than --timeout {args.timeout:g} s", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        print(f"fedhello: error: {e}\nlogs: {work / 'logs'}", file=sys.stderr)
+        return 1
+    (work / "logs" / "run.log").write_text(log)
+    print(out)
+    return 0
+
+
+def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `deploy keys` and `deploy local` to a parser's subcommands (`func` is the handler)."""
+    deploy = subparsers.add_parser(
+        "deploy", help="set up a Flower federation: keys, or a local trial (docs/flower.md)"
+    )
+    actions = deploy.add_subparsers(dest="action", required=True)
+
+    keys = actions.add_parser(
+        "keys",
+        help="write a CA, a SuperLink certificate and SuperNode key pairs (throw-away: valid 2 days)",
+    )
+    keys.add_argument("dir", metavar="DIR", help="directory for the files (made if missing)")
+    keys.add_argument(
+        "--supernodes", type=int, default=1, metavar="N", help="SuperNode key pairs, one per client partition"
+    )
+    keys.add_argument(
+        "--host", default="127.0.0.1", help="the SuperLink's IP address, named by its certificate"
+    )
+    keys.set_defaults(func=cmd_deploy_keys)
+
+    local = actions.add_parser(
+        "local", help="run an experiment on a SuperLink and SuperNodes on 127.0.0.1 (TLS, node auth)"
+    )
+    local.add_argument("config", nargs="?", help="YAML config file (optional)")
+    local.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. federation.rounds=2")
+    local.add_argument(
+        "--supernodes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="SuperNodes, holding partitions 0..N-1 (default: partition.num_clients)",
+    )
+    local.add_argument(
+        "--out", required=True, help="run directory; the deployment's files go to OUT/deployment"
+    )
+    local.add_argument(
+        "--timeout", type=float, default=None, help="seconds the run may take (default: no limit)"
+    )
+    local.set_defaults(func=cmd_deploy_local)

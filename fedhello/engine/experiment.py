@@ -1,0 +1,127 @@
+"""Everything a run needs before round 1: task, data, model with LoRA, partitions, groups, method.
+
+Both engines build the same `Experiment` from the same config, so they start from identical
+state: the same examples, the same partition, the same adapters' initial values.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedhello.config import ExperimentConfig
+from fedhello.data import partition_indices, split_examples
+from fedhello.errors import UserError
+from fedhello.method.base import ClientProfile, Method, MethodContext
+from fedhello.method.groups import ResourceGroup, assign_clients_to_groups, resolve_groups
+from fedhello.method.registry import build_method
+from fedhello.models import LoraModel, add_lora
+from fedhello.seeding import Stream, numpy_rng
+from fedhello.tasks import Examples, Task, build_task
+
+
+@dataclass
+class Experiment:
+    cfg: ExperimentConfig
+    task: Task
+    examples: Examples
+    data: Any  # the task's encoded examples
+    splits: dict[str, np.ndarray]  # indices into `data` for train / val / test / proxy
+    client_indices: list[np.ndarray]  # each client's training examples (indices into `data`)
+    lm: LoraModel
+    groups: list[ResourceGroup]
+    client_group: np.ndarray  # group index of each client
+    method: Method
+    device: torch.device
+
+    @property
+    def num_layers(self) -> int:
+        return self.lm.num_layers
+
+    @property
+    def train_head(self) -> bool:
+        """Whether clients train (and the server averages) the task's head."""
+        return self.task.has_head and self.cfg.federation.head == "aggregate"
+
+    def group_of(self, client: int) -> ResourceGroup:
+        return self.groups[int(self.client_group[client])]
+
+    def profile(self, client: int) -> ClientProfile:
+        group = self.group_of(client)
+        return ClientProfile(budget=group.budget, rank=group.rank)
+
+    def trivial_baseline(self, split: str = "test") -> dict[str, float]:
+        """The task's trivial predictor on a split (e.g. always the largest class)."""
+        return self.task.trivial_baseline(self.examples, self.splits[split])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device: unknown device '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: '{name}' requested but no CUDA device is available")
+    return device
+
+
+def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
+    """Load and prepare everything for the run described by `cfg`."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    task = build_task(cfg)
+
+    examples = task.load_examples()
+    splits = split_examples(examples.labels, cfg.data.val_size, cfg.data.test_size, cfg.seed)
+    if cfg.fisher.proxy_path is not None:
+        examples, splits["proxy"] = task.load_proxy_examples(examples, str(cfg.fisher.proxy_path))
+    else:
+        # held out for every method, so that all methods give clients the same data
+        splits["train"], splits["proxy"] = _hold_out(splits["train"], cfg.fisher.proxy_size, cfg.seed)
+    train = splits["train"]
+    if len(train) < cfg.partition.num_clients:
+        raise UserError(
+            f"partition.num_clients: {cfg.partition.num_clients} clients but only {len(train)} training examples"
+        )
+    parts = partition_indices(examples.labels[train], cfg.partition, cfg.seed)
+    client_indices = [train[p] for p in parts]
+
+    model = task.load_model(examples)
+    lm = add_lora(model, cfg.lora, seed=cfg.seed)
+    lm.model.to(device)
+    data = task.encode(examples)
+
+    groups = resolve_groups(cfg.groups, lm.num_layers, cfg.lora.r)
+    client_group = assign_clients_to_groups(cfg.partition.num_clients, groups, cfg.seed)
+    method = build_method(
+        cfg.method,
+        MethodContext(
+            num_layers=lm.num_layers,
+            budgets=[g.budget for g in groups],
+            shares=[g.share for g in groups],
+            rounds=cfg.federation.rounds,
+            seed=cfg.seed,
+            fisher=cfg.fisher,
+            hetlora=cfg.hetlora,
+        ),
+    )
+    return Experiment(
+        cfg, task, examples, data, splits, client_indices, lm, groups, client_group, method, device
+    )
+
+
+def _hold_out(train: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if size >= len(train):
+        raise UserError(
+            f"fisher.proxy_size: {size} proxy examples leave no training data ({len(train)} in all)"
+        )
+    proxy = numpy_rng(seed, Stream.SPLIT, 2).choice(train, size=size, replace=False)
+    return np.setdiff1d(train, proxy), np.sort(proxy)

@@ -1,0 +1,133 @@
+"""The round loop every engine shares; an engine only says where a round's clients train.
+
+for round in rounds:
+    plan = server.configure_round(round)              # sample clients, the method assigns layers
+    results = train_round(plan, server)               # clients train (in-process, or on Flower)
+    record = server.aggregate_round(plan, results)    # screen, the method aggregates
+    record.metrics = server.evaluate_global()         # the task's metrics on val and test
+    checkpoint(); append the record to metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedhello.config import ExperimentConfig, config_to_yaml
+from fedhello.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedhello.engine.client import ClientResult
+from fedhello.engine.experiment import Experiment, prepare_experiment
+from fedhello.engine.server import FederatedServer
+from fedhello.errors import UserError
+from fedhello.io import write_atomic
+from fedhello.method.base import RoundPlan
+from fedhello.records import RoundRecord, append_record, records_to_jsonl
+from fedhello.reporting.outputs import write_outputs
+from fedhello.reporting.tracking import open_tracker
+
+RoundCallback = Callable[[int, RoundRecord], None]
+TrainRound = Callable[[RoundPlan, FederatedServer], list[ClientResult]]
+"""How an engine gets a round's client results: (plan, server) -> the results it received."""
+
+log = logging.getLogger(__name__)
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=quiet,
+        transient=False,
+    )
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
+    ckpt = run_dir / "checkpoint"
+    if resume:
+        if not (ckpt / "state.json").is_file():
+            raise UserError(f"{run_dir}: no checkpoint to resume from")
+        return
+    if (ckpt / "state.json").is_file():
+        raise UserError(
+            f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    (run_dir / "metrics.jsonl").write_text("")
+
+
+def run_federation(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    make_trainer: Callable[[Experiment], TrainRound],
+    *,
+    resume: bool = False,
+    on_round_end: RoundCallback | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the experiment; `make_trainer` says where clients train. Returns the summary."""
+    session_start = time.perf_counter()
+    prepare_run_dir(cfg, run_dir, resume)
+    exp = prepare_experiment(cfg)
+    records: list[RoundRecord] = []
+    wall_before = 0.0
+    if not resume:
+        server = FederatedServer(exp)
+    else:
+        ckpt = load_checkpoint(run_dir / "checkpoint")
+        server = FederatedServer(exp, ckpt.global_state)
+        server.load_state_dict(ckpt.extra)
+        records = ckpt.history
+        wall_before = ckpt.wall_seconds
+        write_atomic(run_dir / "metrics.jsonl", records_to_jsonl(records))
+    first = len(records) + 1
+    rounds = cfg.federation.rounds
+    train_round = make_trainer(exp)
+    tracker = open_tracker(cfg, run_dir)
+
+    with _progress(cfg.quiet) as progress, tracker:
+        round_bar = progress.add_task("rounds", total=rounds, completed=first - 1, info="")
+        for r in range(first, rounds + 1):
+            round_start = time.perf_counter()
+            plan = server.configure_round(r)
+            progress.update(round_bar, info=f"round {r}: training clients {plan.clients}")
+            results = train_round(plan, server)
+            record = server.aggregate_round(plan, results)
+            if record.missing:
+                log.warning("round %d: no reply from clients %s; aggregated the others", r, record.missing)
+            if server.should_evaluate(r):
+                record.metrics, record.eval_seconds = server.evaluate_global()
+            records.append(record)
+            elapsed = wall_before + time.perf_counter() - session_start
+            # measured before the checkpoint for the copy inside it, and again to include its writing
+            record.round_seconds = time.perf_counter() - round_start
+            save_checkpoint(
+                run_dir / "checkpoint",
+                Checkpoint(r, server.global_state, records, elapsed, server.state_dict()),
+                cfg.seed,
+            )
+            record.round_seconds = time.perf_counter() - round_start
+            append_record(run_dir / "metrics.jsonl", record)
+            tracker.log_round(record)
+            info = ""
+            if record.evaluated:
+                m = record.primary_metric
+                info = f"val {m} {record.metric('val'):.3f}  test {m} {record.metric('test'):.3f}"
+            progress.update(round_bar, advance=1, info=info)
+            if on_round_end is not None:
+                on_round_end(r, record)
+
+    wall = wall_before + time.perf_counter() - session_start
+    return write_outputs(exp, run_dir, records, wall)
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.method}-seed{cfg.seed}-{stamp}"

@@ -1,0 +1,157 @@
+"""The method interface: the hooks every engine calls, whatever the method.
+
+A federated method decides, each round, what every sampled client trains (`plan_round`), what a
+client downloads (`download`), which tensors of which shapes it may upload (`upload_shapes`), how
+its local training differs from plain training (`local_training`), how accepted updates become
+the next global state (`aggregate`), and what of its own state must survive a resume
+(`state_dict`). The defaults are the per-layer FedAvg of heterogeneous LoRA allocation: full-rank
+adapters, each tensor averaged over the clients that trained it. A method family overrides only
+the steps it changes (as Flower's strategies do), and is registered once by name in
+`fedhello/method/registry.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fedhello.config import FisherConfig, HetLoRAConfig
+from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
+
+Weighting = Literal["samples", "uniform"]
+LayerScores = Callable[[], np.ndarray]
+"""Computes the Fisher layer scores of the current global model on the proxy set (the server's)."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What one client is asked to do in a round: train these LoRA layers, at this rank
+    (None: the adapters' full rank). No layers: the client sits the round out."""
+
+    client: int
+    layers: tuple[int, ...]
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    """What the server knows of a client when planning: its group's layer budget and LoRA rank."""
+
+    budget: int
+    rank: int
+
+
+@dataclass
+class RoundPlan:
+    """Who trains in a round and what each trains."""
+
+    round_number: int
+    assignments: dict[int, Assignment]  # every sampled client
+    probabilities: list[float] | None = None  # per-layer sampling probabilities, for sampled methods
+    fisher: dict[str, Any] | None = None  # the Fisher refresh made for this round, if any
+
+    @property
+    def clients(self) -> list[int]:
+        """The clients that train this round."""
+        return sorted(c for c, a in self.assignments.items() if a.layers)
+
+    @property
+    def idle(self) -> list[int]:
+        """Sampled clients with nothing to train (Exclusive: budget below L); not failures."""
+        return sorted(c for c, a in self.assignments.items() if not a.layers)
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method is built from: the model's depth, the groups, the run's length and seed."""
+
+    num_layers: int
+    budgets: Sequence[int]  # layer budget of each resource group
+    shares: Sequence[float]  # client share of each group
+    rounds: int = 1
+    seed: int = 0
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
+
+
+class LocalTraining:
+    """How a method changes a client's local training; the default changes nothing.
+
+    The client calls, in order: `start_state` (what it trains from), `begin` (with its trained
+    tensors, before the first step), `penalty` (added to every step's loss), `end` (after the
+    last step), `finish` (returns metrics to report), and `upload` (what it sends)."""
+
+    def start_state(self, received: Mapping[str, Tensor], shapes: Mapping[str, torch.Size]) -> State:
+        return dict(received)
+
+    def begin(self, trained: Mapping[str, nn.Parameter]) -> None:
+        return None
+
+    def penalty(self) -> Tensor | None:
+        return None
+
+    def end(self) -> None:
+        return None
+
+    def finish(self) -> dict[str, float]:
+        return {}
+
+    def upload(self, deltas: dict[str, Tensor]) -> dict[str, Tensor]:
+        return deltas
+
+
+class Method:
+    """Base of every method family; subclasses implement `plan_round` and override what differs."""
+
+    name: str = ""
+
+    def __init__(self, name: str, ctx: MethodContext) -> None:
+        self.name = name
+        self.ctx = ctx
+
+    def plan_round(
+        self,
+        round_number: int,
+        profiles: Mapping[int, ClientProfile],
+        rng: np.random.Generator,
+        layer_scores: LayerScores,
+    ) -> RoundPlan:
+        """Assign each sampled client (`profiles`) its layers (and rank). `rng` is this round's
+        allocation stream; `layer_scores()` computes Fisher scores when the method needs them."""
+        raise NotImplementedError
+
+    def download(self, state: Mapping[str, Tensor], assignment: Assignment) -> State:
+        """What this client receives of the global adapters."""
+        return dict(state)
+
+    def upload_shapes(
+        self, global_state: Mapping[str, Tensor], keys: Sequence[str], assignment: Assignment
+    ) -> dict[str, tuple[int, ...]]:
+        """The tensors this client may send back, with the shape each must have."""
+        return {k: tuple(global_state[k].shape) for k in keys}
+
+    def local_training(self, assignment: Assignment) -> LocalTraining:
+        """The client-side hooks for this assignment."""
+        return LocalTraining()
+
+    def aggregate(
+        self,
+        global_state: Mapping[str, Tensor],
+        updates: Sequence[ClientUpdate],
+        plan: RoundPlan,
+        weighting: Weighting,
+    ) -> State:
+        """The next global state from the accepted updates (per-tensor weighted mean)."""
+        return aggregate_per_layer(global_state, updates, weighting)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state that must survive a resume."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None

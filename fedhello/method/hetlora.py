@@ -1,0 +1,132 @@
+"""HetLoRA (Cho et al., 2024): rank-heterogeneous LoRA with norm-weighted aggregation and
+optional local rank self-pruning.
+
+Each client trains every layer at its group's rank r_k (`rank.py`). The server zero-pads the
+clients' adapters to the full rank and averages them with weights proportional to each
+client's ||B_k A_k||_F. With self-pruning (`hetlora.self_pruning`), a client adds a penalty on
+the tail components floor(gamma r_k)..r_k-1 to its loss; if the tail's norm shrank during local
+training it cuts the tail (uploads zeros there) and uses the smaller rank from then on, which
+the server remembers (and checkpoints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fedhello.config import HetLoRAConfig
+from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
+from fedhello.method.base import Assignment, ClientProfile, LocalTraining, RoundPlan, Weighting
+from fedhello.method.rank import (
+    RankHeterogeneous,
+    RankLocalTraining,
+    is_lora_a,
+    partner_b,
+    split_updates,
+    tail_norm,
+    tail_start,
+)
+from fedhello.method.registry import register_method
+
+
+def product_norm(values: Mapping[str, torch.Tensor]) -> float:
+    """||B A||_F over all adapted modules together: sqrt(sum over modules of ||B_m A_m||_F^2)."""
+    total = 0.0
+    for name, a in values.items():
+        if is_lora_a(name):
+            total += float(torch.linalg.matrix_norm(values[partner_b(name)].double() @ a.double()) ** 2)
+    return total**0.5
+
+
+def hetlora_aggregate(
+    global_state: Mapping[str, torch.Tensor],
+    updates: Sequence[ClientUpdate],
+    ranks: Mapping[int, int],
+    weighting: Weighting = "samples",
+) -> State:
+    """HetLoRA: zero-padded LoRA values averaged with weights proportional to each client's
+    ||B_k A_k||_F (normalised to sum 1); the head is averaged as in every other method."""
+    if not updates:
+        return {k: v.clone() for k, v in global_state.items()}
+    values, heads = split_updates(global_state, updates, ranks)
+    norms = [product_norm(v) for v in values]
+    total = sum(norms)
+    weights = [n / total for n in norms] if total > 0 else [1.0 / len(values)] * len(values)
+    new_state = aggregate_per_layer(global_state, heads, weighting)
+    for name in values[0]:
+        mix = sum(w * v[name].double() for w, v in zip(weights, values, strict=True))
+        new_state[name] = torch.as_tensor(mix).to(global_state[name].dtype)
+    return new_state
+
+
+class SelfPruning(RankLocalTraining):
+    """A HetLoRA client with self-pruning: tail penalty during training, tail cut if it faded."""
+
+    def __init__(self, rank: int, settings: HetLoRAConfig) -> None:
+        super().__init__(rank)
+        self.settings = settings
+        self.tail_before = 0.0
+
+    def begin(self, trained: Mapping[str, nn.Parameter]) -> None:
+        super().begin(trained)
+        with torch.no_grad():
+            self.tail_before = float(tail_norm(self.lora, self.rank, self.settings.gamma))
+
+    def penalty(self) -> Tensor | None:
+        return self.settings.regularization * tail_norm(self.lora, self.rank, self.settings.gamma)
+
+    def finish(self) -> dict[str, float]:
+        new_rank = self.rank
+        with torch.no_grad():
+            faded = float(tail_norm(self.lora, self.rank, self.settings.gamma)) < self.tail_before
+            if faded:
+                new_rank = max(self.settings.min_rank, tail_start(self.rank, self.settings.gamma))
+                for k, p in self.lora.items():
+                    (p[new_rank : self.rank] if is_lora_a(k) else p[:, new_rank : self.rank]).zero_()
+        return {"rank": float(new_rank)}
+
+
+class HetLoRA(RankHeterogeneous):
+    """HetLoRA: norm-weighted aggregation; remembers the ranks clients pruned themselves to."""
+
+    def __init__(self, name: str, ctx: Any) -> None:
+        super().__init__(name, ctx)
+        self.client_ranks: dict[int, int] = {}  # ranks that clients pruned themselves to
+
+    def client_rank(self, client: int, profile: ClientProfile) -> int:
+        return self.client_ranks.get(client, profile.rank)
+
+    def local_training(self, assignment: Assignment) -> LocalTraining:
+        if self.ctx.hetlora.self_pruning:
+            return SelfPruning(int(assignment.rank or 0), self.ctx.hetlora)
+        return super().local_training(assignment)
+
+    def aggregate(
+        self,
+        global_state: Mapping[str, Tensor],
+        updates: Sequence[ClientUpdate],
+        plan: RoundPlan,
+        weighting: Weighting,
+    ) -> State:
+        ranks = {c: int(a.rank) for c, a in plan.assignments.items() if a.rank is not None}
+        new_state = hetlora_aggregate(global_state, updates, ranks, weighting)
+        for u in updates:
+            if "rank" in u.metrics and int(u.metrics["rank"]) < ranks[u.client_id]:
+                self.client_ranks[u.client_id] = int(u.metrics["rank"])
+        return new_state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"client_ranks": {str(c): r for c, r in self.client_ranks.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.client_ranks = {int(c): int(r) for c, r in state.get("client_ranks", {}).items()}
+
+
+register_method(
+    "hetlora",
+    lambda ctx: HetLoRA("hetlora", ctx),
+    "HetLoRA: all layers at group rank r_g, zero-padded norm-weighted aggregation",
+)

@@ -1,0 +1,67 @@
+"""What a finished (or resumed) run leaves in its directory: summary.json and the plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedhello.io import write_json_atomic
+from fedhello.records import RoundRecord
+from fedhello.reporting.plots import (
+    layer_frequency,
+    plot_fisher_scores,
+    plot_layer_counts,
+    plot_layer_heatmap,
+    plot_metric,
+)
+from fedhello.reporting.summary import beats_baseline, summarize
+
+if TYPE_CHECKING:
+    from fedhello.engine.experiment import Experiment
+
+
+def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wall: float) -> dict[str, Any]:
+    """Write summary.json and the plots; returns the summary.
+
+    Next to the methods' scores the summary holds the task's trivial baseline on the test split
+    (`<baseline>_test_<metric>`, e.g. `majority_class_test_accuracy`) and whether the final
+    primary metric beats it (`beats_trivial_baseline`)."""
+    task = exp.task
+    names = [g.name for g in exp.groups]
+    m = task.primary_metric
+    summary = summarize(
+        records,
+        method=exp.cfg.method,
+        group_names=names,
+        wall_seconds=wall,
+        primary_metric=m,
+        higher_is_better=task.higher_is_better,
+    )
+    summary["task"] = task.name
+    baseline = exp.trivial_baseline("test")
+    summary["trivial_baseline"] = {"name": task.trivial_baseline_name, "test": baseline}
+    for metric, value in baseline.items():
+        summary[f"{task.trivial_baseline_name}_test_{metric}"] = value
+    summary["beats_trivial_baseline"] = beats_baseline(
+        summary[f"final_test_{m}"], baseline.get(m), task.higher_is_better
+    )
+    summary["num_layers"] = exp.num_layers
+    summary["groups"] = {g.name: {"share": g.share, "budget": g.budget} for g in exp.groups}
+    write_json_atomic(run_dir / "summary.json", summary)
+    title = f"{exp.cfg.method} (seed {exp.cfg.seed})"
+    label = task.trivial_baseline_name.replace("_", " ")
+    plot_metric(
+        records,
+        m,
+        run_dir / "accuracy.png" if m == "accuracy" else run_dir / f"{m}.png",
+        title,
+        baseline.get(m),
+        label,
+    )
+    freq = layer_frequency(records, names, exp.num_layers)
+    plot_layer_heatmap(freq, names, run_dir / "layer_frequency.png", f"{title}: layers trained per group")
+    plot_layer_counts(
+        records, exp.num_layers, run_dir / "layer_counts.png", f"{title}: realised training counts"
+    )
+    plot_fisher_scores(records, run_dir / "fisher_scores.png", f"{title}: Fisher layer scores")
+    return summary

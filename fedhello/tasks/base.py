@@ -1,0 +1,126 @@
+"""The task interface: what is learned and how it is measured.
+
+A task turns a data source's examples into model inputs, batches them, computes the training
+loss, evaluates a model (a dict of named metrics per split), names its primary metric and
+whether higher is better, scores the trivial baseline (what a model that learned nothing
+gets), and gives the per-example objective whose gradients make the Fisher layer scores
+(docs/method.md, "Fisher scores"). Engines, methods, summaries, reports and the grid only
+talk to a task through this interface, so a new task is one module and one registration.
+
+The life of a task in a run (`fedhello/engine/experiment.py`):
+
+    task = build_task(cfg)
+    examples = task.load_examples()                # raw examples + a class/category per example
+    model = task.load_model(examples)              # a transformers model with the task's head
+    data = task.encode(examples)                   # encoded once (tokens, pixels, ...)
+    for batch in batches(task, data, indices, 16, order): loss = task.loss(model, batch)
+    task.evaluate(model, data, indices, 128, device) -> {"accuracy": ..., "loss": ...}
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fedhello.config import ExperimentConfig, FisherConfig
+
+
+class Examples(Protocol):
+    """What every task's examples offer the rest of the code: a class (or category) per example,
+    used to stratify splits, partition clients by label and score the trivial baseline."""
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    @property
+    def label_names(self) -> list[str]: ...
+
+    def __len__(self) -> int: ...
+
+
+class Task(ABC):
+    """One kind of learning problem. Subclass, set the class attributes, implement the methods,
+    and register it with `fedhello.tasks.register_task`."""
+
+    name: ClassVar[str]
+    primary_metric: ClassVar[str]  # the metric model selection and reports lead with
+    higher_is_better: ClassVar[bool] = True
+    has_head: ClassVar[bool] = True  # a freshly initialised output head that clients may train
+    trivial_baseline_name: ClassVar[str] = "trivial"  # e.g. "majority_class" (summary key prefix)
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+
+    @abstractmethod
+    def load_examples(self) -> Examples:
+        """The examples of `cfg.data`, in a fixed order (a seed alone decides splits)."""
+
+    def load_proxy_examples(self, examples: Examples, path: str) -> tuple[Examples, np.ndarray]:
+        """`examples` plus a separate proxy file appended; returns (merged, indices of the proxy)."""
+        raise NotImplementedError(f"task {self.name} has no separate proxy files")
+
+    @abstractmethod
+    def load_model(self, examples: Examples) -> nn.Module:
+        """The foundation model with the task's head (seeded from `cfg.seed`); keeps what
+        `encode` and `collate` need (tokenizer, pad id, image processor) on `self`."""
+
+    @abstractmethod
+    def encode(self, examples: Examples) -> Any:
+        """Model inputs for every example, computed once per run."""
+
+    @abstractmethod
+    def lengths(self, data: Any) -> np.ndarray:
+        """A length per encoded example; evaluation batches examples of similar length."""
+
+    @abstractmethod
+    def collate(self, data: Any, indices: Sequence[int] | np.ndarray) -> dict[str, Tensor]:
+        """One batch of model inputs (and targets) for these examples."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """The mean training loss of a batch (a scalar with a graph)."""
+
+    @abstractmethod
+    def evaluate(
+        self, model: nn.Module, data: Any, indices: np.ndarray, batch_size: int, device: torch.device
+    ) -> dict[str, float]:
+        """Named metrics of `model` on these examples; must include `primary_metric` and "loss"."""
+
+    @abstractmethod
+    def trivial_baseline(self, examples: Examples, indices: np.ndarray) -> dict[str, float]:
+        """The metrics of the task's trivial predictor on these examples (same names as evaluate)."""
+
+    @abstractmethod
+    def fisher_objective(
+        self, model: nn.Module, batch: dict[str, Tensor], options: FisherConfig, uniforms: Tensor
+    ) -> Tensor:
+        """Per-example objective (shape [batch]) whose squared gradients make the diagonal Fisher:
+        the log-likelihood of the target under `options` (see docs/method.md). `uniforms` holds one
+        uniform draw per example for sampling targets from the model (`options.labels == "model"`)."""
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether primary-metric value `a` is better than `b`."""
+        return a > b if self.higher_is_better else a < b
+
+
+def batches(
+    task: Task,
+    data: Any,
+    indices: np.ndarray,
+    batch_size: int,
+    order: torch.Generator | None,
+) -> Iterator[dict[str, Tensor]]:
+    """Batches of the given examples: shuffled by `order`, or in length order (evaluation)."""
+    if order is not None:
+        idx = indices[torch.randperm(len(indices), generator=order).numpy()]
+    else:
+        lengths = task.lengths(data)[indices]
+        idx = indices[np.argsort(lengths, kind="stable")]
+    for start in range(0, len(idx), batch_size):
+        yield task.collate(data, idx[start : start + batch_size])

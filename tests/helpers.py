@@ -1,0 +1,28 @@
+"""Small helpers shared by tests (imported as `helpers`; pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedhello.config import FisherConfig
+from fedhello.method.allocation import AllocationStrategy
+from fedhello.method.base import MethodContext
+from fedhello.method.layers import LayerAllocation
+from fedhello.method.registry import build_method
+
+
+def build_strategy(
+    method: str,
+    num_layers: int,
+    budgets: Sequence[int],
+    shares: Sequence[float],
+    *,
+    rounds: int = 1,
+    seed: int = 0,
+    fisher: FisherConfig | None = None,
+) -> AllocationStrategy:
+    """The allocation strategy behind a layer-allocation method, built through the registry."""
+    ctx = MethodContext(num_layers, budgets, shares, rounds, seed, fisher or FisherConfig())
+    built = build_method(method, ctx)
+    assert isinstance(built, LayerAllocation), f"{method} is not a layer-allocation method"
+    return built.strategy

@@ -1,0 +1,225 @@
+"""Extending fedhello through its public registration: a new task and a new method, each defined
+here (not in the package) and run end to end; typed records read older files; TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from fedhello import load_config, run_experiment
+from fedhello.config import FisherConfig
+from fedhello.data import TextExamples, load_examples, pad_batch
+from fedhello.errors import UserError
+from fedhello.method.base import Assignment, ClientProfile, LayerScores, Method, RoundPlan
+from fedhello.method.registry import register_method
+from fedhello.records import RoundRecord, read_records
+from fedhello.tasks import Examples, Task, batches, register_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- a toy task: predict a text's (scaled) length; lower mean squared error is better --------
+@register_task
+class TextLength(Task):
+    name = "toy-text-length"
+    primary_metric = "mse"
+    higher_is_better = False
+    has_head = True
+    trivial_baseline_name = "predict_mean"
+
+    def load_examples(self) -> TextExamples:
+        return load_examples(self.cfg.data, seed=self.cfg.seed)
+
+    def load_model(self, examples: Examples) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.cfg.model.name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            return AutoModelForSequenceClassification.from_pretrained(
+                self.cfg.model.name, num_labels=1, ignore_mismatched_sizes=True
+            )
+
+    def encode(self, examples: Examples) -> dict[str, Any]:
+        assert isinstance(examples, TextExamples)
+        ids = self.tokenizer(examples.texts, truncation=True, max_length=self.cfg.model.max_length)[
+            "input_ids"
+        ]
+        return {"ids": [np.asarray(x) for x in ids], "target": self._targets(examples)}
+
+    @staticmethod
+    def _targets(examples: TextExamples) -> np.ndarray:
+        return np.array([min(len(t), 2000) / 1000.0 for t in examples.texts], dtype=np.float32)
+
+    def lengths(self, data: dict[str, Any]) -> np.ndarray:
+        return np.array([len(x) for x in data["ids"]])
+
+    def collate(self, data: dict[str, Any], indices: Sequence[int] | np.ndarray) -> dict[str, Tensor]:
+        chunk = np.asarray(indices)
+        batch = pad_batch([data["ids"][i] for i in chunk], np.zeros(len(chunk)), 0)
+        return {
+            "input_ids": torch.from_numpy(batch["input_ids"]),
+            "attention_mask": torch.from_numpy(batch["attention_mask"]),
+            "target": torch.from_numpy(data["target"][chunk]),
+        }
+
+    def _predict(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return out.squeeze(-1).float()
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return torch.nn.functional.mse_loss(self._predict(model, batch), batch["target"])
+
+    @torch.inference_mode()
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: dict[str, Any],
+        indices: np.ndarray,
+        batch_size: int,
+        device: torch.device,
+    ) -> dict[str, float]:
+        model.eval()
+        total = 0.0
+        for batch in batches(self, data, indices, batch_size, None):
+            err = self._predict(model, batch) - batch["target"]
+            total += float((err**2).sum())
+        mse = total / len(indices)
+        return {"mse": mse, "loss": mse}
+
+    def trivial_baseline(self, examples: Examples, indices: np.ndarray) -> dict[str, float]:
+        assert isinstance(examples, TextExamples)
+        y = self._targets(examples)[indices]
+        return {"mse": float(np.mean((y - y.mean()) ** 2))}
+
+    def fisher_objective(
+        self, model: nn.Module, batch: dict[str, Tensor], options: FisherConfig, uniforms: Tensor
+    ) -> Tensor:
+        return -((self._predict(model, batch) - batch["target"]) ** 2)  # Gaussian log-likelihood
+
+
+# -- a toy method: every client trains only the top LoRA layer, plain per-layer FedAvg ---------
+class TopLayerOnly(Method):
+    def plan_round(
+        self,
+        round_number: int,
+        profiles: Mapping[int, ClientProfile],
+        rng: np.random.Generator,
+        layer_scores: LayerScores,
+    ) -> RoundPlan:
+        top = (self.ctx.num_layers - 1,)
+        return RoundPlan(round_number, {c: Assignment(c, top) for c in profiles})
+
+
+register_method("toy-top-layer", lambda ctx: TopLayerOnly("toy-top-layer", ctx), "trains the top layer only")
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_new_method_registered_outside_the_package_runs_a_round(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    summary = run_experiment(
+        load_config(None, tiny_overrides("method=toy-top-layer", "federation.rounds=1")), tmp_path / "m"
+    )
+    (record,) = _metrics(tmp_path / "m")
+    assert len(record["clients"]) == 3
+    assert all(c["layers"] == [3] and c["accepted"] for c in record["clients"])
+    assert summary["method"] == "toy-top-layer" and np.isfinite(summary["final_test_accuracy"])
+
+
+def test_a_new_task_registered_outside_the_package_runs_a_round(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    cfg = load_config(None, tiny_overrides("task=toy-text-length", "method=fedhello", "federation.rounds=1"))
+    summary = run_experiment(cfg, tmp_path / "t")
+    (record,) = _metrics(tmp_path / "t")
+    assert record["primary_metric"] == "mse"
+    assert set(record["metrics"]["test"]) == {"mse", "loss"}
+    assert summary["primary_metric"] == "mse" and summary["higher_is_better"] is False
+    assert summary["final_test_mse"] == record["metrics"]["test"]["mse"] > 0
+    assert summary["predict_mean_test_mse"] > 0
+    assert summary["beats_trivial_baseline"] == (summary["final_test_mse"] < summary["predict_mean_test_mse"])
+    assert "final_test_accuracy" not in summary
+    assert (tmp_path / "t" / "mse.png").is_file()
+
+
+def test_unknown_task_is_one_line_error() -> None:
+    with pytest.raises(UserError, match="task: unknown task 'image-segmentation'"):
+        load_config(None, ["task=image-segmentation"])
+
+
+def test_records_of_the_old_schema_read_into_metrics() -> None:
+    old = {
+        "round": 2,
+        "clients": [{"client": 1, "group": "low", "layers": [0, 5], "rank": None, "steps": 8}],
+        "val_accuracy": 0.5,
+        "test_accuracy": 0.25,
+        "val_loss": 1.5,
+        "test_loss": 2.0,
+        "bytes_up": 10,
+    }
+    r = RoundRecord.from_json(old)
+    assert r.metrics == {"val": {"accuracy": 0.5, "loss": 1.5}, "test": {"accuracy": 0.25, "loss": 2.0}}
+    assert r.metric("test") == 0.25 and r.primary_metric == "accuracy"
+    assert r.clients[0].layers == [0, 5] and r.bytes_up == 10
+    future = r.to_json() | {"schema": 3, "a_field_added_later": [1, 2]}
+    assert RoundRecord.from_json(future).metric("val") == 0.5
+
+
+def test_broken_metrics_file_is_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"round": 1}\n{"round": "x"}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 2: round: "):
+        read_records(path)
+
+
+def test_report_reads_every_committed_cell(tmp_path: Path) -> None:
+    """The committed reference cells (written before typed records) still make a report, with the
+    majority-class baseline row."""
+    from fedhello.grid import load_cells
+    from fedhello.reporting.report import Grid, accuracy_table
+
+    source = REPO / "benchmarks" / "results" / "reference"
+    cells = load_cells(source)
+    assert len(cells) == len(list((source / "cells").glob("*.json"))) > 0
+    assert all(c["rounds"] and c["rounds"][-1].metric("test") is not None for c in cells)
+    grid = Grid.load(source)
+    table = accuracy_table(grid, grid.ordered("roc")[0])
+    assert "| *majority class* |" in table
+    assert f"{grid.baseline('iid'):.3f}" in table.splitlines()[-1]
+
+
+def test_tensorboard_tracking_matches_metrics_jsonl(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedhello.reporting.tracking import round_scalars
+
+    run_experiment(
+        load_config(
+            None, tiny_overrides("tracking=tensorboard", "federation.rounds=2", "method=gd-bottleneck")
+        ),
+        tmp_path / "tb",
+    )
+    records = read_records(tmp_path / "tb" / "metrics.jsonl")
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"val/accuracy", "test/macro_f1", "cost/bytes_up", "group/high/peak_memory_bytes"} <= tags
+    for record in records:
+        expected = round_scalars(record)
+        assert expected["test/accuracy"] == record.metric("test")
+        for tag, value in expected.items():
+            (event,) = [e for e in acc.Scalars(tag) if e.step == record.round]
+            assert event.value == pytest.approx(value, rel=1e-6), tag
