@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_allocate(args: argparse.Namespace) -> int:
     from fedhello.method.allocation import collective_distribution, inclusion_frequency
-    from fedhello.method.base import ClientProfile, MethodContext
+    from fedhello.method.base import ClientProfile, MethodContext, RoundInputs
     from fedhello.method.groups import resolve_budget
     from fedhello.method.registry import build_method
     from fedhello.seeding import Stream, numpy_rng
@@ -79,7 +79,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     ctx = MethodContext(num_layers=L, budgets=budgets, shares=[float(s) for s in shares], seed=args.seed)
     method = build_method(method_name, ctx)
     profiles = {g: ClientProfile(budget=n, rank=1) for g, n in enumerate(budgets)}
-    plan = method.plan_round(1, profiles, numpy_rng(args.seed, Stream.ALLOCATION, 1), _no_scores)
+    plan = method.plan_round(RoundInputs(1, profiles, numpy_rng(args.seed, Stream.ALLOCATION, 1), _no_scores))
     result: dict[str, Any] = {"method": method_name, "num_layers": L, "groups": []}
     probabilities = plan.probabilities
     for g, (n, s) in enumerate(zip(budgets, shares, strict=True)):

@@ -94,12 +94,24 @@ def cell_config(base: ExperimentConfig, cell: Cell) -> ExperimentConfig:
     return config_from_dict(tree, f"cell {cell.name}")
 
 
+# Fields added to the config after cells were committed, with the value that reproduces what those
+# cells computed: left out of the hash at that value, so committed cells keep their identity.
+ADDED_AT_DEFAULT: dict[tuple[str, ...], Any] = {("task",): "text-classification", ("data", "hf_config"): None}
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
     """Identifies what a cell computed. Settings that change nothing in the result are left out:
-    `threads`, `quiet`, and the engine (both engines give the same result for one config)."""
+    `threads`, `quiet`, `tracking`, and the engine (both engines give the same result for one
+    config); so are fields added later while at the value older cells implied."""
     tree = cfg.model_dump(mode="json")
-    for key in ("threads", "quiet", "engine", "flower"):
+    for key in ("threads", "quiet", "engine", "flower", "tracking"):
         tree.pop(key, None)
+    for path, value in ADDED_AT_DEFAULT.items():
+        node = tree
+        for part in path[:-1]:
+            node = node[part]
+        if node.get(path[-1]) == value:
+            node.pop(path[-1], None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -29,6 +29,7 @@ def _compare(tmp_path: Path, overrides: list[str], *extra: str) -> subprocess.Co
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_compare_runs_a_grid_writes_the_report_and_skips_finished_cells(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:

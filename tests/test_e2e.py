@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fedhello.cli import main
+
+pytestmark = pytest.mark.slow  # the real MiniLM for 3 rounds
 
 
 def test_short_real_minilm_run_learns(tmp_path: Path, token_cache: Path) -> None:

@@ -4,7 +4,7 @@ here (not in the package) and run end to end; typed records read older files; Te
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from fedhello import load_config, run_experiment
 from fedhello.config import FisherConfig
 from fedhello.data import TextExamples, load_examples, pad_batch
 from fedhello.errors import UserError
-from fedhello.method.base import Assignment, ClientProfile, LayerScores, Method, RoundPlan
+from fedhello.method.base import Assignment, Method, RoundInputs, RoundPlan
 from fedhello.method.registry import register_method
 from fedhello.records import RoundRecord, read_records
 from fedhello.tasks import Examples, Task, batches, register_task
@@ -107,15 +107,9 @@ class TextLength(Task):
 
 # -- a toy method: every client trains only the top LoRA layer, plain per-layer FedAvg ---------
 class TopLayerOnly(Method):
-    def plan_round(
-        self,
-        round_number: int,
-        profiles: Mapping[int, ClientProfile],
-        rng: np.random.Generator,
-        layer_scores: LayerScores,
-    ) -> RoundPlan:
+    def plan_round(self, inputs: RoundInputs) -> RoundPlan:
         top = (self.ctx.num_layers - 1,)
-        return RoundPlan(round_number, {c: Assignment(c, top) for c in profiles})
+        return RoundPlan(inputs.round_number, {c: Assignment(c, top) for c in inputs.profiles})
 
 
 register_method("toy-top-layer", lambda ctx: TopLayerOnly("toy-top-layer", ctx), "trains the top layer only")
@@ -223,3 +217,23 @@ def test_tensorboard_tracking_matches_metrics_jsonl(
         for tag, value in expected.items():
             (event,) = [e for e in acc.Scalars(tag) if e.step == record.round]
             assert event.value == pytest.approx(value, rel=1e-6), tag
+
+
+def test_committed_cells_keep_their_identity() -> None:
+    """Fields added to the config since the reference grid ran do not make its cells look stale:
+    `bash benchmarks/reference.sh` still skips every committed cell."""
+    from fedhello.grid import Cell, cell_config, config_hash
+
+    base = load_config(REPO / "benchmarks" / "configs" / "reference.yaml")
+    cells = sorted((REPO / "benchmarks" / "results" / "reference" / "cells").glob("*.json"))
+    assert cells
+    for path in cells:
+        committed = json.loads(path.read_text())
+        assert config_hash(cell_config(base, Cell(**committed["cell"]))) == committed["config_hash"], (
+            path.name
+        )
+    assert config_hash(cell_config(base, Cell("iid", "1:1:1", "toy-top-layer", 0))) != config_hash(
+        cell_config(
+            base.model_copy(update={"task": "toy-text-length"}), Cell("iid", "1:1:1", "toy-top-layer", 0)
+        )
+    )

@@ -25,6 +25,8 @@ from fedhello.deploy import LocalDeployment
 from fedhello.engine.experiment import prepare_experiment
 from fedhello.method.aggregation import payload_bytes
 
+pytestmark = pytest.mark.slow  # Flower simulation and SuperLink/SuperNode processes
+
 
 def _config_file(tmp_path: Path, overrides: list[str], name: str = "cfg.yaml") -> Path:
     """The experiment as a YAML file with absolute paths, as deployment processes need it."""
@@ -140,9 +142,7 @@ def test_deployment_with_tls_and_auth_equals_in_process(
 def test_dead_supernode_does_not_stop_the_run(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
-    overrides = _base(
-        tiny_overrides, "federation.rounds=3", "flower.round_timeout=20", "flower.min_replies=2"
-    )
+    overrides = _base(tiny_overrides, "flower.round_timeout=20", "flower.min_replies=2")  # 2 rounds
     cfg_path = _config_file(tmp_path, overrides)
     run_dir = tmp_path / "flower"
     with TestDeployment(tmp_path / "deploy", num_supernodes=3, tls=False, auth=False) as fed:
@@ -153,19 +153,18 @@ def test_dead_supernode_does_not_stop_the_run(
         fed.kill_supernode(2)
         runner.join(timeout=600)
     records = _records(run_dir)
-    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["round"] for r in records] == [1, 2]
     assert records[0]["missing"] == []
-    for r in records[1:]:
-        assert r["missing"] == [2]  # logged in the run's metrics ...
-        assert sorted(c["client"] for c in r["clients"]) == [0, 1]  # ... and the others aggregated
+    assert records[1]["missing"] == [2]  # logged in the run's metrics ...
+    assert sorted(c["client"] for c in records[1]["clients"]) == [0, 1]  # ... and the others aggregated
     assert "no reply from clients [2]" in out["log"]  # ... and in the ServerApp's log
-    assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 3
+    assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 2
 
 
 def test_interrupted_flower_run_resumes_from_its_checkpoint(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
-    overrides = _base(tiny_overrides, "federation.rounds=3")
+    overrides = _base(tiny_overrides)  # 2 rounds: the first deployment dies after round 1
     cfg_path = _config_file(tmp_path, overrides)
     run_experiment(load_config(cfg_path), tmp_path / "local")
     run_dir = tmp_path / "flower"
@@ -176,7 +175,7 @@ def test_interrupted_flower_run_resumes_from_its_checkpoint(
     # every process of the first deployment is gone, the ServerApp with them
     runner.join(timeout=120)
     assert not (run_dir / "summary.json").exists()
-    assert 1 <= len(_records(run_dir)) < 3
+    assert len(_records(run_dir)) == 1
     with LocalDeployment(tmp_path / "second", num_supernodes=3, tls=False, auth=False) as fed:
         fed.run(cfg_path, run_dir, resume=True, timeout=600)
     _assert_same_run(tmp_path / "local", run_dir)

@@ -8,7 +8,7 @@ from helpers import build_strategy
 
 from fedhello.method.aggregation import ClientUpdate
 from fedhello.method.allocation import allocate_layers
-from fedhello.method.base import ClientProfile, MethodContext
+from fedhello.method.base import ClientProfile, MethodContext, RoundInputs
 from fedhello.method.flexlora import flexlora_aggregate
 from fedhello.method.hetlora import hetlora_aggregate, product_norm
 from fedhello.method.rank import rank_slice, truncate_rank
@@ -81,6 +81,6 @@ def test_layer_baselines_allocations() -> None:
     profiles = {c: ClientProfile(budget=n, rank=n) for c, n in budgets.items()}
     for m in ("hetlora", "flexlora"):  # rank methods train every layer, at the group's rank
         method = build_method(m, MethodContext(6, [3, 4, 6], [1, 1, 1]))
-        plan = method.plan_round(1, profiles, np.random.default_rng(0), lambda: np.zeros(6))
+        plan = method.plan_round(RoundInputs(1, profiles, np.random.default_rng(0), lambda: np.zeros(6)))
         assert {a.layers for a in plan.assignments.values()} == {tuple(range(6))}
         assert {c: a.rank for c, a in plan.assignments.items()} == budgets

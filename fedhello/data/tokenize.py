@@ -8,13 +8,13 @@ changes the ids (tokenizer, vocabulary size, max_length, the texts), so a stale 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedhello.io import write_atomic
 
 CACHE_FORMAT = "fedhello-tokens-v1"
 BATCH_SIZE = 1000
@@ -114,16 +114,8 @@ def _read_cache(path: Path, expected: int) -> list[np.ndarray] | None:
 
 
 def _write_cache(path: Path, input_ids: list[np.ndarray]) -> None:
-    """Store ids as one flat array plus offsets; write to a temp file, then rename (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Store ids as one flat array plus offsets, written atomically."""
     lengths = np.array([len(x) for x in input_ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.concatenate(input_ids).astype(np.int32) if input_ids else np.zeros(0, dtype=np.int32)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=flat, offsets=offsets)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: np.savez(f, ids=flat, offsets=offsets))

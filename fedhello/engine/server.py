@@ -16,7 +16,7 @@ import numpy as np
 from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment
 from fedhello.method.aggregation import State, payload_bytes, screen_updates
-from fedhello.method.base import Assignment, RoundPlan
+from fedhello.method.base import Assignment, RoundInputs, RoundPlan
 from fedhello.method.fisher import fisher_layer_scores
 from fedhello.method.groups import sample_clients
 from fedhello.records import ClientRecord, RoundRecord
@@ -39,9 +39,13 @@ class FederatedServer:
         clients = sample_clients(
             cfg.partition.num_clients, cfg.federation.clients_per_round, cfg.seed, round_number
         )
-        profiles = {c: self.exp.profile(c) for c in clients}
-        rng = numpy_rng(cfg.seed, Stream.ALLOCATION, round_number)
-        return self.method.plan_round(round_number, profiles, rng, lambda: self.fisher_scores(round_number))
+        inputs = RoundInputs(
+            round_number,
+            profiles={c: self.exp.profile(c) for c in clients},
+            rng=numpy_rng(cfg.seed, Stream.ALLOCATION, round_number),
+            layer_scores=lambda: self.fisher_scores(round_number),
+        )
+        return self.method.plan_round(inputs)
 
     def fisher_scores(self, round_number: int) -> np.ndarray:
         """Layer scores of the current global model on the proxy set (docs/method.md, "Fisher scores")."""

@@ -24,6 +24,7 @@ from fedhello.config import FisherConfig, HetLoRAConfig
 from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
 
 Weighting = Literal["samples", "uniform"]
+Updates = Sequence[ClientUpdate]
 LayerScores = Callable[[], np.ndarray]
 """Computes the Fisher layer scores of the current global model on the proxy set (the server's)."""
 
@@ -44,6 +45,17 @@ class ClientProfile:
 
     budget: int
     rank: int
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """What the server hands a method to plan a round: the sampled clients' profiles, the round's
+    allocation random stream, and a way to get Fisher layer scores when the method needs them."""
+
+    round_number: int
+    profiles: Mapping[int, ClientProfile]
+    rng: np.random.Generator
+    layer_scores: LayerScores
 
 
 @dataclass
@@ -114,15 +126,8 @@ class Method:
         self.name = name
         self.ctx = ctx
 
-    def plan_round(
-        self,
-        round_number: int,
-        profiles: Mapping[int, ClientProfile],
-        rng: np.random.Generator,
-        layer_scores: LayerScores,
-    ) -> RoundPlan:
-        """Assign each sampled client (`profiles`) its layers (and rank). `rng` is this round's
-        allocation stream; `layer_scores()` computes Fisher scores when the method needs them."""
+    def plan_round(self, inputs: RoundInputs) -> RoundPlan:
+        """Assign each sampled client (`inputs.profiles`) its layers (and rank)."""
         raise NotImplementedError
 
     def download(self, state: Mapping[str, Tensor], assignment: Assignment) -> State:
@@ -139,15 +144,9 @@ class Method:
         """The client-side hooks for this assignment."""
         return LocalTraining()
 
-    def aggregate(
-        self,
-        global_state: Mapping[str, Tensor],
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        weighting: Weighting,
-    ) -> State:
+    def aggregate(self, state: State, updates: Updates, plan: RoundPlan, weighting: Weighting) -> State:
         """The next global state from the accepted updates (per-tensor weighted mean)."""
-        return aggregate_per_layer(global_state, updates, weighting)
+        return aggregate_per_layer(state, updates, weighting)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state that must survive a resume."""

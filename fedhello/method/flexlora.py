@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
 
 from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
-from fedhello.method.base import RoundPlan, Weighting
+from fedhello.method.base import Weighting
 from fedhello.method.rank import RankHeterogeneous, is_lora_a, partner_b, split_updates
 from fedhello.method.registry import register_method
 
@@ -49,15 +48,7 @@ def flexlora_aggregate(
 
 
 class FlexLoRA(RankHeterogeneous):
-    def aggregate(
-        self,
-        global_state: Mapping[str, Tensor],
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        weighting: Weighting,
-    ) -> State:
-        ranks = {c: int(a.rank) for c, a in plan.assignments.items() if a.rank is not None}
-        return flexlora_aggregate(global_state, updates, ranks, weighting)
+    combine = staticmethod(flexlora_aggregate)
 
 
 register_method(

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fedhello.config import HetLoRAConfig
 from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
-from fedhello.method.base import Assignment, ClientProfile, LocalTraining, RoundPlan, Weighting
+from fedhello.method.base import Assignment, ClientProfile, LocalTraining, MethodContext, Updates, Weighting
 from fedhello.method.rank import (
     RankHeterogeneous,
     RankLocalTraining,
@@ -92,7 +92,7 @@ class SelfPruning(RankLocalTraining):
 class HetLoRA(RankHeterogeneous):
     """HetLoRA: norm-weighted aggregation; remembers the ranks clients pruned themselves to."""
 
-    def __init__(self, name: str, ctx: Any) -> None:
+    def __init__(self, name: str, ctx: MethodContext) -> None:
         super().__init__(name, ctx)
         self.client_ranks: dict[int, int] = {}  # ranks that clients pruned themselves to
 
@@ -104,19 +104,12 @@ class HetLoRA(RankHeterogeneous):
             return SelfPruning(int(assignment.rank or 0), self.ctx.hetlora)
         return super().local_training(assignment)
 
-    def aggregate(
-        self,
-        global_state: Mapping[str, Tensor],
-        updates: Sequence[ClientUpdate],
-        plan: RoundPlan,
-        weighting: Weighting,
-    ) -> State:
-        ranks = {c: int(a.rank) for c, a in plan.assignments.items() if a.rank is not None}
-        new_state = hetlora_aggregate(global_state, updates, ranks, weighting)
+    combine = staticmethod(hetlora_aggregate)
+
+    def after_aggregate(self, updates: Updates, ranks: Mapping[int, int]) -> None:
         for u in updates:
             if "rank" in u.metrics and int(u.metrics["rank"]) < ranks[u.client_id]:
                 self.client_ranks[u.client_id] = int(u.metrics["rank"])
-        return new_state
 
     def state_dict(self) -> dict[str, Any]:
         return {"client_ranks": {str(c): r for c, r in self.client_ranks.items()}}

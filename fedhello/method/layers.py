@@ -23,7 +23,7 @@ from fedhello.method.allocation import (
     SampledAllocation,
     pattern_prior,
 )
-from fedhello.method.base import Assignment, ClientProfile, LayerScores, Method, MethodContext, RoundPlan
+from fedhello.method.base import Assignment, Method, MethodContext, RoundInputs, RoundPlan
 from fedhello.method.registry import register_method
 
 
@@ -34,19 +34,14 @@ class LayerAllocation(Method):
         super().__init__(name, ctx)
         self.strategy = strategy
 
-    def plan_round(
-        self,
-        round_number: int,
-        profiles: Mapping[int, ClientProfile],
-        rng: np.random.Generator,
-        layer_scores: LayerScores,
-    ) -> RoundPlan:
-        fisher = self.strategy.prepare_round(round_number, layer_scores)
-        budgets = {c: p.budget for c, p in profiles.items()}
-        allocation = self.strategy.allocate(round_number, budgets, rng)
-        p = self.strategy.probabilities_for(round_number)
+    def plan_round(self, inputs: RoundInputs) -> RoundPlan:
+        r = inputs.round_number
+        fisher = self.strategy.prepare_round(r, inputs.layer_scores)
+        budgets = {c: p.budget for c, p in inputs.profiles.items()}
+        allocation = self.strategy.allocate(r, budgets, inputs.rng)
+        p = self.strategy.probabilities_for(r)
         return RoundPlan(
-            round_number,
+            r,
             {c: Assignment(c, layers) for c, layers in allocation.items()},
             None if p is None else [float(x) for x in p],
             fisher,

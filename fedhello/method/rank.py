@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -20,11 +19,12 @@ from fedhello.method.aggregation import ClientUpdate, State
 from fedhello.method.base import (
     Assignment,
     ClientProfile,
-    LayerScores,
     LocalTraining,
     Method,
-    MethodContext,
+    RoundInputs,
     RoundPlan,
+    Updates,
+    Weighting,
 )
 
 
@@ -146,27 +146,34 @@ class RankLocalTraining(LocalTraining):
         return {k: rank_slice(k, d, self.rank).contiguous() for k, d in deltas.items()}
 
 
-class RankHeterogeneous(Method):
-    """Every client trains every layer, at its group's LoRA rank; subclasses aggregate."""
+RankAggregation = Callable[[Mapping[str, Tensor], Updates, Mapping[int, int], Weighting], State]
 
-    def __init__(self, name: str, ctx: MethodContext) -> None:
-        super().__init__(name, ctx)
+
+class RankHeterogeneous(Method):
+    """Every client trains every layer, at its group's LoRA rank. Subclasses set `combine`, the
+    aggregation of zero-padded rank slices (HetLoRA's norm weighting, FlexLoRA's SVD)."""
+
+    combine: RankAggregation
 
     def client_rank(self, client: int, profile: ClientProfile) -> int:
         return profile.rank
 
-    def plan_round(
-        self,
-        round_number: int,
-        profiles: Mapping[int, ClientProfile],
-        rng: np.random.Generator,
-        layer_scores: LayerScores,
-    ) -> RoundPlan:
+    def plan_round(self, inputs: RoundInputs) -> RoundPlan:
         every = tuple(range(self.ctx.num_layers))
-        return RoundPlan(
-            round_number,
-            {c: Assignment(c, every, self.client_rank(c, p)) for c, p in sorted(profiles.items())},
-        )
+        assignments = {
+            c: Assignment(c, every, self.client_rank(c, p)) for c, p in sorted(inputs.profiles.items())
+        }
+        return RoundPlan(inputs.round_number, assignments)
+
+    def aggregate(self, state: State, updates: Updates, plan: RoundPlan, weighting: Weighting) -> State:
+        ranks = {c: int(a.rank) for c, a in plan.assignments.items() if a.rank is not None}
+        new_state = type(self).combine(state, updates, ranks, weighting)
+        self.after_aggregate(updates, ranks)
+        return new_state
+
+    def after_aggregate(self, updates: Updates, ranks: Mapping[int, int]) -> None:
+        """What a method learns from the accepted updates besides the new state (HetLoRA: ranks)."""
+        return None
 
     def download(self, state: Mapping[str, Tensor], assignment: Assignment) -> State:
         rank = _rank(assignment)
