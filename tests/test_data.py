@@ -200,6 +200,27 @@ def test_hf_string_labels_and_errors(tmp_path: Path) -> None:
         load_examples(DataConfig(source="hf", path=str(tmp_path / "not_a_dataset")))
 
 
+def test_hf_hub_dataset_with_a_configuration_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LEDGAR for users with a hub: `data.path=lex_glue data.hf_config=ledgar` asks the hub for
+    that configuration (the hub itself is replaced by a local dataset here)."""
+    import datasets
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["Adjustments", "Agreements"])}
+    )
+    local = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [1, 0, 1]}, features=features)
+    asked: list[tuple[str, str | None, str]] = []
+
+    def fake_load_dataset(path: str, name: str | None = None, split: str = "train") -> datasets.Dataset:
+        asked.append((path, name, split))
+        return local
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ex = load_examples(DataConfig(source="hf", path="lex_glue", hf_config="ledgar", hf_split="test"))
+    assert asked == [("lex_glue", "ledgar", "test")]
+    assert ex.label_names == ["Adjustments", "Agreements"] and ex.labels.tolist() == [1, 0, 1]
+
+
 # --- split_examples --------------------------------------------------------------------------
 
 

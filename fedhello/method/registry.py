@@ -8,6 +8,7 @@ The built-in methods register themselves in `fedhello/method/layers.py`, `hetlor
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,9 +37,8 @@ def register_method(name: str, factory: MethodFactory, summary: str = "") -> Non
 
 
 def _builtins() -> None:
-    import fedhello.method.flexlora
-    import fedhello.method.hetlora
-    import fedhello.method.layers  # noqa: F401
+    for module in ("layers", "hetlora", "flexlora"):  # each registers its methods when imported
+        importlib.import_module(f"fedhello.method.{module}")
 
 
 def method_entries() -> dict[str, MethodEntry]:
