@@ -46,6 +46,7 @@ def test_compare_runs_a_grid_writes_the_report_and_skips_finished_cells(
     record = json.loads(cells[0].read_text())
     assert record["summary"]["rounds_completed"] == 2
     assert len(record["rounds"]) == 2 and record["rounds"][0]["clients"]
+    assert set(record["rounds"][-1]["metrics"]["test"]) == {"accuracy", "macro_f1", "loss"}
     # the cell's partition is the setting's: 2 classes per client in 'extreme'
     assert record["cell"] == {"setting": "extreme", "roc": "6:3:1", "method": "fedhello", "seed": 0}
 
@@ -57,6 +58,9 @@ def test_compare_runs_a_grid_writes_the_report_and_skips_finished_cells(
         "| fedit (1 seed) |",
         "Fed-HeLLo against FedIT",
         "download MB total",
+        "final macro_f1",
+        "| *majority class* |",
+        "### Cells that do not beat the majority class",
     ):
         assert text in report
     plots = sorted((tmp_path / "grid" / "report-plots").glob("*.png"))

@@ -1,9 +1,11 @@
 """Local training of one client on the shared base model.
 
-Both engines train clients through `train_assignment`. A client trains only the LoRA tensors of its layer set
-(and the head when the head is trained): those alone require grad, the optimizer holds only
-them, and the blocks below the lowest trained one run without autograd, so a client that
-trains fewer, higher layers really uses less memory and time.
+Both engines train clients through `train_assignment`. A client trains only the LoRA tensors
+of its layer set (and the head when the head is trained): those alone require grad, the
+optimizer holds only them, and the blocks below the lowest trained one run without autograd,
+so a client that trains fewer, higher layers really uses less memory and time. What a method
+changes in local training (rank masks, penalties, what is uploaded) comes in as its
+`LocalTraining` hooks.
 """
 
 from __future__ import annotations
