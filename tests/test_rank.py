@@ -9,9 +9,9 @@ from helpers import build_strategy
 from fedhello.method.aggregation import ClientUpdate
 from fedhello.method.allocation import allocate_layers
 from fedhello.method.base import ClientProfile, MethodContext, RoundInputs
-from fedhello.method.flexlora import flexlora_aggregate
-from fedhello.method.hetlora import hetlora_aggregate, product_norm
-from fedhello.method.rank import rank_slice, truncate_rank
+from fedhello.method.flexlora import svd_mix
+from fedhello.method.hetlora import norm_weighted_mix, product_norm
+from fedhello.method.rank import aggregate_rank_slices, rank_slice, truncate_rank
 from fedhello.method.registry import build_method
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
@@ -36,7 +36,7 @@ def test_hetlora_zero_padding_and_norm_weights_hand_example() -> None:
     u2 = ClientUpdate(
         2, {A: torch.zeros(2, 2), B: torch.tensor([[0.0, 0.0], [0.0, 3.0]]), "head": torch.tensor([0.0])}, 30
     )
-    new = hetlora_aggregate(g, [u1, u2], {1: 1, 2: 2})
+    new = aggregate_rank_slices(g, [u1, u2], {1: 1, 2: 2}, "samples", norm_weighted_mix)
     # weights 1/4 and 3/4; client 1's second component is zero-padded
     torch.testing.assert_close(new[A], torch.tensor([[1.0, 0.0], [0.0, 0.75]]))
     torch.testing.assert_close(new[B], torch.tensor([[0.25, 0.0], [0.0, 2.25]]))
@@ -57,7 +57,7 @@ def test_flexlora_svd_gives_the_best_low_rank_approximations() -> None:
         products.append(sizes[c] * (b @ a))
         updates.append(ClientUpdate(c, {A: da, B: db}, int(sizes[c])))
     mean = sum(products) / sum(sizes.values())
-    new = flexlora_aggregate(g, updates, ranks)
+    new = aggregate_rank_slices(g, updates, ranks, "samples", svd_mix)
     u, s, vh = torch.linalg.svd(mean.double(), full_matrices=False)
     best = (u[:, :r] * s[:r]) @ vh[:r]
     torch.testing.assert_close((new[B] @ new[A]).double(), best, atol=1e-5, rtol=1e-5)

@@ -11,44 +11,34 @@ anyone's update.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 
-from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
-from fedhello.method.base import Weighting
-from fedhello.method.rank import RankHeterogeneous, is_lora_a, partner_b, split_updates
+from fedhello.method.aggregation import State
+from fedhello.method.base import Updates, Weighting
+from fedhello.method.rank import RankHeterogeneous, is_lora_a, partner_b
 from fedhello.method.registry import register_method
 
 
-def flexlora_aggregate(
-    global_state: Mapping[str, torch.Tensor],
-    updates: Sequence[ClientUpdate],
-    ranks: Mapping[int, int],
-    weighting: Weighting = "samples",
-) -> State:
-    """The FlexLoRA aggregation described in the module docstring; the head is averaged as in
-    every other method."""
-    if not updates:
-        return {k: v.clone() for k, v in global_state.items()}
-    values, heads = split_updates(global_state, updates, ranks)
+def svd_mix(state: State, values: list[State], updates: Updates, weighting: Weighting) -> State:
+    """Per module: the SVD of the weighted mean of the full-size products B_k A_k, top-r part
+    stored as B = U S, A = V^T (see the module docstring)."""
     sizes = [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]
     weights = [s / sum(sizes) for s in sizes]
-    new_state = aggregate_per_layer(global_state, heads, weighting)
+    out = {}
     for name_a in [k for k in values[0] if is_lora_a(k)]:
         name_b = partner_b(name_a)
         mean = sum(
             w * (v[name_b].double() @ v[name_a].double()) for w, v in zip(weights, values, strict=True)
         )
         u, s, vh = torch.linalg.svd(torch.as_tensor(mean), full_matrices=False)
-        r = global_state[name_a].shape[0]
-        new_state[name_b] = (u[:, :r] * s[:r]).to(global_state[name_b].dtype)
-        new_state[name_a] = vh[:r].to(global_state[name_a].dtype)
-    return new_state
+        r = state[name_a].shape[0]
+        out[name_b] = (u[:, :r] * s[:r]).to(state[name_b].dtype)
+        out[name_a] = vh[:r].to(state[name_a].dtype)
+    return out
 
 
 class FlexLoRA(RankHeterogeneous):
-    combine = staticmethod(flexlora_aggregate)
+    mix = staticmethod(svd_mix)
 
 
 register_method(

@@ -11,21 +11,21 @@ the server remembers (and checkpoints).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fedhello.config import HetLoRAConfig
-from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
+from fedhello.method.aggregation import State
 from fedhello.method.base import Assignment, ClientProfile, LocalTraining, MethodContext, Updates, Weighting
 from fedhello.method.rank import (
     RankHeterogeneous,
     RankLocalTraining,
+    Ranks,
     is_lora_a,
     partner_b,
-    split_updates,
     tail_norm,
     tail_start,
 )
@@ -41,25 +41,17 @@ def product_norm(values: Mapping[str, torch.Tensor]) -> float:
     return total**0.5
 
 
-def hetlora_aggregate(
-    global_state: Mapping[str, torch.Tensor],
-    updates: Sequence[ClientUpdate],
-    ranks: Mapping[int, int],
-    weighting: Weighting = "samples",
-) -> State:
-    """HetLoRA: zero-padded LoRA values averaged with weights proportional to each client's
-    ||B_k A_k||_F (normalised to sum 1); the head is averaged as in every other method."""
-    if not updates:
-        return {k: v.clone() for k, v in global_state.items()}
-    values, heads = split_updates(global_state, updates, ranks)
+def norm_weighted_mix(state: State, values: list[State], updates: Updates, weighting: Weighting) -> State:
+    """The zero-padded LoRA values averaged with weights proportional to each client's
+    ||B_k A_k||_F (normalised to sum 1)."""
     norms = [product_norm(v) for v in values]
     total = sum(norms)
     weights = [n / total for n in norms] if total > 0 else [1.0 / len(values)] * len(values)
-    new_state = aggregate_per_layer(global_state, heads, weighting)
+    out = {}
     for name in values[0]:
         mix = sum(w * v[name].double() for w, v in zip(weights, values, strict=True))
-        new_state[name] = torch.as_tensor(mix).to(global_state[name].dtype)
-    return new_state
+        out[name] = torch.as_tensor(mix).to(state[name].dtype)
+    return out
 
 
 class SelfPruning(RankLocalTraining):
@@ -104,9 +96,9 @@ class HetLoRA(RankHeterogeneous):
             return SelfPruning(int(assignment.rank or 0), self.ctx.hetlora)
         return super().local_training(assignment)
 
-    combine = staticmethod(hetlora_aggregate)
+    mix = staticmethod(norm_weighted_mix)
 
-    def after_aggregate(self, updates: Updates, ranks: Mapping[int, int]) -> None:
+    def after_aggregate(self, updates: Updates, ranks: Ranks) -> None:
         for u in updates:
             if "rank" in u.metrics and int(u.metrics["rank"]) < ranks[u.client_id]:
                 self.client_ranks[u.client_id] = int(u.metrics["rank"])

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fedhello.method.aggregation import ClientUpdate, State
+from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
 from fedhello.method.base import (
     Assignment,
     ClientProfile,
@@ -146,14 +146,31 @@ class RankLocalTraining(LocalTraining):
         return {k: rank_slice(k, d, self.rank).contiguous() for k, d in deltas.items()}
 
 
-RankAggregation = Callable[[Mapping[str, Tensor], Updates, Mapping[int, int], Weighting], State]
+Ranks = Mapping[int, int]  # client -> the rank it trained at
+LoraMix = Callable[[State, list[State], Updates, Weighting], State]
+"""(global state, each client's full-size LoRA values, the updates, weighting) -> new LoRA tensors."""
+
+
+def aggregate_rank_slices(
+    state: State, updates: Updates, ranks: Ranks, weighting: Weighting, mix: LoraMix
+) -> State:
+    """What HetLoRA and FlexLoRA share: the clients' rank slices zero-padded to full size
+    (`split_updates`), the head averaged per tensor as in every other method, and the LoRA
+    tensors from `mix`. No updates: the state is unchanged."""
+    if not updates:
+        return {k: v.clone() for k, v in state.items()}
+    values, heads = split_updates(state, updates, ranks)
+    new_state = aggregate_per_layer(state, heads, weighting)
+    new_state.update(mix(state, values, updates, weighting))
+    return new_state
 
 
 class RankHeterogeneous(Method):
-    """Every client trains every layer, at its group's LoRA rank. Subclasses set `combine`, the
-    aggregation of zero-padded rank slices (HetLoRA's norm weighting, FlexLoRA's SVD)."""
+    """Every client trains every layer, at its group's LoRA rank. Subclasses set `mix`, how the
+    clients' zero-padded LoRA values become the new global ones (HetLoRA's norm weighting,
+    FlexLoRA's SVD)."""
 
-    combine: RankAggregation
+    mix: LoraMix
 
     def client_rank(self, client: int, profile: ClientProfile) -> int:
         return profile.rank
@@ -167,11 +184,11 @@ class RankHeterogeneous(Method):
 
     def aggregate(self, state: State, updates: Updates, plan: RoundPlan, weighting: Weighting) -> State:
         ranks = {c: int(a.rank) for c, a in plan.assignments.items() if a.rank is not None}
-        new_state = type(self).combine(state, updates, ranks, weighting)
+        new_state = aggregate_rank_slices(state, updates, ranks, weighting, type(self).mix)
         self.after_aggregate(updates, ranks)
         return new_state
 
-    def after_aggregate(self, updates: Updates, ranks: Mapping[int, int]) -> None:
+    def after_aggregate(self, updates: Updates, ranks: Ranks) -> None:
         """What a method learns from the accepted updates besides the new state (HetLoRA: ranks)."""
         return None
 
