@@ -133,16 +133,11 @@ def _allocation_table(result: dict[str, Any]) -> str:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
-    from fedhello.data import (
-        describe_partition,
-        format_partition_table,
-        load_examples,
-        partition_indices,
-        split_examples,
-    )
+    from fedhello.data import describe_partition, format_partition_table, partition_indices, split_examples
+    from fedhello.tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
-    examples = load_examples(cfg.data, seed=cfg.seed)
+    examples = build_task(cfg).load_examples()
     splits = split_examples(examples.labels, cfg.data.val_size, cfg.data.test_size, cfg.seed)
     labels = examples.labels[splits["train"]]
     parts = partition_indices(labels, cfg.partition, cfg.seed)
