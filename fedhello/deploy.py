@@ -40,15 +40,14 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import psutil
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from fedhello.errors import UserError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 __all__ = [
     "FEDERATION",
@@ -81,6 +80,8 @@ def _bin(name: str) -> str:
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -97,6 +98,12 @@ def make_tls_certificates(directory: Path, host: str = "127.0.0.1") -> dict[str,
     (server.pem) and "key" (server.key: for the SuperLink's `--ssl-certfile`/`--ssl-keyfile`).
     The server certificate names `host` and "localhost"; both certificates are valid for two days.
     """
+    # imported here: cryptography is slow to import and only key making needs it
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -142,6 +149,9 @@ def make_supernode_keys(directory: Path, name: str) -> tuple[Path, Path]:
     Writes `directory/name` (the private key, for `flower-supernode --auth-supernode-private-key`)
     and `directory/name.pub` (the public key, for `flwr supernode register`); returns both paths.
     """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / name, directory / f"{name}.pub"
@@ -378,20 +388,14 @@ def cmd_deploy_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_dir_in_use(out: Path) -> bool:
-    return (out / "checkpoint" / "state.json").is_file()
-
-
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     """`fedhello deploy local`: the experiment on a TLS + authenticated federation on 127.0.0.1."""
     import yaml
 
     from fedhello.config import load_config
+    from fedhello.engine.loop import holds_run
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        config, overrides = None, [config, *overrides]  # as `fedhello run`: key=value is an override
-    cfg = load_config(config, overrides)
+    cfg = load_config(args.config, args.overrides)  # `fedhello` moved a leading key=value to overrides
     clients = cfg.partition.num_clients
     n = _positive(args.supernodes if args.supernodes is not None else clients, "--supernodes")
     if n > clients:
@@ -403,7 +407,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is not a directory")
-    if _run_dir_in_use(out):
+    if holds_run(out):
         raise UserError(f"--out: {out} already holds a run; choose another directory")
     app_dir = _default_app_dir()
     if not (app_dir / "pyproject.toml").is_file():

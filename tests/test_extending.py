@@ -147,6 +147,14 @@ def test_a_new_task_registered_outside_the_package_runs_a_round(
     assert (tmp_path / "t" / "mse.png").is_file()
 
 
+def test_a_task_without_proxy_files_says_so(tiny_overrides: Callable[..., list[str]]) -> None:
+    from fedhello.engine.experiment import prepare_experiment
+
+    cfg = load_config(None, tiny_overrides("task=toy-text-length", "fisher.proxy_path=proxy.csv"))
+    with pytest.raises(UserError, match=r"fisher\.proxy_path: task toy-text-length cannot read"):
+        prepare_experiment(cfg)
+
+
 def test_unknown_task_is_one_line_error() -> None:
     with pytest.raises(UserError, match="task: unknown task 'image-segmentation'"):
         load_config(None, ["task=image-segmentation"])

@@ -49,13 +49,17 @@ def _progress(quiet: bool) -> Progress:
     )
 
 
+def holds_run(run_dir: Path) -> bool:
+    """Whether a run directory already holds a (checkpointed) run."""
+    return (run_dir / "checkpoint" / "state.json").is_file()
+
+
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
-    ckpt = run_dir / "checkpoint"
     if resume:
-        if not (ckpt / "state.json").is_file():
+        if not holds_run(run_dir):
             raise UserError(f"{run_dir}: no checkpoint to resume from")
         return
-    if (ckpt / "state.json").is_file():
+    if holds_run(run_dir):
         raise UserError(
             f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out"
         )

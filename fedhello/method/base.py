@@ -12,6 +12,7 @@ the steps it changes (as Flower's strategies do), and is registered once by name
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -117,7 +118,7 @@ class LocalTraining:
         return deltas
 
 
-class Method:
+class Method(ABC):
     """Base of every method family; subclasses implement `plan_round` and override what differs."""
 
     name: str = ""
@@ -126,9 +127,9 @@ class Method:
         self.name = name
         self.ctx = ctx
 
+    @abstractmethod
     def plan_round(self, inputs: RoundInputs) -> RoundPlan:
         """Assign each sampled client (`inputs.profiles`) its layers (and rank)."""
-        raise NotImplementedError
 
     def download(self, state: Mapping[str, Tensor], assignment: Assignment) -> State:
         """What this client receives of the global adapters."""

@@ -53,7 +53,7 @@ def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wa
     plot_metric(
         records,
         m,
-        run_dir / "accuracy.png" if m == "accuracy" else run_dir / f"{m}.png",
+        run_dir / f"{m}.png",
         title,
         baseline.get(m),
         label,

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fedhello.grid import git_commit, load_cells
+from fedhello.reporting.summary import baseline_name, baseline_score, beats_baseline
 
 MiB = 2**20
 FLAG = "†"  # marks a score that does not beat the trivial baseline
@@ -99,21 +100,20 @@ class Grid:
         for c in self.cells:
             if c["cell"]["setting"] != setting:
                 continue
-            name = c["summary"].get("trivial_baseline", {}).get("name", "majority_class")
-            value = c["summary"].get(f"{name}_test_{metric}")
+            value = baseline_score(c["summary"], metric)
             if value is not None:
-                values.append(float(value))
+                values.append(value)
         return float(np.mean(values)) if values else float("nan")
 
     def baseline_name(self) -> str:
-        name = self.cells[0]["summary"].get("trivial_baseline", {}).get("name", "majority_class")
-        return str(name).replace("_", " ")
+        return baseline_name(self.cells[0]["summary"]).replace("_", " ")
 
     def beats(self, value: float, setting: str, metric: str | None = None) -> bool:
+        """Whether a score beats the setting's trivial baseline (True when either is unknown)."""
         base = self.baseline(setting, metric)
         if np.isnan(base) or np.isnan(value):
             return True
-        return value > base if self.higher_is_better else value < base
+        return bool(beats_baseline(value, base, self.higher_is_better))
 
 
 def _budget(group: dict[str, Any]) -> int:
@@ -204,11 +204,8 @@ def not_beating_baseline(grid: Grid) -> list[str]:
     m = grid.metric
     for c in grid.cells:
         s = c["summary"]
-        name = s.get("trivial_baseline", {}).get("name", "majority_class")
-        value, base = s.get(f"final_test_{m}"), s.get(f"{name}_test_{m}")
-        if value is None or base is None:
-            continue
-        if (value <= base) if grid.higher_is_better else (value >= base):
+        value, base = s.get(f"final_test_{m}"), baseline_score(s, m)
+        if beats_baseline(value, base, grid.higher_is_better) is False:
             cell = c["cell"]
             out.append(
                 f"- {cell['setting']}, {cell['roc']}, {cell['method']}, seed {cell['seed']}: "

@@ -82,3 +82,14 @@ def beats_baseline(value: float | None, baseline: float | None, higher_is_better
     if value is None or baseline is None:
         return None
     return value > baseline if higher_is_better else value < baseline
+
+
+def baseline_name(summary: dict[str, Any]) -> str:
+    """The name of the run's trivial baseline (summaries written before tasks: majority_class)."""
+    return str(summary.get("trivial_baseline", {}).get("name", "majority_class"))
+
+
+def baseline_score(summary: dict[str, Any], metric: str) -> float | None:
+    """The trivial baseline's test score of `metric` in a summary, if it has one."""
+    value = summary.get(f"{baseline_name(summary)}_test_{metric}")
+    return None if value is None else float(value)

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedhello.reporting.summary import baseline_score
+
 
 def load_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
@@ -37,7 +39,6 @@ def summaries_table(summaries: Sequence[dict[str, Any]]) -> str:
     )
     lines = [head, "|" + "---|" * (8 + len(extra) + len(groups))]
     for s in summaries:
-        name = s.get("trivial_baseline", {}).get("name", "majority_class")
         cost = " | ".join(
             f"{s['peak_memory_bytes_by_group'].get(g, 0) / 2**20:.0f}, "
             f"{_fmt(s['step_seconds_median_by_group'].get(g), '.3f')}"
@@ -48,7 +49,7 @@ def summaries_table(summaries: Sequence[dict[str, Any]]) -> str:
             f"| {s['method']} | {_fmt(s.get(f'final_test_{m}'), '.3f')}{flag} "
             f"| {_fmt(s.get(f'mean_last5_test_{m}'), '.3f')} | {_fmt(s.get(f'test_{m}_at_best_val'), '.3f')} | "
             + "".join(f"{_fmt(s.get(f'final_test_{e}'), '.3f')} | " for e in extra)
-            + f"{_fmt(s.get(f'{name}_test_{m}'), '.3f')} | {s['bytes_uploaded_total'] / 1e6:.1f} "
+            + f"{_fmt(baseline_score(s, m), '.3f')} | {s['bytes_uploaded_total'] / 1e6:.1f} "
             f"| {s['bytes_downloaded_total'] / 1e6:.1f} | {cost} | {s['wall_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

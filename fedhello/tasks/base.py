@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedhello.errors import UserError
+
 if TYPE_CHECKING:
     from fedhello.config import ExperimentConfig, FisherConfig
 
@@ -62,8 +64,9 @@ class Task(ABC):
         """The examples of `cfg.data`, in a fixed order (a seed alone decides splits)."""
 
     def load_proxy_examples(self, examples: Examples, path: str) -> tuple[Examples, np.ndarray]:
-        """`examples` plus a separate proxy file appended; returns (merged, indices of the proxy)."""
-        raise NotImplementedError(f"task {self.name} has no separate proxy files")
+        """`examples` plus a separate proxy file appended; returns (merged, indices of the proxy).
+        Tasks that cannot read one keep this default: a one-line error naming the setting."""
+        raise UserError(f"fisher.proxy_path: task {self.name} cannot read a separate proxy file")
 
     @abstractmethod
     def load_model(self, examples: Examples) -> nn.Module:
@@ -103,10 +106,6 @@ class Task(ABC):
         """Per-example objective (shape [batch]) whose squared gradients make the diagonal Fisher:
         the log-likelihood of the target under `options` (see docs/method.md). `uniforms` holds one
         uniform draw per example for sampling targets from the model (`options.labels == "model"`)."""
-
-    def better(self, a: float, b: float) -> bool:
-        """Whether primary-metric value `a` is better than `b`."""
-        return a > b if self.higher_is_better else a < b
 
 
 def batches(
