@@ -133,15 +133,16 @@ def _allocation_table(result: dict[str, Any]) -> str:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
-    from fedhello.data import describe_partition, format_partition_table, partition_indices, split_examples
+    from fedhello.data import describe_partition, format_partition_table
+    from fedhello.engine.experiment import split_and_partition
     from fedhello.tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
-    examples = build_task(cfg).load_examples()
-    splits = split_examples(examples.labels, cfg.data.val_size, cfg.data.test_size, cfg.seed)
-    labels = examples.labels[splits["train"]]
-    parts = partition_indices(labels, cfg.partition, cfg.seed)
-    desc = describe_partition(labels, parts, examples.label_names)
+    task = build_task(cfg)
+    examples, _, parts = split_and_partition(cfg, task, task.load_examples())
+    desc = describe_partition(
+        examples.labels, parts, examples.label_names, examples.domains, examples.domain_names
+    )
     if args.json:
         print(json.dumps(desc, indent=2))
     else:

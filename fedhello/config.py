@@ -28,6 +28,19 @@ class ModelConfig(_Strict):
         "a local path, or a Hugging Face hub name.",
     )
     max_length: int = Field(64, ge=8, le=4096, description="Tokens per example (truncation).")
+    architecture: dict[str, Any] | None = Field(
+        None,
+        description="Build the model from this transformers config (a mapping with model_type, e.g. "
+        "{model_type: vit, image_size: 28, patch_size: 7}) with random weights instead of loading "
+        "`name`; results are then marked 'not pretrained'. Image tasks only.",
+    )
+
+    @field_validator("architecture")
+    @classmethod
+    def _has_model_type(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and not isinstance(v.get("model_type"), str):
+            raise ValueError("needs a model_type (e.g. vit)")
+        return v
 
 
 class LoraConfig(_Strict):
@@ -41,14 +54,42 @@ class LoraConfig(_Strict):
     )
 
 
+WikiLanguage = Literal["en-us", "fr-fr", "es-es"]
+
+
 class DataConfig(_Strict):
     """Where examples come from and how they are split."""
 
-    source: Literal["wiki_vital", "csv", "jsonl", "hf"] = "wiki_vital"
-    path: str | None = Field(None, description="File (csv/jsonl), dataset name or saved dataset dir (hf).")
-    language: Literal["en-us", "fr-fr", "es-es"] = "en-us"
+    source: Literal[
+        "wiki_vital", "csv", "jsonl", "hf", "image_folder", "domain_folder", "fashion_mnist", "digits"
+    ] = Field(
+        "wiki_vital",
+        description="Texts: wiki_vital, csv, jsonl, hf. Images: hf, image_folder (root/<class>/<image>), "
+        "domain_folder (root/<domain>/<class>/<image>, e.g. DomainNet), fashion_mnist (IDX files), "
+        "digits (scikit-learn's 8x8 digits).",
+    )
+    path: str | None = Field(
+        None,
+        description="File (csv/jsonl), dataset name or saved dataset dir (hf), image root folder, or the "
+        "folder of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist).",
+    )
+    language: WikiLanguage | list[WikiLanguage] = Field(
+        "en-us",
+        description="wiki_vital: one language, or several: each language is then a domain and the topics "
+        "are mapped onto one shared label set (docs/data.md).",
+    )
     text_column: str = "text"
+    image_column: str = Field("image", description="hf images: the column holding the images.")
     label_column: str = "label"
+    domain_column: str | None = Field(
+        None, description="csv/jsonl/hf: a column naming each example's domain (for partition.scheme=domain)."
+    )
+    augment: bool = Field(
+        False, description="Images: random resized crop and horizontal flip while training (seeded)."
+    )
+    augment_min_scale: float = Field(
+        0.08, gt=0, le=1, description="Images: smallest crop area (fraction of the image) when augmenting."
+    )
     hf_config: str | None = Field(
         None, description="hf: the dataset's configuration name (e.g. 'ledgar' for path 'lex_glue')."
     )
@@ -56,7 +97,10 @@ class DataConfig(_Strict):
     val_size: float | int = Field(300, description="Validation examples (int) or fraction (float).")
     test_size: float | int = Field(1000, description="Test examples (int) or fraction (float).")
     max_examples: int | None = Field(None, ge=10, description="Subsample the source (stratified).")
-    cache_dir: str | None = Field(None, description="Tokenization cache; null = ~/.cache/fedhello.")
+    cache_dir: str | None = Field(
+        None,
+        description="Cache of tokenized texts and decoded images; null = ~/.cache/fedhello/{tokens,images}.",
+    )
 
     @field_validator("val_size", "test_size")
     @classmethod
@@ -69,7 +113,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.source != "wiki_vital" and not self.path:
+        if self.source not in ("wiki_vital", "fashion_mnist", "digits") and not self.path:
             raise ValueError(f"data.path is required for source '{self.source}'")
         return self
 
@@ -77,9 +121,19 @@ class DataConfig(_Strict):
 class PartitionConfig(_Strict):
     """How the training split is divided among clients."""
 
-    scheme: Literal["iid", "dirichlet", "pathological"] = "iid"
+    scheme: Literal["iid", "dirichlet", "pathological", "domain"] = Field(
+        "iid", description="'domain': feature skew, each client's data comes from one domain."
+    )
     num_clients: int = Field(20, ge=1)
     alpha: float = Field(0.5, gt=0, description="Dirichlet label-skew concentration.")
+    within_domain: Literal["iid", "dirichlet"] = Field(
+        "iid", description="Domain scheme: how a domain's examples are split among its clients."
+    )
+    domain_clients: dict[str, int] | None = Field(
+        None,
+        description="Domain scheme: clients per domain by name (summing to num_clients); null = in "
+        "proportion to the domains' sizes, at least one each.",
+    )
     classes_per_client: int = Field(2, ge=1, description="Pathological: classes each client holds.")
     beta: float = Field(1.0, gt=0, description="Pathological: Dirichlet quantities within a class.")
     min_per_share: int = Field(10, ge=0, description="Pathological: minimum examples per class share.")

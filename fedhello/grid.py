@@ -96,7 +96,17 @@ def cell_config(base: ExperimentConfig, cell: Cell) -> ExperimentConfig:
 
 # Fields added to the config after cells were committed, with the value that reproduces what those
 # cells computed: left out of the hash at that value, so committed cells keep their identity.
-ADDED_AT_DEFAULT: dict[tuple[str, ...], Any] = {("task",): "text-classification", ("data", "hf_config"): None}
+ADDED_AT_DEFAULT: dict[tuple[str, ...], Any] = {
+    ("task",): "text-classification",
+    ("data", "hf_config"): None,
+    ("model", "architecture"): None,
+    ("data", "image_column"): "image",
+    ("data", "domain_column"): None,
+    ("data", "augment"): False,
+    ("data", "augment_min_scale"): 0.08,
+    ("partition", "within_domain"): "iid",
+    ("partition", "domain_clients"): None,
+}
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

@@ -61,7 +61,12 @@ class TextLength(Task):
     def lengths(self, data: dict[str, Any]) -> np.ndarray:
         return np.array([len(x) for x in data["ids"]])
 
-    def collate(self, data: dict[str, Any], indices: Sequence[int] | np.ndarray) -> dict[str, Tensor]:
+    def collate(
+        self,
+        data: dict[str, Any],
+        indices: Sequence[int] | np.ndarray,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
         chunk = np.asarray(indices)
         batch = pad_batch([data["ids"][i] for i in chunk], np.zeros(len(chunk)), 0)
         return {

@@ -20,7 +20,8 @@ from fedhello.method.fisher import (
     layer_scores,
 )
 from fedhello.models import LoraModel, add_lora
-from fedhello.tasks.text_classification import TextClassification, fisher_labels
+from fedhello.tasks.classification import fisher_labels
+from fedhello.tasks.text_classification import TextClassification
 
 COMBOS = [
     (objective, labels)

@@ -13,17 +13,34 @@ from typing import Any
 import numpy as np
 
 from fedhello.config import PartitionConfig
+from fedhello.data.sources import allocate_counts
 from fedhello.errors import UserError
 from fedhello.seeding import Stream, numpy_rng
 
 MAX_DIRICHLET_ATTEMPTS = 100
 
 
-def partition_indices(labels: np.ndarray, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
-    """The partition `cfg` describes; each client's indices sorted ascending (int64)."""
+def partition_indices(
+    labels: np.ndarray,
+    cfg: PartitionConfig,
+    seed: int,
+    domains: np.ndarray | None = None,
+    domain_names: list[str] | None = None,
+) -> list[np.ndarray]:
+    """The partition `cfg` describes; each client's indices sorted ascending (int64).
+
+    `domains` (one id per example, naming `domain_names`) is needed by the domain scheme only."""
     labels = np.asarray(labels)
     rng = numpy_rng(seed, Stream.PARTITION)  # == default_rng(SeedSequence([seed, 1001]))
-    if cfg.scheme == "iid":
+    if cfg.scheme == "domain":
+        if domains is None or domain_names is None:
+            raise UserError(
+                "partition.scheme: 'domain' needs data with domains (source domain_folder, "
+                "data.domain_column, or several data.language)"
+            )
+        counts = domain_client_counts(domains, domain_names, cfg)
+        parts = partition_domains(labels, domains, counts, cfg.within_domain, cfg.alpha, rng)
+    elif cfg.scheme == "iid":
         parts = partition_iid(labels, cfg.num_clients, rng)
     elif cfg.scheme == "dirichlet":
         parts = partition_dirichlet(labels, cfg.num_clients, cfg.alpha, rng)
@@ -115,6 +132,66 @@ def partition_pathological(
     return [np.sort(np.concatenate(s)).astype(np.int64) if s else np.zeros(0, dtype=np.int64) for s in shares]
 
 
+def domain_client_counts(domains: np.ndarray, domain_names: list[str], cfg: PartitionConfig) -> np.ndarray:
+    """Clients per domain id: as `cfg.domain_clients` says, else in proportion to the domains'
+    sizes with at least one client each."""
+    sizes = np.bincount(np.asarray(domains, dtype=np.int64), minlength=len(domain_names))
+    present = np.flatnonzero(sizes)
+    if cfg.domain_clients is not None:
+        unknown = sorted(set(cfg.domain_clients) - set(domain_names))
+        if unknown:
+            raise UserError(
+                f"partition.domain_clients: unknown domain '{unknown[0]}' (domains: {', '.join(domain_names)})"
+            )
+        counts = np.array([cfg.domain_clients.get(name, 0) for name in domain_names], dtype=np.int64)
+        if counts.min(initial=0) < 0 or counts.sum() != cfg.num_clients:
+            raise UserError(
+                f"partition.domain_clients: counts must be >= 0 and sum to partition.num_clients "
+                f"({cfg.num_clients}), got {int(counts.sum())}"
+            )
+        starved = [domain_names[d] for d in present if counts[d] == 0]
+        if starved:
+            raise UserError(f"partition.domain_clients: domain '{starved[0]}' has data but no clients")
+        return counts
+    if cfg.num_clients < len(present):
+        raise UserError(
+            f"partition.num_clients: {cfg.num_clients} clients cannot cover {len(present)} domains "
+            "(one client per domain at least)"
+        )
+    counts = np.zeros(len(domain_names), dtype=np.int64)
+    counts[present] = 1
+    extra = cfg.num_clients - len(present)
+    if extra:
+        counts[present] += allocate_counts(extra, sizes[present], np.full(len(present), extra))
+    return counts
+
+
+def partition_domains(
+    labels: np.ndarray,
+    domains: np.ndarray,
+    clients_per_domain: np.ndarray,
+    within: str,
+    alpha: float,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Feature skew: client k draws all its data from one domain. Clients are numbered domain by
+    domain (domain 0's clients first); inside a domain the examples are split IID or with
+    Dirichlet(alpha) label skew."""
+    labels = np.asarray(labels)
+    domains = np.asarray(domains)
+    parts: list[np.ndarray] = []
+    for d, k in enumerate(clients_per_domain):
+        if k == 0:
+            continue
+        idx = np.flatnonzero(domains == d)
+        if within == "dirichlet":
+            pieces = partition_dirichlet(labels[idx], int(k), alpha, rng)
+        else:
+            pieces = partition_iid(labels[idx], int(k), rng)
+        parts.extend(idx[p] for p in pieces)
+    return parts
+
+
 def _deal_classes(num_classes: int, num_clients: int, k: int, rng: np.random.Generator) -> list[list[int]]:
     """For each class position, the clients holding it.
 
@@ -155,8 +232,16 @@ def _check_enough(n: int, needed: int) -> None:
         raise UserError(f"partition.num_clients: {n} training examples are too few (need at least {needed})")
 
 
-def describe_partition(labels: np.ndarray, parts: list[np.ndarray], label_names: list[str]) -> dict[str, Any]:
-    """Per-client sizes and class histograms (plain ints, JSON-ready) for logs and reports."""
+def describe_partition(
+    labels: np.ndarray,
+    parts: list[np.ndarray],
+    label_names: list[str],
+    domains: np.ndarray | None = None,
+    domain_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Per-client sizes and class histograms (plain ints, JSON-ready) for logs and reports; with
+    domains, each client's domain too (the most frequent one, which is its only one under the
+    domain scheme)."""
     labels = np.asarray(labels)
     num_classes = len(label_names)
     clients: list[dict[str, Any]] = []
@@ -166,14 +251,13 @@ def describe_partition(labels: np.ndarray, parts: list[np.ndarray], label_names:
         hist = np.bincount(labels[p], minlength=num_classes)
         class_totals += hist
         sizes.append(len(p))
-        clients.append(
-            {
-                "client": i,
-                "size": len(p),
-                "num_classes": int(np.count_nonzero(hist)),
-                "histogram": [int(x) for x in hist],
-            }
-        )
+        row: dict[str, Any] = {"client": i, "size": len(p)}
+        if domains is not None and domain_names is not None:
+            held = np.bincount(np.asarray(domains)[p], minlength=len(domain_names))
+            row["domain"] = domain_names[int(np.argmax(held))] if len(p) else ""
+        row["num_classes"] = int(np.count_nonzero(hist))
+        row["histogram"] = [int(x) for x in hist]
+        clients.append(row)
     return {
         "num_clients": len(parts),
         "label_names": list(label_names),
@@ -186,7 +270,7 @@ def describe_partition(labels: np.ndarray, parts: list[np.ndarray], label_names:
 
 
 def format_partition_table(description: dict[str, Any], label_names: list[str]) -> str:
-    """A fixed-width text table: one row per client with its size and examples per class.
+    """A fixed-width text table: one row per client with its size (and domain) and examples per class.
 
     Class columns are numbered (a legend lists the names) so the table stays narrow; with many
     classes only each client's largest classes are listed.
@@ -194,23 +278,30 @@ def format_partition_table(description: dict[str, Any], label_names: list[str]) 
     clients = description["clients"]
     many = len(label_names) > 12
     size_w = max(4, len(str(description["total"])))
+    dom_w = max([0, *(len(c["domain"]) for c in clients if "domain" in c)])
+    dom_w = max(dom_w, 6) if dom_w else 0
+
+    def lead(client: object, size: object, domain: str, classes: object) -> str:
+        middle = f" {domain:<{dom_w}}" if dom_w else ""
+        return f"{client:>6} {size:>{size_w}}{middle} {classes:>3}"
+
     lines = [f"{len(clients)} clients, {description['total']} examples"]
     if many:
-        lines.append(f"{'client':>6} {'size':>{size_w}} {'cls':>3}  largest classes")
+        lines.append(lead("client", "size", "domain", "cls") + "  largest classes")
         for c in clients:
             hist = np.asarray(c["histogram"])
             top = np.argsort(-hist, kind="stable")[:5]
             listed = ", ".join(f"{label_names[j]}:{hist[j]}" for j in top if hist[j] > 0)
-            lines.append(f"{c['client']:>6} {c['size']:>{size_w}} {c['num_classes']:>3}  {listed}")
+            lines.append(lead(c["client"], c["size"], c.get("domain", ""), c["num_classes"]) + f"  {listed}")
         return "\n".join(lines)
 
     col_w = max([3, *(len(str(x)) for x in description["class_totals"])])
     header = " ".join(f"{j:>{col_w}}" for j in range(len(label_names)))
-    lines.append(f"{'client':>6} {'size':>{size_w}} {'cls':>3} | {header}")
+    lines.append(lead("client", "size", "domain", "cls") + f" | {header}")
     for c in clients:
         row = " ".join(f"{x:>{col_w}}" for x in c["histogram"])
-        lines.append(f"{c['client']:>6} {c['size']:>{size_w}} {c['num_classes']:>3} | {row}")
+        lines.append(lead(c["client"], c["size"], c.get("domain", ""), c["num_classes"]) + f" | {row}")
     totals = " ".join(f"{x:>{col_w}}" for x in description["class_totals"])
-    lines.append(f"{'total':>6} {description['total']:>{size_w}} {'':>3} | {totals}")
+    lines.append(lead("total", description["total"], "", "") + f" | {totals}")
     lines.append("classes: " + ", ".join(f"{j}={name}" for j, name in enumerate(label_names)))
     return "\n".join(lines)

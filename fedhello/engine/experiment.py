@@ -79,20 +79,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     device = resolve_device(cfg.device)
     task = build_task(cfg)
 
-    examples = task.load_examples()
-    splits = split_examples(examples.labels, cfg.data.val_size, cfg.data.test_size, cfg.seed)
-    if cfg.fisher.proxy_path is not None:
-        examples, splits["proxy"] = task.load_proxy_examples(examples, str(cfg.fisher.proxy_path))
-    else:
-        # held out for every method, so that all methods give clients the same data
-        splits["train"], splits["proxy"] = _hold_out(splits["train"], cfg.fisher.proxy_size, cfg.seed)
-    train = splits["train"]
-    if len(train) < cfg.partition.num_clients:
-        raise UserError(
-            f"partition.num_clients: {cfg.partition.num_clients} clients but only {len(train)} training examples"
-        )
-    parts = partition_indices(examples.labels[train], cfg.partition, cfg.seed)
-    client_indices = [train[p] for p in parts]
+    examples, splits, client_indices = split_and_partition(cfg, task, task.load_examples())
 
     model = task.load_model(examples)
     lm = add_lora(model, cfg.lora, seed=cfg.seed)
@@ -116,6 +103,30 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     return Experiment(
         cfg, task, examples, data, splits, client_indices, lm, groups, client_group, method, device
     )
+
+
+def split_and_partition(
+    cfg: ExperimentConfig, task: Task, examples: Examples
+) -> tuple[Examples, dict[str, np.ndarray], list[np.ndarray]]:
+    """Train / val / test / proxy splits and each client's training examples (indices into the
+    returned examples, which include a separate proxy file when `fisher.proxy_path` names one).
+    `fedhello partition` shows exactly this."""
+    splits = split_examples(
+        examples.labels, cfg.data.val_size, cfg.data.test_size, cfg.seed, examples.domains
+    )
+    if cfg.fisher.proxy_path is not None:
+        examples, splits["proxy"] = task.load_proxy_examples(examples, str(cfg.fisher.proxy_path))
+    else:
+        # held out for every method, so that all methods give clients the same data
+        splits["train"], splits["proxy"] = _hold_out(splits["train"], cfg.fisher.proxy_size, cfg.seed)
+    train = splits["train"]
+    if len(train) < cfg.partition.num_clients:
+        raise UserError(
+            f"partition.num_clients: {cfg.partition.num_clients} clients but only {len(train)} training examples"
+        )
+    domains = None if examples.domains is None else examples.domains[train]
+    parts = partition_indices(examples.labels[train], cfg.partition, cfg.seed, domains, examples.domain_names)
+    return examples, splits, [train[p] for p in parts]
 
 
 def _hold_out(train: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

