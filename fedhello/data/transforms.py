@@ -90,7 +90,7 @@ class ImagePreprocessing:
         augment = self.augment and generator is not None
         out = torch.empty(len(images), self.channels, self.height, self.width)
         for i, image in enumerate(images):
-            x = self._channels(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float())
+            x = self._channels(torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1))
             if augment:
                 assert generator is not None
                 x = self._random_crop(x, generator)
