@@ -11,7 +11,13 @@ Allocations: all layers, top half, bottom half, every other layer, and the relea
 "learning rate 0" pseudo-freezing of the top half. A short federated run then reports the
 framework overhead: round wall time against the clients' pure training plus evaluation time.
 
+The vision model `vit-b16` is a ViT-B/16-shaped model (12 blocks, hidden 768, random weights:
+no pretrained vision weights install here) trained through the image task on 32x32 images
+resized per batch to 224x224, as CIFAR-100 is; its allocations are all layers, the top half,
+and the triangle and bottleneck layer sets of budget 6 of 12.
+
     python benchmarks/freezing.py                       # MiniLM (6 blocks) and MPNet (12 blocks)
+    python benchmarks/freezing.py --models vit-b16 --batch-size 8 --overhead-rounds 0
     python benchmarks/freezing.py --models minilm --steps 4 --markdown docs/freezing-benchmark.md
 """
 
@@ -30,9 +36,13 @@ from pathlib import Path
 from typing import Any
 
 ALLOCATIONS = ("all", "top_half", "bottom_half", "every_other", "lr0_top_half")
+VISION_MODELS = ("vit-b16",)
+VISION_ALLOCATIONS = ("all", "top_half", "triangle_half", "bottleneck_half")
 
 
 def layers_for(allocation: str, num_layers: int) -> tuple[list[int], str]:
+    from fedhello.method.allocation import geometric_layers
+
     half = num_layers // 2
     table = {
         "all": (list(range(num_layers)), "real"),
@@ -40,8 +50,33 @@ def layers_for(allocation: str, num_layers: int) -> tuple[list[int], str]:
         "bottom_half": (list(range(half)), "real"),
         "every_other": (list(range(0, num_layers, 2)), "real"),
         "lr0_top_half": (list(range(half, num_layers)), "lr0"),
+        "triangle_half": (list(geometric_layers("triangle", half, num_layers)), "real"),
+        "bottleneck_half": (list(geometric_layers("bottleneck", half, num_layers)), "real"),
     }
     return table[allocation]
+
+
+def vision_setup(batch_size: int, steps: int, warmup: int) -> tuple[Any, Any, Any, int]:
+    """A ViT-B/16-shaped classifier (random weights, 100 classes) with LoRA, its task, and random
+    32x32 RGB images that the task resizes per batch to 224x224."""
+    import numpy as np
+
+    from fedhello.config import ExperimentConfig, LoraConfig
+    from fedhello.data.images import ImageExamples, ImageStore
+    from fedhello.models import add_lora
+    from fedhello.tasks.image_classification import ImageClassification
+
+    n = batch_size * (steps + warmup)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=n * 32 * 32 * 3, dtype=np.uint8)
+    store = ImageStore(pixels, np.arange(n, dtype=np.int64) * 32 * 32 * 3, np.tile([32, 32, 3], (n, 1)))
+    examples = ImageExamples(store, rng.integers(0, 100, size=n), [f"class{i}" for i in range(100)])
+    cfg = ExperimentConfig.model_validate(
+        {"task": "image-classification", "model": {"name": "vit-b16", "architecture": {"model_type": "vit"}}}
+    )
+    task = ImageClassification(cfg)
+    lm = add_lora(task.load_model(examples), LoraConfig(), seed=0)
+    return lm, task, examples, n
 
 
 def _proc_status_kib(field: str) -> int:
@@ -75,29 +110,34 @@ def worker(
     from fedhello.tasks.text_classification import TextClassification
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    examples = load_examples(DataConfig())
-    base, tokenizer = load_classifier(
-        ModelConfig(name=model, max_length=seq_len), len(examples.label_names), 0
-    )
-    lm = add_lora(base, LoraConfig(), seed=0)
-    n = batch_size * (steps + warmup)
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(examples.texts), size=n, replace=False)
-    texts = [examples.texts[i] for i in pick]
-    # every example padded-free but long enough: the benchmark measures full-length sequences
-    tokens = tokenize_examples(tokenizer, texts, examples.labels[pick], seq_len, None)
+    if model in VISION_MODELS:
+        lm, task, data, n = vision_setup(batch_size, steps, warmup)
+        mean_tokens = None
+    else:
+        examples = load_examples(DataConfig())
+        base, tokenizer = load_classifier(
+            ModelConfig(name=model, max_length=seq_len), len(examples.label_names), 0
+        )
+        lm = add_lora(base, LoraConfig(), seed=0)
+        n = batch_size * (steps + warmup)
+        rng = np.random.default_rng(0)
+        pick = rng.choice(len(examples.texts), size=n, replace=False)
+        texts = [examples.texts[i] for i in pick]
+        # every example padded-free but long enough: the benchmark measures full-length sequences
+        data = tokenize_examples(tokenizer, texts, examples.labels[pick], seq_len, None)
+        mean_tokens = float(np.mean([len(t) for t in data.input_ids]))
+        task = TextClassification(ExperimentConfig())
+        task.pad_id = int(tokenizer.pad_token_id or 0)
     layers, freezing = layers_for(allocation, lm.num_layers)
     cfg = TrainConfig(local_steps=steps + warmup, batch_size=batch_size, freezing=freezing)  # type: ignore[arg-type]
     device = torch.device("cpu")
     state = lm.lora_state()
     rss_before = _proc_status_kib("VmRSS")
     can_reset = _reset_peak_rss()
-    task = TextClassification(ExperimentConfig())
-    task.pad_id = int(tokenizer.pad_token_id or 0)
     result = train_client(
         lm,
         task,
-        tokens,
+        data,
         np.arange(n),
         state,
         Assignment(0, tuple(layers)),
@@ -112,6 +152,8 @@ def worker(
     keys = lm.trained_names(layers, True)
     return {
         "model": model,
+        "measured": time.strftime("%Y-%m-%d"),
+        "batch_size": batch_size,
         "num_layers": lm.num_layers,
         "allocation": allocation,
         "layers": layers,
@@ -120,9 +162,10 @@ def worker(
         "step_seconds_median": statistics.median(measured),
         "step_seconds_all": measured,
         "train_memory_bytes": result.peak_memory_bytes,
+        "activation_memory_bytes": result.activation_memory_bytes,
         "rss_increase_bytes": (peak_rss - rss_before) * 1024 if can_reset else None,
         "upload_bytes": payload_bytes(result.update.deltas),
-        "mean_tokens": float(np.mean([len(t) for t in tokens.input_ids])),
+        "mean_tokens": mean_tokens,
     }
 
 
@@ -175,15 +218,17 @@ def to_markdown(
     lines = [
         "# Freezing benchmark: what a client that trains fewer LoRA layers really saves",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} CPU, {os.cpu_count()} cores, "
+        f"Measured on {platform.machine()} CPU, {os.cpu_count()} cores, "
         f"torch threads {os.environ.get('BENCH_THREADS', '2')}; batch {args.batch_size}, sequence length "
         f"{args.seq_len} (real Wikipedia texts, truncated), LoRA r=16 on query and value, head trained; "
-        f"{args.steps} measured steps after {args.warmup} warm-up step(s), each allocation in a fresh process.",
+        f"{args.steps} measured steps after {args.warmup} warm-up step(s), each allocation in a fresh process "
+        "(the vision model's settings are in its heading).",
         "Produced by `python benchmarks/freezing.py` (see its docstring).",
         "",
         "- *step time*: median seconds per optimizer step; *ratio* is against `all` of the same model.",
         "- *train memory*: fedhello's exact account of activations saved for backward, gradients and",
-        "  optimizer state (what training adds on top of the frozen model).",
+        "  optimizer state (what training adds on top of the frozen model); *activations*: the saved",
+        "  activations alone (n/a in runs made before they were reported separately).",
         "- *RSS increase*: the process's peak resident memory during training above its level just",
         "  before (Linux VmHWM), which also includes allocator slack and temporaries.",
         "- `lr0_top_half` is the released code's pseudo-freezing: every adapter requires grad, the",
@@ -197,22 +242,36 @@ def to_markdown(
         "nothing. Uploads shrink with the number of trained adapters (the classification head, trained",
         "by every client, is a fixed part of each upload).",
         "",
+        "The vision rows come from a separate run (`python benchmarks/freezing.py --models vit-b16",
+        "--batch-size 8 --overhead-rounds 0`), merged into the same JSON. Its two geometric layer sets",
+        "of budget 6 (triangle: blocks 0-5; bottleneck: blocks 0-2 and 9-11) both contain block 0, so",
+        "like `bottom_half` they pay for a backward pass through every block.",
+        "",
     ]
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         ref = next(r for r in rows if r["allocation"] == "all")
+        title = f"## {model} ({ref['num_layers']} blocks)"
+        if model in VISION_MODELS:
+            batch = rows[0].get("batch_size", args.batch_size)
+            title += f": ViT-B/16 shape, random weights, 224x224 inputs, batch {batch}"
+        if ref.get("measured"):
+            title += f" (measured {ref['measured']})"
         lines += [
-            f"## {model} ({ref['num_layers']} blocks)",
+            title,
             "",
             "| allocation | layers | trainable params | step time (s) | ratio | train memory (MiB) | ratio "
-            "| RSS increase (MiB) | upload (KiB) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| activations (MiB) | ratio | RSS increase (MiB) | upload (KiB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
+            act, ref_act = r.get("activation_memory_bytes"), ref.get("activation_memory_bytes")
+            act_ratio = f"{act / ref_act:.2f}" if act and ref_act else "n/a"
             lines.append(
                 f"| {r['allocation']} | {','.join(map(str, r['layers']))} | {r['trainable_params']:,} "
                 f"| {r['step_seconds_median']:.3f} | {r['step_seconds_median'] / ref['step_seconds_median']:.2f} "
                 f"| {_mib(r['train_memory_bytes'])} | {r['train_memory_bytes'] / ref['train_memory_bytes']:.2f} "
+                f"| {_mib(act)} | {act_ratio} "
                 f"| {_mib(r['rss_increase_bytes'])} | {r['upload_bytes'] / 1024:.0f} |"
             )
         lines.append("")
@@ -242,7 +301,9 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="minilm,mpnet", help="comma-separated fedhello model names")
-    parser.add_argument("--allocations", default=",".join(ALLOCATIONS))
+    parser.add_argument(
+        "--allocations", help=f"default: {','.join(ALLOCATIONS)} (vision: {','.join(VISION_ALLOCATIONS)})"
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -270,7 +331,8 @@ def main() -> int:
 
     results = []
     for model in filter(None, args.models.split(",")):
-        for allocation in args.allocations.split(","):
+        default = VISION_ALLOCATIONS if model in VISION_MODELS else ALLOCATIONS
+        for allocation in (args.allocations or ",".join(default)).split(","):
             cmd = [sys.executable, __file__, "--worker", model, allocation]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             cmd += ["--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]

@@ -38,6 +38,7 @@ class ClientResult:
     steps: int
     train_loss: float
     step_seconds: list[float] = field(default_factory=list)
+    activation_memory_bytes: int = 0  # CPU: the largest step's saved activations (part of the peak)
 
 
 def seed_torch(seed: int, stream: Stream, *keys: int) -> torch.Generator:
@@ -85,6 +86,7 @@ class MemoryMeter:
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
         self.saved: dict[int, int] = {}
         self.peak = 0
+        self.activation_peak = 0
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -114,7 +116,9 @@ class MemoryMeter:
             for v in s.values()
             if isinstance(v, torch.Tensor)
         )
-        self.peak = max(self.peak, sum(self.saved.values()) + grads + states)
+        activations = sum(self.saved.values())
+        self.activation_peak = max(self.activation_peak, activations)
+        self.peak = max(self.peak, activations + grads + states)
 
 
 def train_client(
@@ -202,7 +206,16 @@ def train_client(
     update = ClientUpdate(
         assignment.client, deltas, len(indices), {"train_loss": train_loss} | method_metrics
     )
-    return ClientResult(update, tuple(sorted(layers)), seconds, meter.peak, steps, train_loss, step_seconds)
+    return ClientResult(
+        update,
+        tuple(sorted(layers)),
+        seconds,
+        meter.peak,
+        steps,
+        train_loss,
+        step_seconds,
+        meter.activation_peak,
+    )
 
 
 def train_assignment(

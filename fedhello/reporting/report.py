@@ -464,12 +464,13 @@ def _describe(grid: Grid) -> str:
         f"{len(grid.cells)} finished cells",
     ]
     if fed:
+        text = base.get("task", "text-classification") == "text-classification"
+        length = f"sequence length {base.get('model', {}).get('max_length')}, " if text else ""
         parts.append(
             f"{fed.get('rounds')} rounds, {fed.get('clients_per_round')} of "
             f"{base.get('partition', {}).get('num_clients')} clients per round, {train.get('local_steps')} local "
-            f"steps of batch {train.get('batch_size')}, lr {train.get('lr')}, sequence length "
-            f"{base.get('model', {}).get('max_length')}, {data.get('val_size')} validation and "
-            f"{data.get('test_size')} test examples"
+            f"steps of batch {train.get('batch_size')}, lr {train.get('lr')}, {length}"
+            f"{data.get('val_size')} validation and {data.get('test_size')} test examples"
         )
     return "; ".join(parts) + "."
 
