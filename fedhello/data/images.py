@@ -119,7 +119,7 @@ class _Source:
     where: str  # what error messages name, e.g. "data.path /data/pets"
     key: dict[str, Any]  # identifies the data (files and their sizes/times, a fingerprint)
     decoders: Sequence[Decoder]
-    names: Sequence[str]  # a path or "#index" per image, for reporting failures
+    name_of: Callable[[int], str]  # image i's path (or "source#i"), for reporting failures
     labels: np.ndarray
     label_names: list[str]
     domains: np.ndarray | None = None
@@ -197,7 +197,7 @@ def _write_cache(source: _Source, folder: Path) -> None:
                     image = decode()
                 except Exception as e:  # any decoder failure means this one image is unusable
                     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    skipped.append(f"{source.names[i]}: {reason}")
+                    skipped.append(f"{source.name_of(i)}: {reason}")
                     continue
                 out.write(image.tobytes())
                 offsets.append(position)
@@ -301,7 +301,7 @@ def _folder_source(cfg: DataConfig) -> _Source:
         where=where,
         key={"source": cfg.source, "root": str(root.resolve()), "files": stats},
         decoders=[_decode_file(f) for f in files],
-        names=[str(f) for f in files],
+        name_of=lambda i: str(files[i]),
         labels=labels,
         label_names=label_names,
         domains=domains,
@@ -357,7 +357,7 @@ def _fashion_mnist_source(cfg: DataConfig) -> _Source:
             "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
         },
         decoders=[_array_decoder(pixels, i) for i in range(len(pixels))],
-        names=[f"{folder}#{i}" for i in range(len(pixels))],
+        name_of=lambda i: f"{folder}#{i}",
         labels=labels,
         label_names=list(FASHION_MNIST_CLASSES),
     )
@@ -384,7 +384,7 @@ def _digits_source(cfg: DataConfig) -> _Source:
         where="data.source digits",
         key={"source": "digits", "file": (str(path), path.stat().st_size, path.stat().st_mtime_ns)},
         decoders=[_array_decoder(pixels, i) for i in range(len(pixels))],
-        names=[f"digits#{i}" for i in range(len(pixels))],
+        name_of=lambda i: f"digits#{i}",
         labels=labels,
         label_names=[str(d) for d in range(10)],
     )
@@ -411,8 +411,6 @@ def _hf_source(cfg: DataConfig) -> _Source:
     domains, domain_names = (
         (None, []) if not cfg.domain_column else label_ids(list(dataset[cfg.domain_column]))
     )
-    images = dataset[cfg.image_column] if len(dataset) else []
-    names = [_hf_image_name(images[i], f"{cfg.path}#{i}") for i in range(len(dataset))]
     return _Source(
         where=where,
         key={
@@ -422,8 +420,8 @@ def _hf_source(cfg: DataConfig) -> _Source:
             "config": cfg.hf_config,
             "columns": columns,
         },
-        decoders=[_hf_decoder(images, i) for i in range(len(dataset))],
-        names=names,
+        decoders=[_hf_decoder(dataset, cfg.image_column, i) for i in range(len(dataset))],
+        name_of=lambda i: _hf_image_name(dataset[i][cfg.image_column], f"{cfg.path}#{i}"),
         labels=labels,
         label_names=label_names,
         domains=domains,
@@ -437,11 +435,13 @@ def _hf_image_name(value: Any, fallback: str) -> str:
     return fallback
 
 
-def _hf_decoder(images: Any, i: int) -> Decoder:
+def _hf_decoder(dataset: Any, column: str, i: int) -> Decoder:
+    """Reads row i when called: the dataset's images are never all in memory at once."""
+
     def decode() -> np.ndarray:
         from PIL import Image
 
-        value = images[i]
+        value = dataset[i][column]
         if isinstance(value, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
             if value.get("bytes") is not None:
                 with Image.open(io.BytesIO(value["bytes"])) as image:
