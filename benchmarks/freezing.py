@@ -14,10 +14,13 @@ framework overhead: round wall time against the clients' pure training plus eval
 The vision model `vit-b16` is a ViT-B/16-shaped model (12 blocks, hidden 768, random weights:
 no pretrained vision weights install here) trained through the image task on 32x32 images
 resized per batch to 224x224, as CIFAR-100 is; its allocations are all layers, the top half,
-and the triangle and bottleneck layer sets of budget 6 of 12.
+and the triangle and bottleneck layer sets of budget 6 of 12. The causal LM `smollm2`
+(SmolLM2-135M-Instruct, 30 blocks) trains through the instruction task on Wikipedia topic
+questions; its "all" worker also times one evaluation (response loss and greedy answers).
 
     python benchmarks/freezing.py                       # MiniLM (6 blocks) and MPNet (12 blocks)
     python benchmarks/freezing.py --models vit-b16 --batch-size 8 --overhead-rounds 0
+    python benchmarks/freezing.py --models smollm2 --batch-size 8 --seq-len 128 --overhead-rounds 0
     python benchmarks/freezing.py --models minilm --steps 4 --markdown docs/freezing-benchmark.md
 """
 
@@ -38,6 +41,8 @@ from typing import Any
 ALLOCATIONS = ("all", "top_half", "bottom_half", "every_other", "lr0_top_half")
 VISION_MODELS = ("vit-b16",)
 VISION_ALLOCATIONS = ("all", "top_half", "triangle_half", "bottleneck_half")
+LM_MODELS = ("smollm2",)
+LM_ALLOCATIONS = ("all", "top_half", "bottom_half", "bottleneck_half")
 
 
 def layers_for(allocation: str, num_layers: int) -> tuple[list[int], str]:
@@ -54,6 +59,26 @@ def layers_for(allocation: str, num_layers: int) -> tuple[list[int], str]:
         "bottleneck_half": (list(geometric_layers("bottleneck", half, num_layers)), "real"),
     }
     return table[allocation]
+
+
+def lm_setup(seq_len: int) -> tuple[Any, Any, Any, Any]:
+    """SmolLM2-135M-Instruct (30 blocks, GGUF) with LoRA, and Wikipedia topic questions as
+    instruction examples cut to `seq_len` tokens (the prompt is cut, the answer kept)."""
+    from fedhello.config import ExperimentConfig
+    from fedhello.models import add_lora
+    from fedhello.tasks.causal_lm import CausalLM
+
+    cfg = ExperimentConfig.model_validate(
+        {
+            "task": "causal-lm",
+            "model": {"name": "smollm2", "max_length": seq_len},
+            "data": {"max_examples": 400},
+        }
+    )
+    task = CausalLM(cfg)
+    examples = task.load_examples()
+    lm = add_lora(task.load_model(examples), cfg.lora, seed=0, head=False)
+    return lm, task, task.encode(examples), cfg
 
 
 def vision_setup(batch_size: int, steps: int, warmup: int) -> tuple[Any, Any, Any, int]:
@@ -110,9 +135,16 @@ def worker(
     from fedhello.tasks.text_classification import TextClassification
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    generation: dict[str, float] | None = None
     if model in VISION_MODELS:
         lm, task, data, n = vision_setup(batch_size, steps, warmup)
         mean_tokens = None
+    elif model in LM_MODELS:
+        lm, task, data, lm_cfg = lm_setup(seq_len)
+        n = batch_size * (steps + warmup)
+        mean_tokens = float(np.mean(task.lengths(data)[:n]))
+        if allocation == "all":
+            generation = generation_cost(lm, task, data, lm_cfg)
     else:
         examples = load_examples(DataConfig())
         base, tokenizer = load_classifier(
@@ -166,6 +198,29 @@ def worker(
         "rss_increase_bytes": (peak_rss - rss_before) * 1024 if can_reset else None,
         "upload_bytes": payload_bytes(result.update.deltas),
         "mean_tokens": mean_tokens,
+        "generation": generation,
+    }
+
+
+def generation_cost(lm: Any, task: Any, data: Any, cfg: Any, examples: int = 64) -> dict[str, float]:
+    """What one evaluation of a causal LM costs: the response loss and greedy answers
+    (lm.max_new_tokens new tokens at most) on `examples` examples, batch 32."""
+    import numpy as np
+    import torch
+
+    rows = np.arange(len(task.lengths(data)) - examples, len(task.lengths(data)))
+    device = torch.device("cpu")
+    start = time.perf_counter()
+    task.generate(lm.model, data, rows, 32, device)
+    generate = time.perf_counter() - start
+    start = time.perf_counter()
+    task.evaluate(lm.model, data, rows, 32, device)
+    evaluate = time.perf_counter() - start
+    return {
+        "examples": examples,
+        "max_new_tokens": cfg.lm.max_new_tokens,
+        "generate_seconds": generate,
+        "evaluate_seconds": evaluate,
     }
 
 
@@ -242,8 +297,9 @@ def to_markdown(
         "nothing. Uploads shrink with the number of trained adapters (the classification head, trained",
         "by every client, is a fixed part of each upload).",
         "",
-        "The vision rows come from a separate run (`python benchmarks/freezing.py --models vit-b16",
-        "--batch-size 8 --overhead-rounds 0`), merged into the same JSON. Its two geometric layer sets",
+        "The vision and causal-LM rows come from separate runs (`python benchmarks/freezing.py --models vit-b16",
+        "--batch-size 8 --overhead-rounds 0`; `--models smollm2 --batch-size 8 --seq-len 128`), merged into",
+        "the same JSON. The ViT's two geometric layer sets",
         "of budget 6 (triangle: blocks 0-5; bottleneck: blocks 0-2 and 9-11) both contain block 0, so",
         "like `bottom_half` they pay for a backward pass through every block.",
         "",
@@ -255,6 +311,12 @@ def to_markdown(
         if model in VISION_MODELS:
             batch = rows[0].get("batch_size", args.batch_size)
             title += f": ViT-B/16 shape, random weights, 224x224 inputs, batch {batch}"
+        if model in LM_MODELS:
+            batch = rows[0].get("batch_size", args.batch_size)
+            title += (
+                f": instruction tuning (Wikipedia topic questions, chat template, mean "
+                f"{ref.get('mean_tokens') or 0:.0f} tokens), batch {batch}"
+            )
         if ref.get("measured"):
             title += f" (measured {ref['measured']})"
         lines += [
@@ -275,6 +337,14 @@ def to_markdown(
                 f"| {_mib(r['rss_increase_bytes'])} | {r['upload_bytes'] / 1024:.0f} |"
             )
         lines.append("")
+        gen = ref.get("generation")
+        if gen:
+            lines += [
+                f"Evaluation cost: greedy answers (at most {gen['max_new_tokens']} new tokens) for "
+                f"{gen['examples']} examples take {gen['generate_seconds']:.1f} s; a whole evaluation of them "
+                f"(response loss, then the answers) {gen['evaluate_seconds']:.1f} s, batch 32.",
+                "",
+            ]
     if overhead is not None:
         lines += [
             "## Framework overhead (in-process engine)",
@@ -331,7 +401,13 @@ def main() -> int:
 
     results = []
     for model in filter(None, args.models.split(",")):
-        default = VISION_ALLOCATIONS if model in VISION_MODELS else ALLOCATIONS
+        default = (
+            VISION_ALLOCATIONS
+            if model in VISION_MODELS
+            else LM_ALLOCATIONS
+            if model in LM_MODELS
+            else ALLOCATIONS
+        )
         for allocation in (args.allocations or ",".join(default)).split(","):
             cmd = [sys.executable, __file__, "--worker", model, allocation]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]

@@ -272,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
 
     from fedhello.deploy import add_deploy_commands
+    from fedhello.export import add_export_command
 
     add_deploy_commands(sub)
+    add_export_command(sub)
     return parser
 
 

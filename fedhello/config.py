@@ -55,18 +55,32 @@ class LoraConfig(_Strict):
 
 
 WikiLanguage = Literal["en-us", "fr-fr", "es-es"]
+WikiQuestion = Literal["topic", "title"]
+
+
+def _topic_questions() -> list[WikiQuestion]:
+    return ["topic"]
 
 
 class DataConfig(_Strict):
     """Where examples come from and how they are split."""
 
     source: Literal[
-        "wiki_vital", "csv", "jsonl", "hf", "image_folder", "domain_folder", "fashion_mnist", "digits"
+        "wiki_vital",
+        "csv",
+        "jsonl",
+        "hf",
+        "image_folder",
+        "domain_folder",
+        "fashion_mnist",
+        "digits",
+        "chatterbot",
     ] = Field(
         "wiki_vital",
         description="Texts: wiki_vital, csv, jsonl, hf. Images: hf, image_folder (root/<class>/<image>), "
         "domain_folder (root/<domain>/<class>/<image>, e.g. DomainNet), fashion_mnist (IDX files), "
-        "digits (scikit-learn's 8x8 digits).",
+        "digits (scikit-learn's 8x8 digits). Instructions (causal-lm): jsonl, csv, hf, chatterbot, "
+        "wiki_vital (questions about the articles).",
     )
     path: str | None = Field(
         None,
@@ -83,6 +97,20 @@ class DataConfig(_Strict):
     label_column: str = "label"
     domain_column: str | None = Field(
         None, description="csv/jsonl/hf: a column naming each example's domain (for partition.scheme=domain)."
+    )
+    instruction_column: str | None = Field(
+        None, description="causal-lm: the instruction column; null = instruction, prompt or question."
+    )
+    input_column: str | None = Field(
+        None, description="causal-lm: the optional input column; null = input (Alpaca) or context (Dolly)."
+    )
+    response_column: str | None = Field(
+        None,
+        description="causal-lm: the response column; null = output (Alpaca), response (Dolly) or answer.",
+    )
+    wiki_questions: list[WikiQuestion] = Field(
+        default_factory=lambda: _topic_questions(),
+        description="causal-lm on wiki_vital: ask each article's topic (among the listed topics) and/or title.",
     )
     augment: bool = Field(
         False, description="Images: random resized crop and horizontal flip while training (seeded)."
@@ -113,7 +141,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.source not in ("wiki_vital", "fashion_mnist", "digits") and not self.path:
+        if self.source not in ("wiki_vital", "fashion_mnist", "digits", "chatterbot") and not self.path:
             raise ValueError(f"data.path is required for source '{self.source}'")
         return self
 
@@ -279,6 +307,29 @@ class EvalConfig(_Strict):
 
     every: int = Field(2, ge=1, description="Evaluate every N rounds (the last round always).")
     batch_size: int = Field(128, ge=1)
+    before_training: bool = Field(
+        False, description="Also evaluate the model before round 1 (summary: before_training)."
+    )
+
+
+class LMConfig(_Strict):
+    """Instruction tuning (task causal-lm): prompts, generation and the metric that leads."""
+
+    primary_metric: Literal["exact_match", "rouge_l", "loss", "perplexity"] = Field(
+        "exact_match", description="What model selection and reports lead with."
+    )
+    chat_template: bool = Field(
+        True, description="Build prompts with the tokenizer's chat template when it has one."
+    )
+    system_prompt: str | None = Field(
+        None, description="A system message for the chat template; null = the template's default."
+    )
+    max_new_tokens: int = Field(16, ge=1, le=1024, description="Greedy generation: new tokens at most.")
+    generate_examples: int = Field(
+        200,
+        ge=1,
+        description="Generation is scored on this many examples per split (a fixed, seeded subset).",
+    )
 
 
 class FlowerConfig(_Strict):
@@ -331,6 +382,7 @@ class ExperimentConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     fisher: FisherConfig = Field(default_factory=FisherConfig)
     hetlora: HetLoRAConfig = Field(default_factory=HetLoRAConfig)
+    lm: LMConfig = Field(default_factory=LMConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
     @field_validator("method")

@@ -106,6 +106,18 @@ ADDED_AT_DEFAULT: dict[tuple[str, ...], Any] = {
     ("data", "augment_min_scale"): 0.08,
     ("partition", "within_domain"): "iid",
     ("partition", "domain_clients"): None,
+    ("data", "instruction_column"): None,
+    ("data", "input_column"): None,
+    ("data", "response_column"): None,
+    ("data", "wiki_questions"): ["topic"],
+    ("eval", "before_training"): False,
+    ("lm",): {
+        "primary_metric": "exact_match",
+        "chat_template": True,
+        "system_prompt": None,
+        "max_new_tokens": 16,
+        "generate_examples": 200,
+    },
 }
 
 

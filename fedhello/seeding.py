@@ -19,6 +19,7 @@ class Stream(IntEnum):
     LOCAL_TRAINING = 1005
     SPLIT = 1006
     FISHER = 1008
+    EVALUATION = 1009
 
 
 def numpy_rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

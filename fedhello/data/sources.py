@@ -177,7 +177,7 @@ def _load_wiki_vital(language: str | Sequence[str]) -> TextExamples:
     Several languages make one task with a domain per language: topics are mapped onto the
     shared set `WIKI_SHARED_TOPICS`, and the others are dropped."""
     if isinstance(language, str):
-        texts, topics = _wiki_articles(language)
+        texts, topics, _ = wiki_articles(language)
         return _make_examples(texts, topics, f"data.language {language}")
     languages = list(dict.fromkeys(language))
     if len(languages) < 2:
@@ -185,7 +185,8 @@ def _load_wiki_vital(language: str | Sequence[str]) -> TextExamples:
     texts, topics, domains = [], [], []
     for lang in languages:
         shared = WIKI_SHARED_TOPICS[lang]
-        for text, topic in zip(*_wiki_articles(lang), strict=True):
+        texts_, topics_, _ = wiki_articles(lang)
+        for text, topic in zip(texts_, topics_, strict=True):
             if topic in shared:
                 texts.append(text)
                 topics.append(shared[topic])
@@ -195,8 +196,8 @@ def _load_wiki_vital(language: str | Sequence[str]) -> TextExamples:
     return replace(examples, domains=domain_ids, domain_names=domain_names)
 
 
-def _wiki_articles(language: str) -> tuple[list[str], list[str]]:
-    """(summaries, topics) of one language, sorted by title, "Uncategorized" left out."""
+def wiki_articles(language: str) -> tuple[list[str], list[str], list[str]]:
+    """(summaries, topics, titles) of one language, sorted by title, "Uncategorized" left out."""
     spec = importlib.util.find_spec(WIKI_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
@@ -211,6 +212,7 @@ def _wiki_articles(language: str) -> tuple[list[str], list[str]]:
 
     texts: list[str] = []
     topics: list[str] = []
+    titles: list[str] = []
     for title in sorted(articles):
         article = articles[title]
         text = (article.get("extract") or "").strip()
@@ -219,7 +221,8 @@ def _wiki_articles(language: str) -> tuple[list[str], list[str]]:
             continue
         texts.append(text)
         topics.append(topic)
-    return texts, topics
+        titles.append(str(article.get("title") or title))
+    return texts, topics, titles
 
 
 def _load_csv(path: str, columns: Columns) -> TextExamples:

@@ -82,7 +82,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     examples, splits, client_indices = split_and_partition(cfg, task, task.load_examples())
 
     model = task.load_model(examples)
-    lm = add_lora(model, cfg.lora, seed=cfg.seed)
+    lm = add_lora(model, cfg.lora, seed=cfg.seed, head=task.has_head)
     lm.model.to(device)
     data = task.encode(examples)
 

@@ -24,10 +24,10 @@ from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
-from fedhello.io import write_atomic
+from fedhello.io import write_atomic, write_json_atomic
 from fedhello.method.base import RoundPlan
 from fedhello.records import RoundRecord, append_record, records_to_jsonl
-from fedhello.reporting.outputs import write_outputs
+from fedhello.reporting.outputs import BEFORE_TRAINING, write_outputs
 from fedhello.reporting.tracking import open_tracker
 
 RoundCallback = Callable[[int, RoundRecord], None]
@@ -91,6 +91,11 @@ def run_federation(
         records = ckpt.history
         wall_before = ckpt.wall_seconds
         write_atomic(run_dir / "metrics.jsonl", records_to_jsonl(records))
+    before = run_dir / BEFORE_TRAINING
+    if cfg.eval.before_training and not before.is_file():
+        # the starting point (LoRA B = 0: the base model), e.g. an LLM before instruction tuning
+        metrics, seconds = server.evaluate_global()
+        write_json_atomic(before, {"metrics": metrics, "eval_seconds": seconds})
     first = len(records) + 1
     rounds = cfg.federation.rounds
     train_round = make_trainer(exp)

@@ -9,6 +9,7 @@ from fedhello.models.blocks import (
 )
 from fedhello.models.loading import (
     default_cache_dir,
+    load_causal_lm,
     load_classifier,
     load_image_classifier,
     mpnet_parts,
@@ -23,6 +24,7 @@ __all__ = [
     "find_attention_projections",
     "find_blocks",
     "head_module_names",
+    "load_causal_lm",
     "load_classifier",
     "load_image_classifier",
     "mpnet_parts",

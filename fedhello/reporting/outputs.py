@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from fedhello.reporting.summary import beats_baseline, summarize
 
 if TYPE_CHECKING:
     from fedhello.engine.experiment import Experiment
+
+BEFORE_TRAINING = "before_training.json"  # the metrics before round 1 (eval.before_training)
 
 
 def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wall: float) -> dict[str, Any]:
@@ -46,6 +49,11 @@ def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wa
     summary["beats_trivial_baseline"] = beats_baseline(
         summary[f"final_test_{m}"], baseline.get(m), task.higher_is_better
     )
+    before = run_dir / BEFORE_TRAINING
+    if before.is_file():
+        summary["before_training"] = json.loads(before.read_text())["metrics"]
+        for metric, value in summary["before_training"].get("test", {}).items():
+            summary[f"before_training_test_{metric}"] = value
     summary["num_layers"] = exp.num_layers
     summary["groups"] = {g.name: {"share": g.share, "budget": g.budget} for g in exp.groups}
     write_json_atomic(run_dir / "summary.json", summary)

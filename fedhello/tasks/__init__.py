@@ -30,11 +30,13 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 def _builtins() -> None:
     if "text-classification" not in _TASKS:
+        from fedhello.tasks.causal_lm import CausalLM
         from fedhello.tasks.image_classification import ImageClassification
         from fedhello.tasks.text_classification import TextClassification
 
         register_task(TextClassification)
         register_task(ImageClassification)
+        register_task(CausalLM)
 
 
 def task_names() -> list[str]:

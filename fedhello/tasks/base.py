@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
@@ -63,9 +64,18 @@ class Task(ABC):
     has_head: ClassVar[bool] = True  # a freshly initialised output head that clients may train
     trivial_baseline_name: ClassVar[str] = "trivial"  # e.g. "majority_class" (summary key prefix)
     pretrained: bool = True  # False when load_model built random weights: reports say "not pretrained"
+    bucket_by_length: ClassVar[bool] = False  # training batches of similar lengths (less padding)
+    export_auto_class: ClassVar[str] = "AutoModel"  # the transformers class that loads an export
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
+
+    def model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The model's keyword inputs of a batch (everything but the targets)."""
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def save_preprocessing(self, folder: Path) -> None:  # noqa: B027 (optional hook, nothing by default)
+        """Save what turns raw inputs into model inputs (tokenizer, image processor) next to an export."""
 
     def summary_notes(self, examples: Examples) -> dict[str, Any]:
         """Facts about the run's model and data that its summary records (e.g. skipped images)."""
@@ -124,6 +134,9 @@ class Task(ABC):
         uniform draw per example for sampling targets from the model (`options.labels == "model"`)."""
 
 
+BUCKET_BATCHES = 16  # length bucketing sorts windows of this many batches
+
+
 def batches(
     task: Task,
     data: Any,
@@ -131,9 +144,22 @@ def batches(
     batch_size: int,
     order: torch.Generator | None,
 ) -> Iterator[dict[str, Tensor]]:
-    """Batches of the given examples: shuffled by `order`, or in length order (evaluation)."""
+    """Batches of the given examples: shuffled by `order`, or in length order (evaluation).
+
+    A task with `bucket_by_length` trains on length buckets: the shuffled examples are sorted
+    by length within windows of `BUCKET_BATCHES` batches, and the batches are then shuffled, so
+    batches stay random but carry little padding."""
     if order is not None:
         idx = indices[torch.randperm(len(indices), generator=order).numpy()]
+        if task.bucket_by_length:
+            lengths = task.lengths(data)
+            window = batch_size * BUCKET_BATCHES
+            parts = [idx[i : i + window] for i in range(0, len(idx), window)]
+            idx = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in parts]) if parts else idx
+            chunks = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+            for k in torch.randperm(len(chunks), generator=order).tolist():
+                yield task.collate(data, chunks[k], order)
+            return
     else:
         lengths = task.lengths(data)[indices]
         idx = indices[np.argsort(lengths, kind="stable")]

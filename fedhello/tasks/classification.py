@@ -7,7 +7,6 @@ cross-entropy), the majority-class baseline and the Fisher objective log p(y|x).
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from typing import Any
 
 import numpy as np
@@ -24,10 +23,6 @@ class Classification(Task):
     higher_is_better = True
     has_head = True
     trivial_baseline_name = "majority_class"
-
-    @abstractmethod
-    def model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The model's keyword inputs of a batch (everything but the labels)."""
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         loss: Tensor = model(**batch).loss  # transformers' cross-entropy over the head's logits

@@ -10,6 +10,7 @@ processor settings, plus a seeded random resized crop and flip while training wh
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,10 @@ from fedhello.tasks.classification import Classification
 
 class ImageClassification(Classification):
     name = "image-classification"
+    export_auto_class = "AutoModelForImageClassification"
 
     preprocessing: ImagePreprocessing | None = None
+    processor: Any = None  # the checkpoint's image processor, if it has one
 
     def load_examples(self) -> ImageExamples:
         return load_image_examples(self.cfg.data, seed=self.cfg.seed)
@@ -34,6 +37,7 @@ class ImageClassification(Classification):
         from fedhello.models import load_image_classifier
 
         model, processor = load_image_classifier(self.cfg.model, examples.label_names, self.cfg.seed)
+        self.processor = processor
         self.pretrained = self.cfg.model.architecture is None
         config = model.config
         channels = int(getattr(config, "num_channels", 3))
@@ -76,3 +80,7 @@ class ImageClassification(Classification):
     def summary_notes(self, examples: Examples) -> dict[str, Any]:
         skipped = examples.skipped if isinstance(examples, ImageExamples) else []
         return {"pretrained": self.pretrained, "skipped_images": len(skipped)}
+
+    def save_preprocessing(self, folder: Path) -> None:
+        if self.processor is not None:
+            self.processor.save_pretrained(folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from fedhello.tasks.classification import Classification
 
 class TextClassification(Classification):
     name = "text-classification"
+    export_auto_class = "AutoModelForSequenceClassification"
 
     tokenizer: Any = None
     pad_id: int = 0
@@ -95,3 +97,6 @@ class TextClassification(Classification):
 
     def model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def save_preprocessing(self, folder: Path) -> None:
+        self.tokenizer.save_pretrained(folder)

@@ -1,0 +1,186 @@
+"""`fedhello export RUN --to DIR`: the run's global adapter in a format other tools load.
+
+- Default: peft's own adapter format (`adapter_config.json` + `adapter_model.safetensors`), so
+  `PeftModel.from_pretrained(base, DIR)` loads it; a classifier's head goes with it (as peft's
+  `modules_to_save`). Rank-heterogeneous methods keep a full-rank global adapter, exported as is.
+- `--merge`: the adapter merged into the base weights, saved with `save_pretrained` (plus the
+  tokenizer or image processor), so `AutoModelFor...from_pretrained(DIR)` and tools built on it
+  (e.g. lm-eval's HF backend) load it without fedhello or peft.
+- A model built with random weights (`model.architecture`) has no checkpoint to be a base:
+  its base model is saved next to the adapter (`DIR/base_model`).
+- `--check`: reload what was written with plain peft / transformers and compare its logits with
+  fedhello's own on a batch of the run's test split (prints the largest absolute difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from fedhello.config import ExperimentConfig, load_config
+from fedhello.engine.checkpoint import load_checkpoint
+from fedhello.engine.experiment import split_and_partition
+from fedhello.errors import UserError
+from fedhello.models import LoraModel, add_lora
+from fedhello.models.blocks import unwrap
+from fedhello.models.loading import quiet_transformers, resolve_model_path
+from fedhello.tasks import Task, build_task
+
+BASE_MODEL_DIR = "base_model"
+
+
+@dataclass
+class LoadedRun:
+    """A run's config, task, encoded data and model with its global adapter loaded."""
+
+    cfg: ExperimentConfig
+    task: Task
+    data: Any
+    test: np.ndarray
+    lm: LoraModel
+    rounds: int
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    """Rebuild a run's model from its config.yaml and load the checkpoint's global adapter."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{run_dir}: not a fedhello run directory (no config.yaml)")
+    cfg = load_config(config)
+    ckpt = load_checkpoint(run_dir / "checkpoint")
+    task = build_task(cfg)
+    examples, splits, _ = split_and_partition(cfg, task, task.load_examples())
+    model = task.load_model(examples)
+    lm = add_lora(model, cfg.lora, seed=cfg.seed, head=task.has_head)
+    expected = set(lm.lora_params) | set(lm.head_params)
+    if set(ckpt.global_state) != expected:
+        raise UserError(
+            f"{run_dir}: the checkpoint's adapters do not fit {cfg.model.name} "
+            f"({len(ckpt.global_state)} tensors saved, {len(expected)} expected)"
+        )
+    lm.load_lora_state(ckpt.global_state)  # shapes checked: a one-line error on a mismatch
+    lm.model.eval()
+    return LoadedRun(cfg, task, task.encode(examples), splits["test"], lm, ckpt.round)
+
+
+def _checkpoint_args(run: LoadedRun) -> tuple[str, dict[str, Any]]:
+    """Where the base model's checkpoint is, and how to load it (a GGUF file needs gguf_file)."""
+    path = resolve_model_path(run.cfg.model.name)
+    if path.endswith(".gguf"):
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
+
+
+def export_adapter(run: LoadedRun, out: Path) -> None:
+    """peft's adapter files; a classifier's head as `modules_to_save`."""
+    lm = run.lm
+    peft_model: Any = lm.model
+    peft_config = peft_model.peft_config["default"]
+    config = peft_config.to_dict()
+    heads = sorted({name.split(".")[2] for name in lm.head_params})  # base_model.model.<head>.weight
+    base_path = resolve_model_path(run.cfg.model.name) if run.task.pretrained else BASE_MODEL_DIR
+    config.update(
+        {"base_model_name_or_path": base_path, "inference_mode": True, "modules_to_save": heads or None}
+    )
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    # peft saves a parameter without its adapter name ("lora_A.default.weight" -> "lora_A.weight")
+    tensors = {k.replace(".default.", "."): v.detach().cpu().contiguous() for k, v in lm.lora_state().items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+
+
+def export_run(run: LoadedRun, out: Path, *, merge: bool = False) -> None:
+    """Write the run's global adapter (or, with `merge`, the merged model) to `out`.
+    Merging changes `run.lm.model` in place (peft's merge_and_unload)."""
+    with quiet_transformers():
+        if merge:
+            model = run.lm.model.merge_and_unload()  # type: ignore[operator]
+            _forget_gguf(model)
+            model.save_pretrained(out)
+        else:
+            if not run.task.pretrained:
+                base = copy.deepcopy(run.lm.model).unload()  # type: ignore[operator]
+                base.save_pretrained(out / BASE_MODEL_DIR)
+            export_adapter(run, out)
+        run.task.save_preprocessing(out)
+
+
+def _forget_gguf(model: Any) -> None:
+    """A model loaded from a GGUF file holds dequantised float weights but still carries the GGUF
+    "quantizer", which save_pretrained refuses to serialise; the merged weights are plain floats."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    if any(not p.is_floating_point() for p in model.parameters()):
+        raise UserError("export --merge: the model holds quantised weights that cannot be saved merged")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_export(run: LoadedRun, out: Path, merged: bool) -> nn.Module:
+    """What `out` holds, loaded with plain transformers (and peft for an adapter)."""
+    import peft
+    import transformers
+
+    auto = getattr(transformers, run.task.export_auto_class)
+    with quiet_transformers():
+        if merged:
+            merged_model: nn.Module = auto.from_pretrained(out, dtype=torch.float32)
+            return merged_model.eval()
+        path, kwargs = _checkpoint_args(run) if run.task.pretrained else (str(out / BASE_MODEL_DIR), {})
+        if run.task.has_head:
+            base_model: Any = unwrap(run.lm.model)
+            # a new head of the run's size; the adapter's modules_to_save then restores the trained one
+            kwargs["num_labels"] = base_model.config.num_labels
+            kwargs["ignore_mismatched_sizes"] = True
+        base = auto.from_pretrained(path, dtype=torch.float32, **kwargs)
+        adapted: nn.Module = peft.PeftModel.from_pretrained(base, out)
+        return adapted.eval()
+
+
+def logits_on_test_batch(run: LoadedRun, model: nn.Module, examples: int = 8) -> Tensor:
+    """A model's logits on the first examples of the run's test split."""
+    batch = run.task.collate(run.data, run.test[:examples])
+    with torch.inference_mode():
+        logits: Tensor = model(**run.task.model_inputs(batch)).logits
+        return logits.float()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    run_dir, out = Path(args.run), Path(args.to)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--to {out}: exists and is not an empty folder; choose another")
+    run = load_run(run_dir)
+    reference = logits_on_test_batch(run, run.lm.model) if args.check else None
+    export_run(run, out, merge=args.merge)
+    kind = "merged model" if args.merge else "peft adapter"
+    print(f"exported the global model of round {run.rounds} of {run_dir} to {out} ({kind})")
+    if reference is not None:
+        diff = (logits_on_test_batch(run, load_export(run, out, args.merge)) - reference).abs().max()
+        print(f"check: max |logit difference| from fedhello's model on 8 test examples: {float(diff):.3g}")
+    return 0
+
+
+def add_export_command(subparsers: argparse._SubParsersAction) -> None:
+    export = subparsers.add_parser(
+        "export", help="write a run's global adapter in peft's format (or, --merge, a merged model)"
+    )
+    export.add_argument("run", metavar="RUN", help="the run directory (its config.yaml and checkpoint/)")
+    export.add_argument("--to", required=True, metavar="DIR", help="an empty or new folder")
+    export.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    export.add_argument(
+        "--check",
+        action="store_true",
+        help="reload the export with plain peft/transformers and compare logits",
+    )
+    export.set_defaults(func=cmd_export)
