@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from fedhello.config import ExperimentConfig, load_config
 from fedhello.engine.checkpoint import load_checkpoint
 from fedhello.engine.experiment import split_and_partition
+from fedhello.engine.loop import holds_run
 from fedhello.errors import UserError
 from fedhello.models import LoraModel, add_lora
 from fedhello.models.blocks import unwrap
@@ -56,6 +57,8 @@ def load_run(run_dir: Path) -> LoadedRun:
     if not config.is_file():
         raise UserError(f"{run_dir}: not a fedhello run directory (no config.yaml)")
     cfg = load_config(config)
+    if not holds_run(run_dir):
+        raise UserError(f"{run_dir}: no checkpoint yet (the run has not finished a round)")
     ckpt = load_checkpoint(run_dir / "checkpoint")
     task = build_task(cfg)
     examples, splits, _ = split_and_partition(cfg, task, task.load_examples())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,14 @@ def test_run_evaluates_before_training_and_exports_to_peft_and_transformers(
     assert "not an empty folder" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--to", str(tmp_path / "x")]) == 2
     assert "not a fedhello run directory" in capsys.readouterr().err
+    other = tmp_path / "other"  # the same checkpoint under a config with another LoRA rank
+    shutil.copytree(tmp_path / "run", other)
+    (other / "config.yaml").write_text(
+        (other / "config.yaml").read_text().replace("\n  r: 4\n", "\n  r: 8\n")
+    )
+    assert main(["export", str(other), "--to", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "has shape" in err and not (tmp_path / "y").exists()
 
 
 def test_classifier_export_includes_the_head(

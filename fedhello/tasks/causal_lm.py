@@ -204,7 +204,12 @@ class CausalLM(Task):
             if len(prompt) + len(target) <= limit:
                 return prompt, target
         prompt = self._prompt_ids(instruction, context)
-        room = max(limit - len(prompt), 1)
+        room = limit - len(prompt)
+        if room < 2:
+            raise UserError(
+                f"model.max_length: {limit} tokens leave no room for a response after the prompt "
+                f"template ({len(prompt)} tokens with the instruction cut away); raise it"
+            )
         return prompt, target[: room - 1] + target[-1:]
 
     def lengths(self, data: EncodedInstructions) -> np.ndarray:
