@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from fedhello.config import FisherConfig
 from fedhello.method.allocation import AllocationStrategy
@@ -26,3 +27,22 @@ def build_strategy(
     built = build_method(method, ctx)
     assert isinstance(built, LayerAllocation), f"{method} is not a layer-allocation method"
     return built.strategy
+
+
+TIMING_KEYS = {
+    "seconds",
+    "train_seconds",
+    "eval_seconds",
+    "round_seconds",
+    "peak_memory_bytes",
+    "step_seconds",
+}
+
+
+def strip_timing(obj: Any) -> Any:
+    """A records tree without its timings (which differ between two runs of one seed)."""
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import strip_timing
 
 from fedhello import load_config, run_experiment
 from fedhello.cli import main
@@ -18,16 +19,6 @@ from fedhello.engine.client import ClientResult, train_assignment, train_client
 from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.method.aggregation import payload_bytes
 from fedhello.method.base import Assignment
-
-TIMING_KEYS = {"seconds", "train_seconds", "eval_seconds", "round_seconds", "peak_memory_bytes"}
-
-
-def _strip_timing(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [_strip_timing(v) for v in obj]
-    return obj
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -142,7 +133,7 @@ def test_resume_after_interrupt_equals_uninterrupted_and_seed_is_reproducible(
     cfg = load_config(None, tiny_overrides("method=rgd-bottleneck"))
     full = run_experiment(cfg, tmp_path / "full")
     again = run_experiment(cfg, tmp_path / "again")
-    assert _strip_timing(_metrics(tmp_path / "full")) == _strip_timing(_metrics(tmp_path / "again"))
+    assert strip_timing(_metrics(tmp_path / "full")) == strip_timing(_metrics(tmp_path / "again"))
     assert full["final_test_accuracy"] == again["final_test_accuracy"]
 
     def interrupt(round_number: int, record: object) -> None:
@@ -154,7 +145,7 @@ def test_resume_after_interrupt_equals_uninterrupted_and_seed_is_reproducible(
     assert len(_metrics(tmp_path / "cut")) == 2
     resumed = run_experiment(cfg, tmp_path / "cut", resume=True)
     assert resumed["rounds_completed"] == 3
-    assert _strip_timing(_metrics(tmp_path / "cut")) == _strip_timing(_metrics(tmp_path / "full"))
+    assert strip_timing(_metrics(tmp_path / "cut")) == strip_timing(_metrics(tmp_path / "full"))
     for key in (
         "final_test_accuracy",
         "mean_last5_test_accuracy",
@@ -280,7 +271,7 @@ def test_fisher_schedule_in_a_run_logs_refreshes_and_resumes_exactly(
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut", on_round_end=interrupt)
     run_experiment(cfg, tmp_path / "cut", resume=True)
-    assert _strip_timing(_metrics(tmp_path / "cut")) == _strip_timing(rounds)
+    assert strip_timing(_metrics(tmp_path / "cut")) == strip_timing(rounds)
 
 
 def test_default_method_is_the_co_designed_schedule() -> None:

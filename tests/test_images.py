@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import strip_timing
 from PIL import Image
 
 from fedhello import load_config, run_experiment
@@ -24,23 +25,6 @@ from fedhello.engine.client import train_client
 from fedhello.engine.experiment import prepare_experiment
 from fedhello.errors import UserError
 from fedhello.method.base import Assignment
-
-TIMING_KEYS = {
-    "seconds",
-    "train_seconds",
-    "eval_seconds",
-    "round_seconds",
-    "peak_memory_bytes",
-    "step_seconds",
-}
-
-
-def _strip_timing(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [_strip_timing(v) for v in obj]
-    return obj
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -360,7 +344,7 @@ def test_vit_run_resumes_exactly_and_is_reproducible(
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut", on_round_end=interrupt)
     resumed = run_experiment(cfg, tmp_path / "cut", resume=True)
-    assert _strip_timing(_records(tmp_path / "cut")) == _strip_timing(records)
+    assert strip_timing(_records(tmp_path / "cut")) == strip_timing(records)
     assert resumed["final_test_accuracy"] == full["final_test_accuracy"]
     for name in ("accuracy.png", "layer_frequency.png", "summary.json"):
         assert (tmp_path / "full" / name).is_file()
@@ -409,4 +393,4 @@ def test_offline_fashion_mnist_config_is_reproducible(fashion_mnist_dir: Path, t
     run_experiment(load_config(config, short), tmp_path / "b")
     assert a["pretrained"] is False
     assert a["final_test_accuracy"] > 0.3  # chance is 0.10
-    assert _strip_timing(_records(tmp_path / "a")) == _strip_timing(_records(tmp_path / "b"))
+    assert strip_timing(_records(tmp_path / "a")) == strip_timing(_records(tmp_path / "b"))

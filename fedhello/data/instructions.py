@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from fedhello.config import DataConfig
 from fedhello.data.sources import (
     label_ids,
     load_hf_split,
+    read_jsonl,
     stratified_sample,
     wiki_articles,
 )
@@ -93,25 +93,14 @@ def _rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
     if cfg.source == "hf":
         dataset = load_hf_split(cfg.path, cfg.hf_split, cfg.hf_config)
         return [dict(r) for r in dataset], f"data.path {cfg.path}"
+    if cfg.source == "jsonl":
+        return [record for _, record in read_jsonl(cfg.path)], cfg.path
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"{cfg.path}: file not found")
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            if cfg.source == "csv":
-                return list(csv.DictReader(f)), cfg.path
-            rows = []
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{cfg.path}: bad JSON on line {number}: {e.msg}") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{cfg.path}: line {number}: expected a JSON object")
-                rows.append(record)
-            return rows, cfg.path
+            return list(csv.DictReader(f)), cfg.path
     except UnicodeDecodeError:
         raise UserError(f"{cfg.path}: not UTF-8 text") from None
     except csv.Error as e:

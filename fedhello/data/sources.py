@@ -254,9 +254,11 @@ def _load_csv(path: str, columns: Columns) -> TextExamples:
     return _examples_from_rows(rows, columns, path)
 
 
-def _load_jsonl(path: str, columns: Columns) -> TextExamples:
+def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSON Lines file; a missing file, bad
+    JSON, a line that is not an object or text that is not UTF-8 is a one-line error."""
     file = _existing_file(path)
-    rows: list[dict[str, object]] = []
+    rows: list[tuple[int, dict[str, Any]]] = []
     try:
         with file.open(encoding="utf-8-sig") as f:
             for line_number, line in enumerate(f, start=1):
@@ -268,20 +270,26 @@ def _load_jsonl(path: str, columns: Columns) -> TextExamples:
                     raise UserError(f"{path}: bad JSON on line {line_number}: {e.msg}") from None
                 if not isinstance(record, dict):
                     raise UserError(f"{path}: line {line_number}: expected a JSON object")
-                for column in columns.required:
-                    if column not in record:
-                        raise UserError(
-                            f"{path}: line {line_number}: missing column '{column}' "
-                            f"(columns: {', '.join(map(str, record))})"
-                        )
-                    if column != columns.text and record[column] in (None, ""):
-                        raise UserError(f"{path}: line {line_number}: no value for column '{column}'")
-                rows.append(record)
+                rows.append((line_number, record))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+    return rows
+
+
+def _load_jsonl(path: str, columns: Columns) -> TextExamples:
+    rows = read_jsonl(path)
+    for line_number, record in rows:
+        for column in columns.required:
+            if column not in record:
+                raise UserError(
+                    f"{path}: line {line_number}: missing column '{column}' "
+                    f"(columns: {', '.join(map(str, record))})"
+                )
+            if column != columns.text and record[column] in (None, ""):
+                raise UserError(f"{path}: line {line_number}: no value for column '{column}'")
     if not rows:
         raise UserError(f"{path}: empty file")
-    return _examples_from_rows(rows, columns, path)
+    return _examples_from_rows([record for _, record in rows], columns, path)
 
 
 def _examples_from_rows(rows: Sequence[dict[str, Any]], columns: Columns, where: str) -> TextExamples:
