@@ -16,7 +16,7 @@ from fedhello.errors import UserError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -209,6 +209,27 @@ class FederationConfig(_Strict):
         "aggregate",
         description="Train and average the classification head, or keep it frozen at a seeded init (released).",
     )
+    aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
+        "mean",
+        description="Per tensor: the weighted mean, or (robust) the coordinate-wise median or trimmed mean of "
+        "its contributors (docs/robustness.md).",
+    )
+    trim_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=0.5,
+        description="trimmed_mean: fraction of contributors cut at each end, per coordinate.",
+    )
+    norm_bound: Literal["none", "clip", "reject"] = Field(
+        "none",
+        description="Bound each sent tensor's norm: scale it down to the bound, or reject the whole update.",
+    )
+    norm_bound_factor: float = Field(
+        10.0, gt=0, description="The bound is this many times the median norm of the tensor's contributors."
+    )
+    norm_bound_max: float | None = Field(
+        None, gt=0, description="An absolute bound on any sent tensor's norm (also where no median exists)."
+    )
 
 
 class TrainConfig(_Strict):
@@ -350,7 +371,9 @@ class FlowerConfig(_Strict):
 class ExperimentConfig(_Strict):
     """A whole experiment. `fedhello run` and `fedhello.run_experiment` take one of these."""
 
-    seed: int = 0
+    seed: int = Field(
+        0, ge=0, description="Fixes every random stream (partitions, sampling, init, data order)."
+    )
     task: str = Field(
         "text-classification",
         description="What is learned and measured (fedhello/tasks/); the model's head follows from it.",
@@ -480,7 +503,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(f"{p}: config file not found")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UserError(f"{p}: not UTF-8 text") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""

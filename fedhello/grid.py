@@ -111,6 +111,11 @@ ADDED_AT_DEFAULT: dict[tuple[str, ...], Any] = {
     ("data", "response_column"): None,
     ("data", "wiki_questions"): ["topic"],
     ("eval", "before_training"): False,
+    ("federation", "aggregation"): "mean",
+    ("federation", "trim_fraction"): 0.2,
+    ("federation", "norm_bound"): "none",
+    ("federation", "norm_bound_factor"): 10.0,
+    ("federation", "norm_bound_max"): None,
     ("lm",): {
         "primary_metric": "exact_match",
         "chat_template": True,

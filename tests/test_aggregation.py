@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from fedhello.method.aggregation import ClientUpdate, aggregate_per_layer, payload_bytes, screen_updates
+from fedhello.method.aggregation import (
+    ClientUpdate,
+    Expected,
+    aggregate_per_layer,
+    payload_bytes,
+    screen_updates,
+)
 
 
 def _global() -> dict[str, torch.Tensor]:
@@ -67,7 +73,10 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(deltas: dict, reason: 
     good = ClientUpdate(1, {"a": torch.tensor([1.0, 1.0])}, 10)
     bad = ClientUpdate(9, deltas, 10)
     shapes = {k: tuple(v.shape) for k, v in g.items()}
-    allowed = {1: {k: shapes[k] for k in ("a", "head")}, 9: {k: shapes[k] for k in ("a", "b", "head")}}
+    allowed = {
+        1: Expected({"a": shapes["a"]}, 10),
+        9: Expected({k: shapes[k] for k in ("a", "b", "head")}, 10),
+    }
     accepted, rejected = screen_updates([good, bad], g, allowed)
     assert [u.client_id for u in accepted] == [1]
     assert reason in rejected[9]

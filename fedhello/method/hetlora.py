@@ -11,6 +11,7 @@ the server remembers (and checkpoints).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fedhello.config import HetLoRAConfig
-from fedhello.method.aggregation import State
+from fedhello.method.aggregation import ClientUpdate, State
 from fedhello.method.base import Assignment, ClientProfile, LocalTraining, MethodContext, Updates, Weighting
 from fedhello.method.rank import (
     RankHeterogeneous,
@@ -97,6 +98,17 @@ class HetLoRA(RankHeterogeneous):
         return super().local_training(assignment)
 
     mix = staticmethod(norm_weighted_mix)
+
+    def check_update(self, update: ClientUpdate, assignment: Assignment) -> str | None:
+        """A self-pruned rank must be a whole number from 1 to the client's rank."""
+        if "rank" not in update.metrics:
+            return None
+        rank, limit = update.metrics["rank"], int(assignment.rank or 0)
+        if not isinstance(rank, (int, float)) or not math.isfinite(rank) or rank != int(rank):
+            return f"reported rank {rank!r} is not a whole number"
+        if not 1 <= rank <= limit:
+            return f"reported rank {int(rank)} is outside 1..{limit}"
+        return None
 
     def after_aggregate(self, updates: Updates, ranks: Ranks) -> None:
         for u in updates:

@@ -15,12 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedhello.errors import UserError
 from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
 from fedhello.method.base import (
     Assignment,
     ClientProfile,
     LocalTraining,
     Method,
+    MethodContext,
     RoundInputs,
     RoundPlan,
     Updates,
@@ -171,6 +173,14 @@ class RankHeterogeneous(Method):
     FlexLoRA's SVD)."""
 
     mix: LoraMix
+
+    def __init__(self, name: str, ctx: MethodContext) -> None:
+        super().__init__(name, ctx)
+        if ctx.aggregation != "mean":
+            raise UserError(
+                f"federation.aggregation: {name} combines zero-padded rank slices by its own rule; "
+                "use mean (federation.norm_bound still applies to what clients send)"
+            )
 
     def client_rank(self, client: int, profile: ClientProfile) -> int:
         return profile.rank

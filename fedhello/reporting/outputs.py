@@ -54,6 +54,12 @@ def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wa
         summary["before_training"] = json.loads(before.read_text())["metrics"]
         for metric, value in summary["before_training"].get("test", {}).items():
             summary[f"before_training_test_{metric}"] = value
+    fed = exp.cfg.federation
+    summary["aggregation"] = {
+        "rule": fed.aggregation,
+        "norm_bound": fed.norm_bound,
+        "rejected_updates": sum(len(r.rejected) for r in records),
+    }
     summary["num_layers"] = exp.num_layers
     summary["groups"] = {g.name: {"share": g.share, "budget": g.budget} for g in exp.groups}
     write_json_atomic(run_dir / "summary.json", summary)

@@ -81,7 +81,7 @@ def plot_fisher_scores(records: Sequence[RoundRecord], path: Path, title: str) -
     refreshes = [r.fisher for r in records if r.fisher is not None]
     if not refreshes:
         return False
-    scores = np.array([f["scores"] for f in refreshes])
+    scores = np.array([[np.nan if x is None else x for x in f["scores"]] for f in refreshes], dtype=float)
     rounds = [f["round"] for f in refreshes]
     fig, ax = plt.subplots(figsize=(6.4, 4))
     cmap = plt.get_cmap("viridis", scores.shape[1])

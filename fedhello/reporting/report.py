@@ -456,8 +456,15 @@ def _describe(grid: Grid) -> str:
     groups = ", ".join(f"{g} {_budget(v)} of {c['num_layers']} blocks" for g, v in c["groups"].items())
     base = grid.meta.get("base_config", {})
     fed, train, data = base.get("federation", {}), base.get("train", {}), base.get("data", {})
+    aggregation = c.get("aggregation", {})
+    robust = [f"{k.replace('_', ' ')} {v}" for k, v in aggregation.items() if k != "rejected_updates"]
     parts = [
         f"model {grid.model} ({c['num_layers']} blocks)",
+        *(
+            ["aggregation: " + ", ".join(robust)]
+            if aggregation and robust != ["rule mean", "norm bound none"]
+            else []
+        ),
         f"budgets: {groups}",
         f"settings: {', '.join(grid.ordered('setting'))}",
         f"client ratios (low:mid:high): {', '.join(grid.ordered('roc'))}",

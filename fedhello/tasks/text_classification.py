@@ -100,3 +100,7 @@ class TextClassification(Classification):
 
     def save_preprocessing(self, folder: Path) -> None:
         self.tokenizer.save_pretrained(folder)
+
+    def summary_notes(self, examples: Examples) -> dict[str, Any]:
+        dropped = examples.dropped if isinstance(examples, TextExamples) else 0
+        return {**super().summary_notes(examples), "dropped_examples": dropped}
