@@ -81,8 +81,10 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "With the plain mean the attacker's update dominates every tensor it sent, and the run still",
-        "finishes (Fisher refreshes of the broken model keep the previous probabilities). With",
+        "With the plain mean the attacker's update dominates every tensor it sent and the model falls",
+        "to the majority-class level; the run still finishes: Fisher refreshes of the broken model keep",
+        "the previous probabilities, and honest updates that come back non-finite from the broken model",
+        "are rejected by screening (the rejected updates of that row). With",
         "`federation.norm_bound=reject` the attacker's update is rejected every round (docs/robustness.md).",
         "",
     ]
