@@ -53,34 +53,71 @@ class FlowerTrainer:
         self.grid = grid
         self.exp = exp
         self.nodes: dict[int, int] = {}  # partition-id (= fedhello client id) -> Flower node id
+        self.refused: set[int] = set()  # nodes whose partition claim was refused (asked no more)
         self.first_round = True
 
     def discover(self, wanted: set[int]) -> None:
-        """Learn which node holds which partition; the first round waits for all `wanted` ones."""
+        """Learn which node holds which partition; the first round waits for all `wanted` ones.
+
+        Nodes that have not answered are asked again until `flower.connect_timeout`. A reply with
+        an error, or with a partition id that is not a client of this federation, is logged with
+        the node; a partition is bound to the first node that claims it (a second claim is
+        refused and logged). Still-missing partitions are named with the last error seen."""
         flower = self.exp.cfg.flower
         deadline = time.monotonic() + (flower.connect_timeout if self.first_round else 0.0)
         self.first_round = False
+        last_error = ""
         while True:
             online = set(self.grid.get_node_ids())
             self.nodes = {p: n for p, n in self.nodes.items() if n in online}  # forget departed nodes
-            unknown = sorted(online - set(self.nodes.values()))
+            unknown = sorted(online - set(self.nodes.values()) - self.refused)
             if unknown:
                 queries = [
                     Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown
                 ]
                 for reply in self.grid.send_and_receive(queries, timeout=flower.connect_timeout):
-                    if reply.has_error():
-                        continue
-                    pid = int(reply.content["config"]["partition-id"])  # type: ignore[arg-type]
-                    self.nodes[pid] = reply.metadata.src_node_id
+                    last_error = self._register(reply) or last_error
             if wanted <= set(self.nodes) or time.monotonic() >= deadline:
+                missing = sorted(wanted - set(self.nodes))
+                if missing and last_error:
+                    log.warning("no SuperNode holds partitions %s; last error: %s", missing, last_error)
                 return
             time.sleep(0.5)
+
+    def _register(self, reply: Message) -> str | None:
+        """Bind the partition a query reply names to its node; the problem, if any, is returned."""
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            problem = f"node {node}: {reply.error.reason}"
+            log.warning("partition query failed: %s", problem)
+            return problem
+        try:
+            pid = int(reply.content["config"]["partition-id"])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            problem = f"node {node}: no readable partition-id in its reply"
+            log.warning("partition query: %s", problem)
+            return problem
+        if not 0 <= pid < self.exp.cfg.partition.num_clients:
+            problem = (
+                f"node {node} claims partition {pid}, not one of 0..{self.exp.cfg.partition.num_clients - 1}"
+            )
+            log.warning("partition query: %s", problem)
+            self.refused.add(node)
+            return problem
+        holder = self.nodes.get(pid)
+        if holder is not None and holder != node:
+            problem = f"node {node} claims partition {pid}, already held by node {holder}; refused"
+            log.warning("partition query: %s", problem)
+            self.refused.add(node)
+            return problem
+        self.nodes[pid] = node
+        return None
 
     def __call__(self, plan: RoundPlan, server: FederatedServer) -> list[ClientResult]:
         flower = self.exp.cfg.flower
         self.discover(set(plan.clients))
         messages = []
+        sent: dict[int, int] = {}  # node id -> the client its message was for
         for c in plan.clients:
             if c not in self.nodes:
                 log.warning(
@@ -104,15 +141,23 @@ class FlowerTrainer:
                     group_id=str(plan.round_number),
                 )
             )
+            sent[self.nodes[c]] = c
         results = []
         for reply in self.grid.send_and_receive(messages, timeout=flower.round_timeout):
+            node = reply.metadata.src_node_id
+            if node not in sent:
+                log.warning(
+                    "round %d: ignored a reply from node %d, which was sent no message",
+                    plan.round_number,
+                    node,
+                )
+                continue
             if reply.has_error():
-                node = reply.metadata.src_node_id
                 log.warning(
                     "round %d: node %d replied with an error: %s", plan.round_number, node, reply.error.reason
                 )
                 continue
-            results.append(result_from_reply(reply.content))
+            results.append(result_from_reply(reply.content, sent.pop(node)))
         if len(results) < flower.min_replies:
             raise RuntimeError(
                 f"round {plan.round_number}: {len(results)} replies, fewer than flower.min_replies="
@@ -141,23 +186,40 @@ def reply_content(result: ClientResult) -> RecordDict:
     )
 
 
-def result_from_reply(content: RecordDict) -> ClientResult:
-    m, config = content["metrics"], content["config"]
-    update = ClientUpdate(
-        client_id=int(config["client"]),  # type: ignore[arg-type]
-        deltas=content["arrays"].to_torch_state_dict(),  # type: ignore[union-attr]
-        num_samples=int(m["num-examples"]),  # type: ignore[arg-type]
-        metrics={k: float(v) for k, v in content["update-metrics"].items()},  # type: ignore[arg-type]
-    )
-    return ClientResult(
-        update,
-        tuple(int(x) for x in config["layers"]),  # type: ignore[union-attr]
-        float(m["seconds"]),  # type: ignore[arg-type]
-        int(m["peak-memory-bytes"]),  # type: ignore[arg-type]
-        int(m["steps"]),  # type: ignore[arg-type]
-        float(m["train-loss"]),  # type: ignore[arg-type]
-        [float(x) for x in m["step-seconds"]],  # type: ignore[union-attr]
-    )
+def result_from_reply(content: RecordDict, client: int) -> ClientResult:
+    """The ClientResult of a reply to the message sent to `client`'s node. The client is the one
+    the message went to, never what the reply says; a reply that cannot be read becomes a result
+    whose update carries the problem, so that screening rejects it with that reason."""
+    try:
+        m, config = content["metrics"], content["config"]
+        claimed = int(config["client"])  # type: ignore[arg-type]
+        update = ClientUpdate(
+            client_id=client,
+            deltas=content["arrays"].to_torch_state_dict(),  # type: ignore[union-attr]
+            num_samples=m["num-examples"],  # type: ignore[arg-type]  # screened: a whole, finite count
+            metrics={k: float(v) for k, v in content["update-metrics"].items()},  # type: ignore[arg-type]
+        )
+        result = ClientResult(
+            update,
+            tuple(int(x) for x in config["layers"]),  # type: ignore[union-attr]
+            float(m["seconds"]),  # type: ignore[arg-type]
+            int(m["peak-memory-bytes"]),  # type: ignore[arg-type]
+            int(m["steps"]),  # type: ignore[arg-type]
+            float(m["train-loss"]),  # type: ignore[arg-type]
+            [float(x) for x in m["step-seconds"]],  # type: ignore[union-attr]
+        )
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        what = f"'{e.args[0]}' missing" if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
+        return _rejected_result(client, f"malformed reply: {what}")
+    if claimed != client:
+        return _rejected_result(
+            client, f"the reply claims client {claimed}, but the message went to client {client}"
+        )
+    return result
+
+
+def _rejected_result(client: int, problem: str) -> ClientResult:
+    return ClientResult(ClientUpdate(client, {}, 0, problem=problem), (), 0.0, 0, 0, float("nan"))
 
 
 # -- client side -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class ClientUpdate:
     deltas: dict[str, torch.Tensor]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    problem: str | None = None  # set by an engine that could not read the reply (screening rejects it)
 
 
 def payload_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
@@ -68,6 +69,8 @@ def check_update(
     converted to the global dtype (a float64 1e300 would become inf in a float32 state)."""
     if expected is None:
         return f"client {update.client_id} was not sampled this round"
+    if update.problem is not None:
+        return update.problem
     problem = _sample_count_problem(update.num_samples, expected.max_samples)
     if problem is not None:
         return problem

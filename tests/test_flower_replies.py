@@ -1,0 +1,151 @@
+"""The Flower engine's server side against hostile SuperNodes, without Flower processes: a fake
+Grid answers queries and TRAIN messages with real (and tampered) ClientApp replies."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from fedhello import load_config
+from fedhello.engine.experiment import Experiment, prepare_experiment
+from fedhello.engine.flower import FlowerTrainer, train_from_message
+from fedhello.engine.server import FederatedServer
+
+Tamper = Callable[[RecordDict], RecordDict | None]
+
+
+class Reply:
+    def __init__(self, node: int, content: RecordDict | None = None, error: str | None = None) -> None:
+        self.metadata = SimpleNamespace(src_node_id=node)
+        self.content = content
+        self.error = SimpleNamespace(reason=error)
+
+    def has_error(self) -> bool:
+        return self.error.reason is not None
+
+
+class FakeGrid:
+    """Nodes 100+i hold partition claims[i]; TRAIN replies are the real ClientApp's, then tampered."""
+
+    def __init__(
+        self, exp: Experiment, claims: dict[int, Any], tamper: dict[int, Tamper] | None = None
+    ) -> None:
+        self.exp, self.claims, self.tamper = exp, claims, tamper or {}
+        self.extra: list[Reply] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.claims)
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Any]:
+        replies: list[Any] = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if m.metadata.message_type == MessageType.QUERY:
+                claim = self.claims[node]
+                if claim == "error":
+                    replies.append(Reply(node, error="ClientApp crashed"))
+                else:
+                    replies.append(Reply(node, RecordDict({"config": ConfigRecord({"partition-id": claim})})))
+                continue
+            content = train_from_message(self.exp, m.content, None)
+            content = self.tamper.get(node, lambda c: c)(content)
+            if content is not None:
+                replies.append(Reply(node, content))
+        return replies + self.extra
+
+
+@pytest.fixture(autouse=True)
+def run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's Message needs the id of the run it belongs to, as inside a ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def exp(tiny_overrides: Callable[..., list[str]]) -> Experiment:
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            "method=rgd-bottleneck", "flower.connect_timeout=0.5", "federation.clients_per_round=4"
+        ),
+    )
+    return prepare_experiment(cfg)
+
+
+def _without(key: str) -> Tamper:
+    return lambda c: RecordDict({k: v for k, v in c.items() if k != key})
+
+
+def _nan_examples(c: RecordDict) -> RecordDict:
+    metrics = dict(c["metrics"])  # type: ignore[arg-type]
+    metrics["num-examples"] = math.nan
+    return RecordDict({**dict(c.items()), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+
+
+def _claims(client: int) -> Tamper:
+    def tamper(c: RecordDict) -> RecordDict:
+        config = dict(c["config"])  # type: ignore[arg-type]
+        config["client"] = client
+        return RecordDict({**dict(c.items()), "config": ConfigRecord(config)})  # type: ignore[arg-type]
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_without("arrays"), "malformed reply: 'arrays' missing"),
+        (_without("metrics"), "malformed reply: 'metrics' missing"),
+        (_nan_examples, "sample count nan is not a whole number"),
+        (_claims(5), "the reply claims client 5"),
+    ],
+    ids=["no arrays", "no metrics", "nan examples", "claims another client"],
+)
+def test_a_malformed_reply_is_rejected_and_the_rest_aggregated(
+    exp: Experiment, tamper: Tamper, reason: str
+) -> None:
+    server = FederatedServer(exp)
+    plan = server.configure_round(1)
+    victim = plan.clients[0]
+    grid = FakeGrid(exp, {100 + p: p for p in range(exp.cfg.partition.num_clients)}, {100 + victim: tamper})
+    grid.extra = [Reply(999, RecordDict())]  # a node that was sent nothing this round
+    results = FlowerTrainer(grid, exp)(plan, server)  # type: ignore[arg-type]
+    before = {k: v.clone() for k, v in server.global_state.items()}
+    record = server.aggregate_round(plan, results)
+    assert reason in record.rejected[str(victim)]
+    assert sorted(c.client for c in record.clients) == sorted(plan.clients)
+
+    # the global model is the aggregate of the valid replies alone
+    reference = FederatedServer(exp, before)
+    honest = [r for r in results if r.update.client_id != victim]
+    expected = reference.aggregate_round(plan, honest)
+    assert expected.rejected == {}
+    for k in before:
+        torch.testing.assert_close(server.global_state[k], reference.global_state[k], atol=0, rtol=0)
+
+
+def test_discovery_refuses_second_claims_and_foreign_partitions_and_logs_errors(
+    exp: Experiment, caplog: pytest.LogCaptureFixture
+) -> None:
+    claims: dict[int, Any] = {100 + p: p for p in range(exp.cfg.partition.num_clients)}
+    claims[200] = 0  # a second node claiming partition 0
+    claims[201] = 999  # a partition that is not part of this federation
+    claims[202] = "error"  # a ClientApp that fails to answer
+    trainer = FlowerTrainer(FakeGrid(exp, claims), exp)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        trainer.discover(set(range(exp.cfg.partition.num_clients)))
+    assert trainer.nodes == {p: 100 + p for p in range(exp.cfg.partition.num_clients)}
+    assert "node 200 claims partition 0, already held by node 100; refused" in caplog.text
+    assert "node 201 claims partition 999" in caplog.text
+    assert "node 202: ClientApp crashed" in caplog.text
+    assert {200, 201} <= trainer.refused
