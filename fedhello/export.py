@@ -26,33 +26,31 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from fedhello.config import ExperimentConfig, load_config
+from fedhello.config import load_config
 from fedhello.engine.checkpoint import load_checkpoint
-from fedhello.engine.experiment import split_and_partition
+from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.engine.loop import holds_run
 from fedhello.errors import UserError
-from fedhello.models import LoraModel, add_lora
 from fedhello.models.blocks import unwrap
-from fedhello.models.loading import quiet_transformers, resolve_model_path
-from fedhello.tasks import Task, build_task
+from fedhello.models.loading import checkpoint_location, quiet_transformers, resolve_model_path
 
 BASE_MODEL_DIR = "base_model"
 
 
 @dataclass
 class LoadedRun:
-    """A run's config, task, encoded data and model with its global adapter loaded."""
+    """A run's experiment (config, task, data, model) with the checkpoint's global adapter loaded."""
 
-    cfg: ExperimentConfig
-    task: Task
-    data: Any
-    test: np.ndarray
-    lm: LoraModel
+    exp: Experiment
     rounds: int
+
+    @property
+    def test(self) -> np.ndarray:
+        return self.exp.splits["test"]
 
 
 def load_run(run_dir: Path) -> LoadedRun:
-    """Rebuild a run's model from its config.yaml and load the checkpoint's global adapter."""
+    """Rebuild a run's experiment from its config.yaml and load the checkpoint's global adapter."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise UserError(f"{run_dir}: not a fedhello run directory (no config.yaml)")
@@ -60,10 +58,8 @@ def load_run(run_dir: Path) -> LoadedRun:
     if not holds_run(run_dir):
         raise UserError(f"{run_dir}: no checkpoint yet (the run has not finished a round)")
     ckpt = load_checkpoint(run_dir / "checkpoint")
-    task = build_task(cfg)
-    examples, splits, _ = split_and_partition(cfg, task, task.load_examples())
-    model = task.load_model(examples)
-    lm = add_lora(model, cfg.lora, seed=cfg.seed, head=task.has_head)
+    exp = prepare_experiment(cfg)
+    lm = exp.lm
     expected = set(lm.lora_params) | set(lm.head_params)
     if set(ckpt.global_state) != expected:
         raise UserError(
@@ -72,25 +68,17 @@ def load_run(run_dir: Path) -> LoadedRun:
         )
     lm.load_lora_state(ckpt.global_state)  # shapes checked: a one-line error on a mismatch
     lm.model.eval()
-    return LoadedRun(cfg, task, task.encode(examples), splits["test"], lm, ckpt.round)
-
-
-def _checkpoint_args(run: LoadedRun) -> tuple[str, dict[str, Any]]:
-    """Where the base model's checkpoint is, and how to load it (a GGUF file needs gguf_file)."""
-    path = resolve_model_path(run.cfg.model.name)
-    if path.endswith(".gguf"):
-        return str(Path(path).parent), {"gguf_file": Path(path).name}
-    return path, {}
+    return LoadedRun(exp, ckpt.round)
 
 
 def export_adapter(run: LoadedRun, out: Path) -> None:
     """peft's adapter files; a classifier's head as `modules_to_save`."""
-    lm = run.lm
+    lm = run.exp.lm
     peft_model: Any = lm.model
     peft_config = peft_model.peft_config["default"]
     config = peft_config.to_dict()
     heads = sorted({name.split(".")[2] for name in lm.head_params})  # base_model.model.<head>.weight
-    base_path = resolve_model_path(run.cfg.model.name) if run.task.pretrained else BASE_MODEL_DIR
+    base_path = resolve_model_path(run.exp.cfg.model.name) if run.exp.task.pretrained else BASE_MODEL_DIR
     config.update(
         {"base_model_name_or_path": base_path, "inference_mode": True, "modules_to_save": heads or None}
     )
@@ -104,18 +92,18 @@ def export_adapter(run: LoadedRun, out: Path) -> None:
 
 def export_run(run: LoadedRun, out: Path, *, merge: bool = False) -> None:
     """Write the run's global adapter (or, with `merge`, the merged model) to `out`.
-    Merging changes `run.lm.model` in place (peft's merge_and_unload)."""
+    Merging changes `run.exp.lm.model` in place (peft's merge_and_unload)."""
     with quiet_transformers():
         if merge:
-            model = run.lm.model.merge_and_unload()  # type: ignore[operator]
+            model = run.exp.lm.model.merge_and_unload()  # type: ignore[operator]
             _forget_gguf(model)
             model.save_pretrained(out)
         else:
-            if not run.task.pretrained:
-                base = copy.deepcopy(run.lm.model).unload()  # type: ignore[operator]
+            if not run.exp.task.pretrained:
+                base = copy.deepcopy(run.exp.lm.model).unload()  # type: ignore[operator]
                 base.save_pretrained(out / BASE_MODEL_DIR)
             export_adapter(run, out)
-        run.task.save_preprocessing(out)
+        run.exp.task.save_preprocessing(out)
 
 
 def _forget_gguf(model: Any) -> None:
@@ -135,14 +123,18 @@ def load_export(run: LoadedRun, out: Path, merged: bool) -> nn.Module:
     import peft
     import transformers
 
-    auto = getattr(transformers, run.task.export_auto_class)
+    auto = getattr(transformers, run.exp.task.export_auto_class)
     with quiet_transformers():
         if merged:
             merged_model: nn.Module = auto.from_pretrained(out, dtype=torch.float32)
             return merged_model.eval()
-        path, kwargs = _checkpoint_args(run) if run.task.pretrained else (str(out / BASE_MODEL_DIR), {})
-        if run.task.has_head:
-            base_model: Any = unwrap(run.lm.model)
+        path, kwargs = (
+            checkpoint_location(run.exp.cfg.model.name)
+            if run.exp.task.pretrained
+            else (str(out / BASE_MODEL_DIR), {})
+        )
+        if run.exp.task.has_head:
+            base_model: Any = unwrap(run.exp.lm.model)
             # a new head of the run's size; the adapter's modules_to_save then restores the trained one
             kwargs["num_labels"] = base_model.config.num_labels
             kwargs["ignore_mismatched_sizes"] = True
@@ -153,9 +145,9 @@ def load_export(run: LoadedRun, out: Path, merged: bool) -> nn.Module:
 
 def logits_on_test_batch(run: LoadedRun, model: nn.Module, examples: int = 8) -> Tensor:
     """A model's logits on the first examples of the run's test split."""
-    batch = run.task.collate(run.data, run.test[:examples])
+    batch = run.exp.task.collate(run.exp.data, run.test[:examples])
     with torch.inference_mode():
-        logits: Tensor = model(**run.task.model_inputs(batch)).logits
+        logits: Tensor = model(**run.exp.task.model_inputs(batch)).logits
         return logits.float()
 
 
@@ -164,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--to {out}: exists and is not an empty folder; choose another")
     run = load_run(run_dir)
-    reference = logits_on_test_batch(run, run.lm.model) if args.check else None
+    reference = logits_on_test_batch(run, run.exp.lm.model) if args.check else None
     export_run(run, out, merge=args.merge)
     kind = "merged model" if args.merge else "peft adapter"
     print(f"exported the global model of round {run.rounds} of {run_dir} to {out} ({kind})")

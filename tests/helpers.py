@@ -46,3 +46,24 @@ def strip_timing(obj: Any) -> Any:
     if isinstance(obj, list):
         return [strip_timing(v) for v in obj]
     return obj
+
+
+def train_first_client(exp: Any, layers: tuple[int, ...], **train: Any) -> Any:
+    """Client 0 of an experiment trains `layers` (and the head) from the initial adapters, with
+    `train` overriding the config's train settings (e.g. local_steps=2)."""
+    from fedhello.engine.client import train_client
+    from fedhello.method.base import Assignment
+
+    return train_client(
+        exp.lm,
+        exp.task,
+        exp.data,
+        exp.client_indices[0],
+        exp.lm.lora_state(),
+        Assignment(0, layers),
+        exp.cfg.train.model_copy(update=train),
+        train_head=True,
+        seed=0,
+        round_number=1,
+        device=exp.device,
+    )

@@ -265,7 +265,7 @@ def test_run_evaluates_before_training_and_exports_to_peft_and_transformers(
 
     loaded = load_run(tmp_path / "run")
     base = AutoModelForCausalLM.from_pretrained(cfg.model.name).eval()
-    gap = (logits_on_test_batch(loaded, base) - logits_on_test_batch(loaded, loaded.lm.model)).abs().max()
+    gap = (logits_on_test_batch(loaded, base) - logits_on_test_batch(loaded, loaded.exp.lm.model)).abs().max()
     assert float(gap) > 1e-3
     assert main(["export", run, "--to", str(tmp_path / "merged"), "--merge", "--check"]) == 0
     assert float(capsys.readouterr().out.rsplit(":", 1)[1]) < 1e-4

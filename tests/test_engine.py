@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import strip_timing
+from helpers import strip_timing, train_first_client
 
 from fedhello import load_config, run_experiment
 from fedhello.cli import main
@@ -31,20 +31,8 @@ def tiny_exp(tiny_overrides: Callable[..., list[str]]) -> Experiment:
 
 
 def _train(exp: Experiment, layers: tuple[int, ...], **kw: Any) -> ClientResult:
-    cfg = exp.cfg.train.model_copy(update=kw)
-    return train_client(
-        exp.lm,
-        exp.task,
-        exp.data,
-        exp.client_indices[0],
-        exp.lm.lora_state(),
-        Assignment(0, layers),
-        cfg,
-        train_head=True,
-        seed=0,
-        round_number=1,
-        device=exp.device,
-    )
+    result: ClientResult = train_first_client(exp, layers, **kw)
+    return result
 
 
 def test_frozen_tensors_get_no_gradient_and_do_not_change(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import strip_timing
+from helpers import strip_timing, train_first_client
 from PIL import Image
 
 from fedhello import load_config, run_experiment
@@ -21,10 +21,8 @@ from fedhello.config import DataConfig, PartitionConfig
 from fedhello.data.images import load_image_examples
 from fedhello.data.partition import domain_client_counts, partition_indices
 from fedhello.data.transforms import ImagePreprocessing
-from fedhello.engine.client import train_client
 from fedhello.engine.experiment import prepare_experiment
 from fedhello.errors import UserError
-from fedhello.method.base import Assignment
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -302,22 +300,8 @@ def test_vit_allocation_freezing_and_partial_upload(image_overrides: Callable[..
     assert exp.num_layers == 4 and all("classifier" in k for k in exp.lm.head_params)
     assert exp.lm.model.config.id2label[0] == "T-shirt/top"  # the new head names its classes
 
-    def train(layers: tuple[int, ...]) -> Any:
-        return train_client(
-            exp.lm,
-            exp.task,
-            exp.data,
-            exp.client_indices[0],
-            exp.lm.lora_state(),
-            Assignment(0, layers),
-            exp.cfg.train.model_copy(update={"local_steps": 2}),
-            train_head=True,
-            seed=0,
-            round_number=1,
-            device=exp.device,
-        )
-
-    top, full = train((3,)), train((0, 1, 2, 3))
+    top = train_first_client(exp, (3,), local_steps=2)
+    full = train_first_client(exp, (0, 1, 2, 3), local_steps=2)
     assert top.peak_memory_bytes < 0.5 * full.peak_memory_bytes  # activations from block 3 up only
     sent = set(top.update.deltas)
     assert sent == set(exp.lm.trained_names((3,), True))

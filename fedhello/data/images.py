@@ -21,7 +21,6 @@ import importlib.util
 import io
 import json
 import logging
-import os
 import shutil
 import struct
 import tempfile
@@ -149,10 +148,9 @@ def load_image_examples(cfg: DataConfig, seed: int = 0) -> ImageExamples:
 
 
 def _cache_root(cfg: DataConfig) -> Path:
-    if cfg.cache_dir:
-        return Path(cfg.cache_dir).expanduser() / "images"
-    root = os.environ.get("FEDHELLO_CACHE_DIR") or "~/.cache/fedhello"
-    return Path(root).expanduser() / "images"
+    from fedhello.models.loading import cache_root
+
+    return (Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()) / "images"
 
 
 # --- the cache -----------------------------------------------------------------------------------

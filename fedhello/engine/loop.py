@@ -84,12 +84,13 @@ def run_federation(
     session_start = time.perf_counter()
     prepare_run_dir(cfg, run_dir, resume)
     exp = prepare_experiment(cfg)
+    identity = config_hash(cfg)  # what the checkpoint's manifest records and a resume checks
     records: list[RoundRecord] = []
     wall_before = 0.0
     if not resume:
         server = FederatedServer(exp)
     else:
-        ckpt = load_checkpoint(run_dir / "checkpoint", config_hash(cfg))
+        ckpt = load_checkpoint(run_dir / "checkpoint", identity)
         if ckpt.threads is not None and ckpt.threads != torch.get_num_threads():
             log.warning(
                 "resuming with %d torch threads where the checkpoint was written with %d: "
@@ -132,7 +133,7 @@ def run_federation(
                 run_dir / "checkpoint",
                 Checkpoint(r, server.global_state, records, elapsed, server.state_dict()),
                 cfg.seed,
-                config_hash(cfg),
+                identity,
             )
             record.round_seconds = time.perf_counter() - round_start
             append_record(run_dir / "metrics.jsonl", record)

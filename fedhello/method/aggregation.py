@@ -206,31 +206,31 @@ class NormBound:
 
     def apply(self, updates: Sequence[ClientUpdate]) -> tuple[list[ClientUpdate], dict[int, str]]:
         """The updates with their tensors bounded (or the offending updates rejected, with reasons)."""
+        sizes = [{k: float(d.to(torch.float64).norm()) for k, d in u.deltas.items()} for u in updates]
         norms: dict[str, list[float]] = {}
-        for u in updates:
-            for key, delta in u.deltas.items():
-                norms.setdefault(key, []).append(float(delta.to(torch.float64).norm()))
+        for size in sizes:
+            for key, value in size.items():
+                norms.setdefault(key, []).append(value)
         bounds = {key: self.bound(key, values) for key, values in norms.items()}
         kept: list[ClientUpdate] = []
         rejected: dict[int, str] = {}
-        for u in updates:
-            deltas = dict(u.deltas)
-            for key, delta in u.deltas.items():
-                limit, size = bounds[key], float(delta.to(torch.float64).norm())
-                if limit is None or size <= limit:
-                    continue
-                if self.mode == "reject":
-                    rejected[u.client_id] = f"tensor '{key}' has norm {size:.3g}, above the bound {limit:.3g}"
-                    log.warning("rejected update from client %d: %s", u.client_id, rejected[u.client_id])
-                    break
-                deltas[key] = delta * (limit / size)
-            else:
-                kept.append(ClientUpdate(u.client_id, deltas, u.num_samples, u.metrics))
-        for key in norms:
-            accepted = [float(u.deltas[key].to(torch.float64).norm()) for u in kept if key in u.deltas]
-            if accepted:
-                recent = [*self.history.get(key, []), float(np.median(accepted))]
-                self.history[key] = recent[-self.HISTORY :]
+        accepted: dict[str, list[float]] = {}
+        for u, size in zip(updates, sizes, strict=True):
+            over = {k: bounds[k] for k, n in size.items() if bounds[k] is not None and n > bounds[k]}  # type: ignore[operator]
+            if over and self.mode == "reject":
+                key = next(iter(over))
+                rejected[u.client_id] = (
+                    f"tensor '{key}' has norm {size[key]:.3g}, above the bound {over[key]:.3g}"
+                )
+                log.warning("rejected update from client %d: %s", u.client_id, rejected[u.client_id])
+                continue
+            deltas = {k: d * (over[k] / size[k]) if k in over else d for k, d in u.deltas.items()}  # type: ignore[operator]
+            kept.append(ClientUpdate(u.client_id, deltas, u.num_samples, u.metrics))
+            for k, n in size.items():
+                accepted.setdefault(k, []).append(min(n, over.get(k) or n))
+        for key, values in accepted.items():
+            recent = [*self.history.get(key, []), float(np.median(values))]
+            self.history[key] = recent[-self.HISTORY :]
         return kept, rejected
 
     def state_dict(self) -> dict[str, list[float]]:

@@ -45,10 +45,14 @@ MPNET_PARTS = 5
 MPNET_DIR_NAME = "all-mpnet-base-v2"
 
 
+def cache_root() -> Path:
+    """fedhello's cache folder: $FEDHELLO_CACHE_DIR or ~/.cache/fedhello."""
+    return Path(os.environ.get("FEDHELLO_CACHE_DIR") or "~/.cache/fedhello").expanduser()
+
+
 def default_cache_dir() -> Path:
-    """Where unpacked models live: $FEDHELLO_CACHE_DIR or ~/.cache/fedhello, then `models/`."""
-    root = os.environ.get("FEDHELLO_CACHE_DIR") or "~/.cache/fedhello"
-    return Path(root).expanduser() / "models"
+    """Where unpacked models live: `models/` in the cache folder."""
+    return cache_root() / "models"
 
 
 def resolve_model_path(name: str, cache_dir: str | Path | None = None) -> str:
@@ -216,7 +220,7 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _checkpoint(name: str) -> tuple[str, dict[str, object]]:
+def checkpoint_location(name: str) -> tuple[str, dict[str, object]]:
     """`from_pretrained`'s path and keyword arguments for `model.name` (a GGUF file included)."""
     path = resolve_model_path(name)
     kwargs: dict[str, object] = {}
@@ -264,7 +268,7 @@ def load_classifier(
         raise UserError(
             "model.architecture: only image tasks build a model without a checkpoint (text needs a tokenizer)"
         )
-    path, kwargs = _checkpoint(cfg.name)
+    path, kwargs = checkpoint_location(cfg.name)
     with loading(cfg.name, path, seed):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -305,7 +309,7 @@ def load_image_classifier(cfg: ModelConfig, label_names: list[str], seed: int) -
             config = AutoConfig.for_model(str(arch.pop("model_type")), **arch, **labels)
             model = AutoModelForImageClassification.from_config(config)
         return model, None
-    path, kwargs = _checkpoint(cfg.name)
+    path, kwargs = checkpoint_location(cfg.name)
     with loading(cfg.name, path, seed):
         model = AutoModelForImageClassification.from_pretrained(
             path, ignore_mismatched_sizes=True, dtype=torch.float32, **labels, **kwargs
@@ -330,7 +334,7 @@ def load_causal_lm(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTra
 
     if cfg.architecture is not None:
         raise UserError("model.architecture: causal-lm loads a checkpoint (it needs its tokenizer)")
-    path, kwargs = _checkpoint(cfg.name)
+    path, kwargs = checkpoint_location(cfg.name)
     with loading(cfg.name, path, seed):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)

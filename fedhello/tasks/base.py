@@ -59,8 +59,9 @@ class Task(ABC):
     and register it with `fedhello.tasks.register_task`."""
 
     name: ClassVar[str]
-    primary_metric: ClassVar[str]  # the metric model selection and reports lead with
-    higher_is_better: ClassVar[bool] = True
+    # the metric model selection and reports lead with; a task may set both per instance (causal-lm)
+    primary_metric: str
+    higher_is_better: bool = True
     has_head: ClassVar[bool] = True  # a freshly initialised output head that clients may train
     trivial_baseline_name: ClassVar[str] = "trivial"  # e.g. "majority_class" (summary key prefix)
     pretrained: bool = True  # False when load_model built random weights: reports say "not pretrained"

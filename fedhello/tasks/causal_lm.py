@@ -103,8 +103,8 @@ class CausalLM(Task):
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         super().__init__(cfg)
-        self.primary_metric = cfg.lm.primary_metric  # type: ignore[misc]
-        self.higher_is_better = cfg.lm.primary_metric not in LOWER_IS_BETTER  # type: ignore[misc]
+        self.primary_metric = cfg.lm.primary_metric
+        self.higher_is_better = cfg.lm.primary_metric not in LOWER_IS_BETTER
 
     def load_examples(self) -> InstructionExamples:
         return load_instruction_examples(self.cfg.data, seed=self.cfg.seed)
