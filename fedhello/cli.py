@@ -131,6 +131,32 @@ def _allocation_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fedhello.config import load_config
+    from fedhello.engine.calibration import calibrated, check_budgets
+    from fedhello.engine.experiment import prepare_experiment
+    from fedhello.engine.planning import format_plan, measure_plan, plan_budgets
+    from fedhello.method.registry import check_method
+
+    cfg = load_config(args.config, args.overrides)
+    methods = _names(args.methods) if args.methods else None
+    for name in methods or []:
+        try:
+            check_method(name)
+        except ValueError as e:
+            raise UserError(f"--methods: {e}") from None
+    exp = prepare_experiment(cfg)
+    exp.costs = calibrated(exp, refresh=args.recalibrate)  # without budgets: still what each set costs
+    check_budgets(exp)  # one line for budgets nothing fits
+    plan = plan_budgets(exp, methods)
+    measured = measure_plan(exp, plan) if args.measure else None
+    if args.json:
+        print(json.dumps({**plan, "measured": measured} if measured is not None else plan, indent=2))
+    else:
+        print(format_plan(plan, measured))
+    return 0
+
+
 def cmd_partition(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
     from fedhello.data import describe_partition, format_partition_table
@@ -245,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     part.add_argument("--json", action="store_true")
     part.set_defaults(func=cmd_partition)
+
+    plan = sub.add_parser(
+        "plan", help="what each group's memory / time / upload budgets allow, and what each method sends it"
+    )
+    plan.add_argument("config", nargs="?", help="YAML config file (optional)")
+    plan.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    plan.add_argument("--methods", help="comma-separated methods to plan (default: every method)")
+    plan.add_argument(
+        "--measure",
+        action="store_true",
+        help="train each planned layer set a few steps: predicted vs measured",
+    )
+    plan.add_argument(
+        "--recalibrate", action="store_true", help="ignore the cached calibration of this machine"
+    )
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
 
     comp = sub.add_parser("compare", help="run a grid of methods x data settings x client ratios x seeds")
     comp.add_argument("config", nargs="?", help="YAML config file for every cell (optional)")

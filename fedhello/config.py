@@ -6,11 +6,20 @@ Unknown keys and bad values are rejected with one line naming the key.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedhello.errors import UserError
 
@@ -168,14 +177,32 @@ class PartitionConfig(_Strict):
 
 
 class GroupConfig(_Strict):
-    """A resource-capability group: a share of the clients and a layer budget."""
+    """A resource-capability group: a share of the clients, a layer budget and, optionally, device
+    budgets (memory, seconds per round, upload bytes per round) that every layer set sent to the
+    group must fit (docs/budgets.md)."""
 
     name: str
     share: float = Field(gt=0, description="Relative share of clients (e.g. 6, 3, 1).")
     budget: int | float = Field(
-        description="Layers this group may train: an int is a count, a float in (0, 1] a fraction of L."
+        1.0,
+        description="Layers this group may train: an int is a count, a float in (0, 1] a fraction of L.",
     )
     rank: int | None = Field(None, ge=1, description="LoRA rank for rank-heterogeneous methods.")
+    memory: ByteSize | None = Field(
+        None,
+        description="Peak memory a client may use, frozen model included (e.g. 1.5GiB, 800MB, or bytes).",
+    )
+    seconds_per_round: float | None = Field(
+        None,
+        gt=0,
+        description="Local training time a client may spend per round (e.g. 30, 30s, 500ms, 2min).",
+    )
+    upload: ByteSize | None = Field(None, description="Bytes a client may send per round (e.g. 2MB).")
+    speed: float = Field(
+        1.0,
+        gt=0,
+        description="The group's compute speed relative to the machine that calibrated (1.0 = same).",
+    )
 
     @field_validator("budget")
     @classmethod
@@ -187,6 +214,34 @@ class GroupConfig(_Strict):
         if isinstance(v, int) and v < 1:
             raise ValueError("a layer count must be at least 1")
         return v
+
+    @field_validator("memory", "upload")
+    @classmethod
+    def _positive_bytes(cls, v: ByteSize | None) -> ByteSize | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be a positive size such as 512MB or 1.5GiB")
+        return v
+
+    @field_validator("seconds_per_round", mode="before")
+    @classmethod
+    def _seconds(cls, v: Any) -> Any:
+        return parse_seconds(v) if isinstance(v, str) else v
+
+    @property
+    def has_device_budget(self) -> bool:
+        """Whether the group states a budget in bytes or seconds (the cost model is then needed)."""
+        return self.memory is not None or self.seconds_per_round is not None or self.upload is not None
+
+
+_SECONDS = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_seconds(text: str) -> float:
+    """'30', '30s', '500ms', '2min', '1h' -> seconds."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not match or match.group(2) not in ("", *_SECONDS):
+        raise ValueError(f"'{text}' is not a duration such as 30, 30s, 500ms or 2min")
+    return float(match.group(1)) * _SECONDS.get(match.group(2), 1.0)
 
 
 def _default_groups() -> list[GroupConfig]:

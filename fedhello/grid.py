@@ -116,6 +116,10 @@ ADDED_AT_DEFAULT: dict[tuple[str, ...], Any] = {
     ("federation", "norm_bound"): "none",
     ("federation", "norm_bound_factor"): 10.0,
     ("federation", "norm_bound_max"): None,
+    ("groups", "*", "memory"): None,
+    ("groups", "*", "seconds_per_round"): None,
+    ("groups", "*", "upload"): None,
+    ("groups", "*", "speed"): 1.0,
     ("lm",): {
         "primary_metric": "exact_match",
         "chat_template": True,
@@ -134,12 +138,19 @@ def config_hash(cfg: ExperimentConfig) -> str:
     for key in ("threads", "quiet", "engine", "flower", "tracking"):
         tree.pop(key, None)
     for path, value in ADDED_AT_DEFAULT.items():
-        node = tree
-        for part in path[:-1]:
-            node = node[part]
-        if node.get(path[-1]) == value:
-            node.pop(path[-1], None)
+        for node in _parents(tree, path[:-1]):
+            if node.get(path[-1]) == value:
+                node.pop(path[-1], None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parents(tree: Any, path: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The dicts a path leads to; "*" stands for every element of a list (e.g. every group)."""
+    if not path:
+        return [tree]
+    head, rest = path[0], path[1:]
+    children = tree if head == "*" else [tree[head]]
+    return [node for child in children for node in _parents(child, rest)]
 
 
 def git_commit() -> str:

@@ -45,6 +45,12 @@ class ClientRecord(_Record):
     bytes_up: int = 0
     bytes_down: int = 0
     accepted: bool = True
+    # with device budgets (docs/budgets.md): the frozen model's bytes (peak = this + peak_memory_bytes,
+    # what training added), the cost model's worst-case prediction, and which budgets were exceeded
+    model_memory_bytes: int | None = None
+    predicted_memory_bytes: int | None = None
+    predicted_seconds: float | None = None
+    over_budget: list[str] | None = None
 
 
 class RoundRecord(_Record):

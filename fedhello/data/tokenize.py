@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedhello.io import write_atomic
 
@@ -119,3 +120,12 @@ def _write_cache(path: Path, input_ids: list[np.ndarray]) -> None:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.concatenate(input_ids).astype(np.int32) if input_ids else np.zeros(0, dtype=np.int32)
     write_atomic(path, lambda f: np.savez(f, ids=flat, offsets=offsets))
+
+
+def pad_to_length(batch: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch widened to `length` tokens with every position attended: the costliest batch of
+    that many examples (what budgets are calibrated on). Other entries are kept."""
+    ids = batch["input_ids"]
+    wide = torch.full((ids.shape[0], max(length, ids.shape[1])), pad_id, dtype=ids.dtype)
+    wide[:, : ids.shape[1]] = ids
+    return {**batch, "input_ids": wide, "attention_mask": torch.ones_like(wide)}

@@ -11,7 +11,7 @@ changes in local training (rank masks, penalties, what is uploaded) comes in as 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -76,9 +76,10 @@ def no_grad_below(blocks: Sequence[torch.nn.Module], lowest_trained: int) -> Ite
 class MemoryMeter:
     """Peak training memory of a client.
 
-    On CUDA: the allocator's peak. On CPU, where no per-client allocator peak exists, an exact
-    account of what training adds on top of the frozen model: activations saved for backward
-    (unique storages, parameters excluded), gradients and optimizer state.
+    Both devices report what training adds on top of the model it holds. On CUDA: the
+    allocator's peak minus what was allocated when the client started. On CPU, where no
+    per-client allocator peak exists, an exact account: activations saved for backward (unique
+    storages, parameters excluded), gradients and optimizer state.
     """
 
     def __init__(self, device: torch.device, params: Sequence[torch.nn.Parameter]) -> None:
@@ -87,6 +88,10 @@ class MemoryMeter:
         self.saved: dict[int, int] = {}
         self.peak = 0
         self.activation_peak = 0
+        self.baseline = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline = torch.cuda.memory_allocated(device)
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -107,7 +112,7 @@ class MemoryMeter:
 
     def record(self, trainable: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
         if self.device.type == "cuda":
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device) - self.baseline)
             return
         grads = sum(p.numel() * p.element_size() for p in trainable)
         states = sum(
@@ -135,12 +140,14 @@ def train_client(
     seed: int,
     round_number: int,
     device: torch.device,
+    batch_source: Iterable[dict[str, torch.Tensor]] | None = None,
 ) -> ClientResult:
     """Train one client from the adapters it received and return the change of what it trained.
 
     The client trains the LoRA tensors of `assignment.layers` (and the head when `train_head`);
     `local` holds the method's changes to local training (a rank mask, a penalty, what to
-    upload; see `fedhello.method.base.LocalTraining`).
+    upload; see `fedhello.method.base.LocalTraining`). `batch_source` replaces the client's
+    shuffled batches (calibration's probe steps train on one worst-case batch).
     """
     local = local or LocalTraining()
     layers = assignment.layers
@@ -163,8 +170,6 @@ def train_client(
         groups.append({"params": [params[k] for k in sorted(requires - set(keys))], "lr": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     meter = MemoryMeter(device, list(params.values()))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     order = seed_torch(seed, Stream.LOCAL_TRAINING, round_number, assignment.client)
     lm.model.train()
@@ -173,24 +178,25 @@ def train_client(
     steps = 0
     budget = cfg.local_steps
     start = time.perf_counter()
+    if batch_source is None:
+        batch_source = (
+            b for _ in range(cfg.local_epochs) for b in batches(task, data, indices, cfg.batch_size, order)
+        )
     with no_grad_below(lm.blocks, lowest):
-        for _ in range(cfg.local_epochs):
-            for batch in batches(task, data, indices, cfg.batch_size, order):
-                step_start = time.perf_counter()
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with meter.step():
-                    loss = task.loss(lm.model, batch)
-                    penalty = local.penalty()
-                    objective = loss if penalty is None else loss + penalty
-                    objective.backward()
-                optimizer.step()
-                meter.record([p for g in groups for p in g["params"]], optimizer)  # type: ignore[attr-defined]
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))  # also waits for the device
-                step_seconds.append(time.perf_counter() - step_start)
-                steps += 1
-                if budget is not None and steps >= budget:
-                    break
+        for batch in batch_source:
+            step_start = time.perf_counter()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with meter.step():
+                loss = task.loss(lm.model, batch)
+                penalty = local.penalty()
+                objective = loss if penalty is None else loss + penalty
+                objective.backward()
+            optimizer.step()
+            meter.record([p for g in groups for p in g["params"]], optimizer)  # type: ignore[attr-defined]
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))  # also waits for the device
+            step_seconds.append(time.perf_counter() - step_start)
+            steps += 1
             if budget is not None and steps >= budget:
                 break
     if device.type == "cuda":

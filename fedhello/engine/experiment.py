@@ -7,6 +7,7 @@ state: the same examples, the same partition, the same adapters' initial values.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from fedhello.config import ExperimentConfig
 from fedhello.data import partition_indices, split_examples
 from fedhello.errors import UserError
 from fedhello.method.base import ClientProfile, Method, MethodContext
+from fedhello.method.budgets import Cost, CostModel, LayerLimits, ceil_steps
 from fedhello.method.groups import ResourceGroup, assign_clients_to_groups, resolve_groups
 from fedhello.method.registry import build_method
 from fedhello.models import LoraModel, add_lora
@@ -37,6 +39,7 @@ class Experiment:
     client_group: np.ndarray  # group index of each client
     method: Method
     device: torch.device
+    costs: CostModel | None = None  # calibrated when a group states a device budget (calibration.py)
 
     @property
     def num_layers(self) -> int:
@@ -51,8 +54,33 @@ class Experiment:
         return self.groups[int(self.client_group[client])]
 
     def profile(self, client: int) -> ClientProfile:
+        """What the method may know of a client: its group's layer budget and rank, and, when
+        its group states device budgets, the layer sets they allow."""
         group = self.group_of(client)
-        return ClientProfile(budget=group.budget, rank=group.rank)
+        return ClientProfile(budget=group.budget, rank=group.rank, limits=self.limits(client))
+
+    def client_steps(self, client: int) -> int:
+        """Local steps this client takes in a round."""
+        t = self.cfg.train
+        return ceil_steps(len(self.client_indices[client]), t.batch_size, t.local_epochs, t.local_steps)
+
+    def group_steps(self, group: int) -> int:
+        """The most local steps any client of a group takes in a round."""
+        members = np.flatnonzero(self.client_group == group)
+        return max((self.client_steps(int(c)) for c in members), default=1)
+
+    def limits(self, client: int) -> LayerLimits | None:
+        """The layer sets this client's device budgets allow (None: its group states none)."""
+        group = self.group_of(client)
+        if self.costs is None or not group.device.constrained:
+            return None
+        return self.costs.limits(group.device, self.client_steps(client))
+
+    def predicted_cost(self, client: int, layers: Sequence[int], rank: int | None) -> Cost | None:
+        """The cost model's prediction for a client's assignment (None without a cost model)."""
+        if self.costs is None or not layers:
+            return None
+        return self.costs.predict(layers, self.client_steps(client), rank, self.group_of(client).device.speed)
 
     def trivial_baseline(self, split: str = "test") -> dict[str, float]:
         """The task's trivial predictor on a split (e.g. always the largest class)."""
@@ -88,22 +116,24 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
 
     groups = resolve_groups(cfg.groups, lm.num_layers, cfg.lora.r)
     client_group = assign_clients_to_groups(cfg.partition.num_clients, groups, cfg.seed)
-    method = build_method(
-        cfg.method,
-        MethodContext(
-            num_layers=lm.num_layers,
-            budgets=[g.budget for g in groups],
-            shares=[g.share for g in groups],
-            rounds=cfg.federation.rounds,
-            seed=cfg.seed,
-            fisher=cfg.fisher,
-            hetlora=cfg.hetlora,
-            aggregation=cfg.federation.aggregation,
-            trim_fraction=cfg.federation.trim_fraction,
-        ),
-    )
+    method = build_method(cfg.method, method_context(cfg, lm.num_layers, groups))
     return Experiment(
         cfg, task, examples, data, splits, client_indices, lm, groups, client_group, method, device
+    )
+
+
+def method_context(cfg: ExperimentConfig, num_layers: int, groups: Sequence[ResourceGroup]) -> MethodContext:
+    """What any method is built from for this config (`fedhello plan` builds every method from it)."""
+    return MethodContext(
+        num_layers=num_layers,
+        budgets=[g.budget for g in groups],
+        shares=[g.share for g in groups],
+        rounds=cfg.federation.rounds,
+        seed=cfg.seed,
+        fisher=cfg.fisher,
+        hetlora=cfg.hetlora,
+        aggregation=cfg.federation.aggregation,
+        trim_fraction=cfg.federation.trim_fraction,
     )
 
 

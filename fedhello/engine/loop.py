@@ -20,6 +20,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedhello.config import ExperimentConfig, config_to_yaml
+from fedhello.engine.calibration import attach_costs
 from fedhello.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment, prepare_experiment
@@ -84,6 +85,7 @@ def run_federation(
     session_start = time.perf_counter()
     prepare_run_dir(cfg, run_dir, resume)
     exp = prepare_experiment(cfg)
+    attach_costs(exp, run_dir)  # only when a group states device budgets: calibrate, refuse misfits
     identity = config_hash(cfg)  # what the checkpoint's manifest records and a resume checks
     records: list[RoundRecord] = []
     wall_before = 0.0

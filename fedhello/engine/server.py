@@ -27,6 +27,7 @@ from fedhello.method.aggregation import (
     screen_updates,
 )
 from fedhello.method.base import Assignment, RoundInputs, RoundPlan
+from fedhello.method.budgets import Cost
 from fedhello.method.fisher import fisher_layer_scores
 from fedhello.method.groups import sample_clients
 from fedhello.records import ClientRecord, RoundRecord
@@ -148,6 +149,7 @@ class FederatedServer:
             if c not in sampled:  # not one of this round's clients: only its rejection is recorded
                 continue
             a = plan.assignments[c]
+            bytes_up = payload_bytes(r.update.deltas)
             clients.append(
                 ClientRecord(
                     client=c,
@@ -159,9 +161,10 @@ class FederatedServer:
                     train_loss=r.train_loss,
                     seconds=r.seconds,
                     peak_memory_bytes=r.peak_memory_bytes,
-                    bytes_up=payload_bytes(r.update.deltas),
+                    bytes_up=bytes_up,
                     bytes_down=payload_bytes(self.client_download(a)),
                     accepted=c not in rejected,
+                    **self.budget_fields(c, r, a, bytes_up),
                 )
             )
         return RoundRecord(
@@ -177,6 +180,31 @@ class FederatedServer:
             probabilities=plan.probabilities,
             fisher=plan.fisher,
         )
+
+    def budget_fields(
+        self, client: int, result: ClientResult, a: Assignment, bytes_up: int
+    ) -> dict[str, Any]:
+        """With a cost model: the client's predicted worst case, its frozen model's bytes, and the
+        budgets its measured cost exceeded (time as its device would take it: measured / speed)."""
+        exp = self.exp
+        predicted = exp.predicted_cost(client, result.layers, a.rank)
+        if exp.costs is None or predicted is None:
+            return {}
+        device = exp.group_of(client).device
+        measured = Cost(
+            exp.costs.model_bytes,
+            result.peak_memory_bytes,
+            result.seconds / max(1, result.steps),
+            result.steps,
+            bytes_up,
+            device.speed,
+        )
+        return {
+            "model_memory_bytes": exp.costs.model_bytes,
+            "predicted_memory_bytes": predicted.memory_bytes,
+            "predicted_seconds": predicted.seconds,
+            "over_budget": measured.over(device),
+        }
 
     # -- step 3 ---------------------------------------------------------------------------
     def evaluate_global(self) -> tuple[dict[str, dict[str, float]], float]:

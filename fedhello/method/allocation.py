@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from fedhello.errors import UserError
+from fedhello.method.budgets import LayerLimits
 from fedhello.method.importance import (
     fisher_probabilities,
     importance_levels,
@@ -34,6 +35,7 @@ from fedhello.seeding import Stream, numpy_rng
 log = logging.getLogger(__name__)
 
 Allocation = dict[int, tuple[int, ...]]
+Limits = Mapping[int, LayerLimits]  # client -> the layer sets its device budgets allow
 PATTERNS = ("triangle", "inverted_triangle", "bottleneck", "uniform")
 
 
@@ -90,6 +92,26 @@ def sample_layers(probabilities: np.ndarray, budget: int, rng: np.random.Generat
     return tuple(sorted(int(i) for i in drawn))
 
 
+def sample_layers_within(
+    probabilities: np.ndarray, budget: int, rng: np.random.Generator, limits: LayerLimits | None
+) -> tuple[int, ...]:
+    """`sample_layers` restricted to the layer sets a client's device budgets allow: the largest
+    count up to `budget` that some set fits, drawn from the blocks a set of that count may use
+    (probabilities below its lowest allowed block set to 0). Nothing fits: an empty set."""
+    if limits is None:
+        return sample_layers(probabilities, budget, rng)
+    p = np.asarray(probabilities, dtype=float)
+    for n in range(budget, 0, -1):
+        lowest = limits.lowest[n - 1]
+        if lowest is None:
+            continue
+        allowed = p.copy()
+        allowed[:lowest] = 0.0
+        if np.count_nonzero(allowed) >= n:
+            return sample_layers(allowed, n, rng)
+    return ()
+
+
 def inclusion_frequency(
     probabilities: np.ndarray, budget: int, draws: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -112,8 +134,15 @@ class AllocationStrategy(Protocol):
         ...
 
     def allocate(
-        self, round_number: int, budgets: Mapping[int, int], rng: np.random.Generator
-    ) -> Allocation: ...
+        self,
+        round_number: int,
+        budgets: Mapping[int, int],
+        rng: np.random.Generator,
+        limits: Limits | None = None,
+    ) -> Allocation:
+        """Layer sets for these clients' layer budgets; with `limits`, only sets those clients'
+        device budgets allow (an empty set where none of the strategy's sets fits)."""
+        ...
 
     def probabilities_for(self, round_number: int) -> np.ndarray | None:
         """The per-layer sampling probabilities governing a round; None for fixed sets."""
@@ -156,8 +185,28 @@ class FixedAllocation(_Stateless):
             return tuple(range(self.num_layers))
         return geometric_layers(self.pattern, self.budget or budget, self.num_layers)
 
-    def allocate(self, round_number: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
-        return {c: self.layers_for(n) for c, n in sorted(budgets.items())}
+    def fitting_layers(self, budget: int, limits: LayerLimits | None) -> tuple[int, ...]:
+        """The pattern's set for this budget, or its largest smaller set that the device budgets
+        allow; () when none does (or when the strategy has only one set, e.g. all layers)."""
+        layers = self.layers_for(budget)
+        if limits is None or limits.fits(layers):
+            return layers
+        if self.pattern is not None:
+            for n in range(len(layers) - 1, 0, -1):
+                smaller = geometric_layers(self.pattern, n, self.num_layers)
+                if limits.fits(smaller):
+                    return smaller
+        return ()
+
+    def allocate(
+        self,
+        round_number: int,
+        budgets: Mapping[int, int],
+        rng: np.random.Generator,
+        limits: Limits | None = None,
+    ) -> Allocation:
+        limits = limits or {}
+        return {c: self.fitting_layers(n, limits.get(c)) for c, n in sorted(budgets.items())}
 
     def probabilities_for(self, round_number: int) -> np.ndarray | None:
         return None
@@ -170,8 +219,18 @@ class SampledAllocation(_Stateless):
     name: str
     probabilities: np.ndarray = field(repr=False)
 
-    def allocate(self, round_number: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
-        return {c: sample_layers(self.probabilities, n, rng) for c, n in sorted(budgets.items())}
+    def allocate(
+        self,
+        round_number: int,
+        budgets: Mapping[int, int],
+        rng: np.random.Generator,
+        limits: Limits | None = None,
+    ) -> Allocation:
+        limits = limits or {}
+        return {
+            c: sample_layers_within(self.probabilities, n, rng, limits.get(c))
+            for c, n in sorted(budgets.items())
+        }
 
     def probabilities_for(self, round_number: int) -> np.ndarray | None:
         return self.probabilities
@@ -284,7 +343,14 @@ class FisherAllocation:
             return self.prior
         return self.fisher_probabilities
 
-    def allocate(self, round_number: int, budgets: Mapping[int, int], rng: np.random.Generator) -> Allocation:
+    def allocate(
+        self,
+        round_number: int,
+        budgets: Mapping[int, int],
+        rng: np.random.Generator,
+        limits: Limits | None = None,
+    ) -> Allocation:
+        limits = limits or {}
         p = self.probabilities(round_number)
         if (
             self.schedule.hold == "persist_allocation"
@@ -293,10 +359,12 @@ class FisherAllocation:
         ):
             # A client's draw depends only on (seed, refresh round, client): fixed until the next refresh.
             return {
-                c: sample_layers(p, n, numpy_rng(self.seed, Stream.ALLOCATION, self.refreshed_at, c + 1))
+                c: sample_layers_within(
+                    p, n, numpy_rng(self.seed, Stream.ALLOCATION, self.refreshed_at, c + 1), limits.get(c)
+                )
                 for c, n in sorted(budgets.items())
             }
-        return {c: sample_layers(p, n, rng) for c, n in sorted(budgets.items())}
+        return {c: sample_layers_within(p, n, rng, limits.get(c)) for c, n in sorted(budgets.items())}
 
     def state_dict(self) -> dict[str, Any]:
         p = self.fisher_probabilities

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fedhello.config import FisherConfig, HetLoRAConfig
 from fedhello.method.aggregation import ClientUpdate, Rule, State, aggregate_per_layer
+from fedhello.method.budgets import LayerLimits
 
 Weighting = Literal["samples", "uniform"]
 Updates = Sequence[ClientUpdate]
@@ -42,10 +43,12 @@ class Assignment:
 
 @dataclass(frozen=True)
 class ClientProfile:
-    """What the server knows of a client when planning: its group's layer budget and LoRA rank."""
+    """What the server knows of a client when planning: its group's layer budget and LoRA rank,
+    and the layer sets its device budgets allow (None: no device budget; docs/budgets.md)."""
 
     budget: int
     rank: int
+    limits: LayerLimits | None = None
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedhello.config import GroupConfig
 from fedhello.errors import UserError
+from fedhello.method.budgets import Budget
 from fedhello.seeding import Stream, numpy_rng
 
 
@@ -21,6 +22,7 @@ class ResourceGroup:
     share: float
     budget: int  # how many LoRA layers a client of this group may train
     rank: int
+    device: Budget = field(default_factory=Budget)  # memory / seconds / upload budgets (none: unconstrained)
 
 
 def resolve_budget(budget: int | float, num_layers: int, where: str = "budget") -> int:
@@ -42,7 +44,13 @@ def resolve_groups(groups: Sequence[GroupConfig], num_layers: int, lora_rank: in
         rank = g.rank if g.rank is not None else max(1, round(lora_rank * n / num_layers))
         if rank > lora_rank:
             raise UserError(f"groups.{i}.rank: {rank} exceeds the global LoRA rank lora.r={lora_rank}")
-        out.append(ResourceGroup(g.name, g.share, n, rank))
+        device = Budget(
+            None if g.memory is None else int(g.memory),
+            g.seconds_per_round,
+            None if g.upload is None else int(g.upload),
+            g.speed,
+        )
+        out.append(ResourceGroup(g.name, g.share, n, rank, device))
     return out
 
 

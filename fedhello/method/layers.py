@@ -38,7 +38,8 @@ class LayerAllocation(Method):
         r = inputs.round_number
         fisher = self.strategy.prepare_round(r, inputs.layer_scores)
         budgets = {c: p.budget for c, p in inputs.profiles.items()}
-        allocation = self.strategy.allocate(r, budgets, inputs.rng)
+        limits = {c: p.limits for c, p in inputs.profiles.items() if p.limits is not None}
+        allocation = self.strategy.allocate(r, budgets, inputs.rng, limits or None)
         p = self.strategy.probabilities_for(r)
         return RoundPlan(
             r,

@@ -185,11 +185,18 @@ class RankHeterogeneous(Method):
     def client_rank(self, client: int, profile: ClientProfile) -> int:
         return profile.rank
 
+    def assign(self, client: int, profile: ClientProfile) -> Assignment:
+        """Every layer at the client's rank; with device budgets, at most the largest rank that
+        fits them, and nothing (the client sits out) when all layers never fit."""
+        rank = self.client_rank(client, profile)
+        if profile.limits is not None:
+            if profile.limits.max_rank is None:
+                return Assignment(client, ())
+            rank = min(rank, profile.limits.max_rank)
+        return Assignment(client, tuple(range(self.ctx.num_layers)), rank)
+
     def plan_round(self, inputs: RoundInputs) -> RoundPlan:
-        every = tuple(range(self.ctx.num_layers))
-        assignments = {
-            c: Assignment(c, every, self.client_rank(c, p)) for c, p in sorted(inputs.profiles.items())
-        }
+        assignments = {c: self.assign(c, p) for c, p in sorted(inputs.profiles.items())}
         return RoundPlan(inputs.round_number, assignments)
 
     def aggregate(self, state: State, updates: Updates, plan: RoundPlan, weighting: Weighting) -> State:

@@ -15,12 +15,31 @@ from fedhello.reporting.plots import (
     plot_layer_heatmap,
     plot_metric,
 )
-from fedhello.reporting.summary import beats_baseline, summarize
+from fedhello.reporting.summary import beats_baseline, summarize, summarize_budgets
 
 if TYPE_CHECKING:
     from fedhello.engine.experiment import Experiment
 
 BEFORE_TRAINING = "before_training.json"  # the metrics before round 1 (eval.before_training)
+
+
+def group_budgets(exp: Experiment) -> dict[str, dict[str, Any]]:
+    """Each budgeted group's budgets, what they allow (at its clients' most steps) and its members."""
+    assert exp.costs is not None
+    out = {}
+    for i, g in enumerate(exp.groups):
+        if not g.device.constrained:
+            continue
+        limits = exp.costs.limits(g.device, exp.group_steps(i))
+        out[g.name] = {
+            "memory": g.device.memory,
+            "seconds_per_round": g.device.seconds_per_round,
+            "upload": g.device.upload,
+            "speed": g.device.speed,
+            "allowed": limits.describe(),
+            "members": [int(c) for c in (exp.client_group == i).nonzero()[0]],
+        }
+    return out
 
 
 def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wall: float) -> dict[str, Any]:
@@ -62,6 +81,11 @@ def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wa
     }
     summary["num_layers"] = exp.num_layers
     summary["groups"] = {g.name: {"share": g.share, "budget": g.budget} for g in exp.groups}
+    if exp.costs is not None:
+        summary["budgets"] = summarize_budgets(records, group_budgets(exp))
+        sat_out = [g for g, b in summary["budgets"].items() if b["sat_out"]]
+        if sat_out:
+            summary["groups_sat_out"] = {g: summary["budgets"][g]["sat_out_reason"] for g in sat_out}
     write_json_atomic(run_dir / "summary.json", summary)
     title = f"{exp.cfg.method} (seed {exp.cfg.seed})" + ("" if task.pretrained else ", not pretrained")
     label = task.trivial_baseline_name.replace("_", " ")

@@ -9,7 +9,7 @@ classification run keeps the keys users already read (`final_test_accuracy`) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -74,6 +74,47 @@ def summarize(
         "framework_overhead_fraction": (rounds - train - evals - fisher) / rounds if rounds > 0 else None,
         "wall_seconds": wall_seconds,
     }
+    return out
+
+
+def summarize_budgets(
+    records: Sequence[RoundRecord], budgets: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Per group with device budgets: the budgets, what the cost model allowed, the worst
+    predicted and measured peak memory and round time, the clients over budget, and whether
+    the group sat out (sampled but never given a layer set that fits)."""
+    out: dict[str, dict[str, Any]] = {}
+    for group, budget in budgets.items():
+        clients = [c for r in records for c in r.clients if c.group == group]
+        sampled_idle = sum(1 for r in records for c in r.idle if budget["members"] and c in budget["members"])
+        measured_memory = [(c.model_memory_bytes or 0) + c.peak_memory_bytes for c in clients]
+        speed = float(budget["speed"])
+        out[group] = {
+            **{k: v for k, v in budget.items() if k != "members"},
+            "clients_trained": len(clients),
+            "clients_sat_out": sampled_idle,
+            "sat_out": not clients and sampled_idle > 0,
+            "predicted_peak_memory_bytes": max(
+                (c.predicted_memory_bytes or 0 for c in clients), default=None
+            ),
+            "measured_peak_memory_bytes": max(measured_memory, default=None),
+            "measured_training_memory_bytes": max((c.peak_memory_bytes for c in clients), default=None),
+            "predicted_seconds_per_round": max((c.predicted_seconds or 0.0 for c in clients), default=None),
+            "measured_seconds_per_round": max((c.seconds / speed for c in clients), default=None),
+            "clients_over_budget": sum(1 for c in clients if c.over_budget),
+            "over_budget": sorted(
+                {
+                    f"round {r.round} client {c.client}: {', '.join(c.over_budget)}"
+                    for r in records
+                    for c in r.clients
+                    if c.group == group and c.over_budget
+                }
+            ),
+        }
+        if out[group]["sat_out"]:
+            out[group]["sat_out_reason"] = (
+                f"no layer set this method sends fits its budgets ({budget['allowed']})"
+            )
     return out
 
 

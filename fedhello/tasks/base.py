@@ -112,6 +112,13 @@ class Task(ABC):
         is the client's seeded generator, which a task may draw from to augment its inputs;
         evaluation and Fisher scoring pass None (deterministic inputs)."""
 
+    def worst_case_batch(self, data: Any, indices: np.ndarray, batch_size: int) -> dict[str, Tensor]:
+        """The costliest training batch a client can meet (what budgets are calibrated on): by
+        default the `batch_size` longest of these examples; tasks that pad override it to pad
+        to the longest input they allow."""
+        longest = indices[np.argsort(-self.lengths(data)[indices], kind="stable")[:batch_size]]
+        return self.collate(data, longest)
+
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """The mean training loss of a batch (a scalar with a graph)."""

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from fedhello.config import ExperimentConfig, FisherConfig
 from fedhello.data.instructions import InstructionExamples, load_instruction_examples
+from fedhello.data.tokenize import pad_to_length
 from fedhello.errors import UserError
 from fedhello.models.blocks import unwrap
 from fedhello.seeding import Stream, numpy_rng
@@ -235,6 +236,17 @@ class CausalLM(Task):
             "attention_mask": (torch.arange(width)[None, :] < lengths[:, None]).long(),
             "target_mask": target_mask(prompts, lengths, width),
         }
+
+    def worst_case_batch(
+        self, data: EncodedInstructions, indices: np.ndarray, batch_size: int
+    ) -> dict[str, Tensor]:
+        """A full batch of `model.max_length` tokens, every one attended and every one after the
+        first a target (the most logits over the vocabulary a batch can need)."""
+        batch = super().worst_case_batch(data, indices, batch_size)
+        wide = pad_to_length(batch, self.cfg.model.max_length, int(self.tokenizer.pad_token_id))
+        targets = torch.ones_like(wide["input_ids"], dtype=torch.bool)
+        targets[:, 0] = False
+        return {**wide, "target_mask": targets}
 
     # --- loss -----------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fedhello.config import DataConfig
 from fedhello.data import TextExamples, TokenizedExamples, load_examples, pad_batch, tokenize_examples
+from fedhello.data.tokenize import pad_to_length
 from fedhello.errors import UserError
 from fedhello.tasks.base import Examples
 from fedhello.tasks.classification import Classification
@@ -94,6 +95,13 @@ class TextClassification(Classification):
         chunk = np.asarray(indices)
         batch = pad_batch([data.input_ids[i] for i in chunk], data.labels[chunk], self.pad_id)
         return {k: torch.from_numpy(v) for k, v in batch.items()}
+
+    def worst_case_batch(
+        self, data: TokenizedExamples, indices: np.ndarray, batch_size: int
+    ) -> dict[str, Tensor]:
+        """A full batch of `model.max_length` tokens, every one attended."""
+        batch = super().worst_case_batch(data, indices, batch_size)
+        return pad_to_length(batch, self.cfg.model.max_length, self.pad_id)
 
     def model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -1,0 +1,241 @@
+"""`fedhello plan`: what each group's device budgets allow, and what each method would send it.
+
+For every group: its budgets, the layer sets they allow (per layer count, the lowest block a
+set may start at) and the least a client needs. For every method: the layer sets it assigns
+the group's clients in round 1 with the budgets respected, the worst predicted peak memory,
+round time and upload among them, how many clients sit out, and a warning where what the
+method would send without budgets does not fit. `--measure` trains every distinct layer set of
+the plan for a few steps on the worst-case batch and prints prediction next to measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedhello.engine.calibration import PROBE_STEPS, measure, worst_case_batch
+from fedhello.engine.experiment import Experiment, method_context
+from fedhello.method.base import Assignment, ClientProfile, RoundInputs
+from fedhello.method.budgets import Cost, format_bytes
+from fedhello.method.registry import build_method, method_entries
+from fedhello.seeding import Stream, numpy_rng
+
+
+def _round_one(exp: Experiment, name: str, profiles: Mapping[int, ClientProfile]) -> dict[int, Assignment]:
+    """The assignments a freshly built method makes in round 1 (flat Fisher scores if it needs any)."""
+    method = build_method(name, method_context(exp.cfg, exp.num_layers, exp.groups))
+    inputs = RoundInputs(
+        1, profiles, numpy_rng(exp.cfg.seed, Stream.ALLOCATION, 1), lambda: np.ones(exp.num_layers)
+    )
+    return method.plan_round(inputs).assignments
+
+
+@dataclass
+class GroupPlan:
+    """One method's round-1 assignments for one group, with their predicted worst case."""
+
+    method: str
+    group: str
+    sets: list[tuple[int, ...]]
+    ranks: list[int]
+    sat_out: int
+    worst: Cost | None
+    warning: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        w = self.worst
+        return {
+            "method": self.method,
+            "group": self.group,
+            "layer_sets": [list(s) for s in self.sets],
+            "ranks": self.ranks,
+            "clients_sat_out": self.sat_out,
+            "predicted_peak_memory_bytes": None if w is None else w.memory_bytes,
+            "predicted_training_memory_bytes": None if w is None else w.training_bytes,
+            "predicted_seconds_per_round": None if w is None else w.seconds,
+            "predicted_upload_bytes": None if w is None else w.upload_bytes,
+            "warning": self.warning,
+        }
+
+
+def _worst(exp: Experiment, assignments: Sequence[Assignment]) -> Cost | None:
+    costs = [exp.predicted_cost(a.client, a.layers, a.rank) for a in assignments]
+    real = [c for c in costs if c is not None]
+    return max(real, key=lambda c: (c.memory_bytes, c.seconds, c.upload_bytes), default=None)
+
+
+def plan_budgets(exp: Experiment, methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """The plan as JSON-able data (`exp.costs` must be calibrated)."""
+    costs = exp.costs
+    assert costs is not None, "calibrate first (fedhello.engine.calibration.calibrated)"
+    names = list(methods) if methods else list(method_entries())
+    clients = range(exp.cfg.partition.num_clients)
+    budgeted = {c: exp.profile(c) for c in clients}
+    unbudgeted = {c: ClientProfile(p.budget, p.rank) for c, p in budgeted.items()}
+    groups = []
+    for i, g in enumerate(exp.groups):
+        steps = exp.group_steps(i)
+        limits = costs.limits(g.device, steps)
+        need = costs.smallest_need(steps, g.device.speed)
+        groups.append(
+            {
+                "group": g.name,
+                "layer_budget": g.budget,
+                "rank": g.rank,
+                "memory": g.device.memory,
+                "seconds_per_round": g.device.seconds_per_round,
+                "upload": g.device.upload,
+                "speed": g.device.speed,
+                "steps_per_round": steps,
+                "lowest_block_by_count": list(limits.lowest),
+                "max_rank_all_layers": limits.max_rank,
+                "allowed": limits.describe() if g.device.constrained else "no device budget",
+                "least_peak_memory_bytes": need.memory_bytes,
+            }
+        )
+    rows: list[GroupPlan] = []
+    for name in names:
+        fitted = _round_one(exp, name, budgeted)
+        free = _round_one(exp, name, unbudgeted)
+        for i, g in enumerate(exp.groups):
+            members = [c for c in clients if int(exp.client_group[c]) == i]
+            given = [fitted[c] for c in members]
+            trained = [a for a in given if a.layers]
+            warning = None
+            if g.device.constrained:
+                misfits = []
+                for c in members:
+                    a = free[c]
+                    cost = exp.predicted_cost(c, a.layers, a.rank)
+                    if cost is not None and cost.over(g.device):
+                        misfits.append((a.layers, cost.over(g.device)))
+                if misfits:
+                    layers, over = misfits[0]
+                    n_idle = len(given) - len(trained)
+                    then = f"{n_idle} of {len(given)} clients sit out" if n_idle else "it sends smaller sets"
+                    warning = (
+                        f"without budgets {name} would send layers {list(layers)}, over the {'/'.join(over)} "
+                        f"budget; {then}"
+                    )
+            rows.append(
+                GroupPlan(
+                    name,
+                    g.name,
+                    sorted({a.layers for a in trained}),
+                    sorted({int(a.rank) for a in trained if a.rank is not None}),
+                    len(given) - len(trained),
+                    _worst(exp, trained),
+                    warning,
+                )
+            )
+    return {
+        "cost_model": {
+            "device": costs.device,
+            "batch": costs.batch_shape,
+            "frozen_model_bytes": costs.model_bytes,
+            "memory_coef": costs.memory_coef,
+            "time_coef": costs.time_coef,
+            "probes": [list(p.layers) for p in costs.probes],
+        },
+        "groups": groups,
+        "methods": [r.to_json() for r in rows],
+    }
+
+
+def measure_plan(exp: Experiment, plan: dict[str, Any], steps: int = PROBE_STEPS) -> list[dict[str, Any]]:
+    """Train every distinct layer set of the plan on the worst-case batch (median of `steps`
+    steps) and compare with the prediction; probe sets (used to calibrate) are marked."""
+    costs = exp.costs
+    assert costs is not None
+    probes = {tuple(p.layers) for p in costs.probes}
+    sets = sorted({tuple(s) for row in plan["methods"] for s in row["layer_sets"]}, key=lambda s: (len(s), s))
+    batch = worst_case_batch(exp)
+    out = []
+    for layers in sets:
+        measured = measure(exp, layers, steps, batch)
+        predicted_training = costs.training_bytes(layers)
+        predicted_step = costs.seconds_per_step(layers)
+        total_measured = costs.model_bytes + measured.training_bytes
+        out.append(
+            {
+                "layers": list(layers),
+                "probe": layers in probes,
+                "predicted_peak_memory_bytes": costs.model_bytes + predicted_training,
+                "measured_peak_memory_bytes": total_measured,
+                "peak_memory_error": (costs.model_bytes + predicted_training) / total_measured - 1,
+                "predicted_training_memory_bytes": predicted_training,
+                "measured_training_memory_bytes": measured.training_bytes,
+                "training_memory_error": predicted_training / max(1, measured.training_bytes) - 1,
+                "predicted_step_seconds": predicted_step,
+                "measured_step_seconds": measured.seconds_per_step,
+                "step_time_error": predicted_step / measured.seconds_per_step - 1,
+            }
+        )
+    return out
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else format_bytes(n)
+
+
+def format_plan(plan: dict[str, Any], measured: list[dict[str, Any]] | None = None) -> str:
+    """The plan as text tables."""
+    cm = plan["cost_model"]
+    lines = [
+        f"cost model: {cm['device']}, worst-case batch {cm['batch']}, frozen model {_mib(cm['frozen_model_bytes'])}, "
+        f"calibrated on layer sets {cm['probes']}",
+        "",
+        "group   layers rank  memory      s/round  upload      speed steps  allowed",
+    ]
+    for g in plan["groups"]:
+        secs = "-" if g["seconds_per_round"] is None else f"{g['seconds_per_round']:g}"
+        lines.append(
+            f"{g['group']:<7} {g['layer_budget']:>6} {g['rank']:>4}  {_mib(g['memory']):<11} {secs:>7}  "
+            f"{_mib(g['upload']):<11} {g['speed']:>5g} {g['steps_per_round']:>5}  {g['allowed']}"
+        )
+    lines += ["", "method           group   sets  ranks  sat out  peak memory  train memory  s/round  upload"]
+    warnings = []
+    for r in plan["methods"]:
+        secs = r["predicted_seconds_per_round"]
+        lines.append(
+            f"{r['method']:<16} {r['group']:<7} {len(r['layer_sets']):>4}  {','.join(map(str, r['ranks'])) or '-':>5}  "
+            f"{r['clients_sat_out']:>7}  {_mib(r['predicted_peak_memory_bytes']):>11}  "
+            f"{_mib(r['predicted_training_memory_bytes']):>12}  {'-' if secs is None else f'{secs:.2f}':>7}  "
+            f"{_mib(r['predicted_upload_bytes'])}"
+        )
+        if r["warning"] and r["clients_sat_out"]:
+            warnings.append(f"warning: {r['method']} / {r['group']}: {r['warning']}")
+    adjusted = sum(1 for r in plan["methods"] if r["warning"] and not r["clients_sat_out"])
+    if adjusted:
+        warnings.append(
+            f"note: {adjusted} method/group pairs send smaller or higher layer sets than without budgets (--json says which)"
+        )
+    lines += ["", *warnings] if warnings else []
+    if measured is not None:
+        lines += [
+            "",
+            "measured (worst-case batch, median step):",
+            "layers                 probe  peak pred   peak meas   err     train pred  train meas  err     "
+            "step pred  step meas  err",
+        ]
+        for m in measured:
+            lines.append(
+                f"{','.join(map(str, m['layers'])):<22} {'yes' if m['probe'] else '':<5}  "
+                f"{_mib(m['predicted_peak_memory_bytes']):<10}  {_mib(m['measured_peak_memory_bytes']):<10}  "
+                f"{m['peak_memory_error']:+.1%}  {_mib(m['predicted_training_memory_bytes']):<10}  "
+                f"{_mib(m['measured_training_memory_bytes']):<10}  {m['training_memory_error']:+.1%}  "
+                f"{m['predicted_step_seconds']:.3f} s    {m['measured_step_seconds']:.3f} s    {m['step_time_error']:+.1%}"
+            )
+        held_out = [m for m in measured if not m["probe"]]
+        if held_out:
+            mem = max(abs(m["peak_memory_error"]) for m in held_out)
+            step = float(np.median([abs(m["step_time_error"]) for m in held_out]))
+            worst_step = max(abs(m["step_time_error"]) for m in held_out)
+            lines.append(
+                f"{len(held_out)} layer sets not among the probes: largest peak memory error {mem:.1%}, "
+                f"step time error median {step:.1%}, largest {worst_step:.1%}"
+            )
+    return "\n".join(lines)
