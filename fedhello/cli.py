@@ -182,16 +182,24 @@ def _names(text: str) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
-    from fedhello.grid import plan_grid, run_grid, write_grid_meta
+    from fedhello.grid import load_variants, plan_grid, run_grid, write_grid_meta
 
     base = load_config(args.config, args.overrides)
     out = Path(args.out)
     work = Path(args.work) if args.work else Path("runs") / "compare" / out.name
     methods, settings, rocs = _names(args.methods), _names(args.settings), _names(args.rocs)
-    cells = plan_grid(base, methods, args.seeds, settings, rocs)
+    variants = load_variants(args.variants)
+    cells = plan_grid(base, methods, args.seeds, settings, rocs, variants)
     command = " ".join(["fedhello", *sys.argv[1:]])
     write_grid_meta(
-        out, base, command=command, methods=methods, seeds=args.seeds, settings=settings, rocs=rocs
+        out,
+        base,
+        command=command,
+        methods=methods,
+        seeds=args.seeds,
+        settings=settings,
+        rocs=rocs,
+        variants=variants,
     )
     total = len(cells)
     done = 0
@@ -293,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("config", nargs="?", help="YAML config file for every cell (optional)")
     comp.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every cell")
     comp.add_argument("--methods", required=True, help="comma-separated, e.g. fedhello,fedit,fedra")
+    comp.add_argument(
+        "--variants",
+        help="YAML file of method variants usable in --methods: name -> {method: ..., config sections}",
+    )
     comp.add_argument("--seeds", type=int, default=1, help="seeds per cell: seed, seed+1, ...")
     comp.add_argument(
         "--settings",

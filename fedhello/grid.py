@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedhello.config import ExperimentConfig, config_from_dict, config_to_yaml, load_config
 from fedhello.errors import UserError
 from fedhello.io import write_json_atomic
@@ -82,10 +84,34 @@ class Cell:
         return {"setting": self.setting, "roc": self.roc, "method": self.method, "seed": self.seed}
 
 
-def cell_config(base: ExperimentConfig, cell: Cell) -> ExperimentConfig:
-    """The base config with the cell's method, seed, partition and client shares."""
+Variants = dict[str, dict[str, Any]]
+"""A grid's method variants: name -> {method: a registered method, and config sections to merge},
+e.g. {"fedhello-budget": {"method": "fedhello", "groups": [... with memory budgets ...]}}."""
+
+
+def load_variants(path: str | Path | None) -> Variants:
+    """The variants file of `fedhello compare --variants` (YAML), checked."""
+    if path is None:
+        return {}
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--variants {path}: cannot read ({e.__class__.__name__})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"--variants {path}: expected a mapping of variant name -> settings")
+    for name, spec in tree.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("method"), str):
+            raise UserError(f"--variants {path}: {name}: needs a 'method' naming a registered method")
+    return tree
+
+
+def cell_config(base: ExperimentConfig, cell: Cell, variants: Variants | None = None) -> ExperimentConfig:
+    """The base config with the cell's method (or variant), seed, partition and client shares."""
     tree = base.model_dump(mode="json")
-    tree["method"] = cell.method
+    variant = (variants or {}).get(cell.method)
+    if variant is not None:
+        tree = _merge(tree, {k: v for k, v in variant.items() if k != "method"})
+    tree["method"] = variant["method"] if variant is not None else cell.method
     tree["seed"] = cell.seed
     tree["quiet"] = True
     tree["partition"] = {**tree["partition"], **setting_partition(cell.setting)}
@@ -142,6 +168,13 @@ def config_hash(cfg: ExperimentConfig) -> str:
             if node.get(path[-1]) == value:
                 node.pop(path[-1], None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _parents(tree: Any, path: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -237,14 +270,20 @@ def load_cells(out: Path) -> list[dict[str, Any]]:
 
 
 def plan_grid(
-    base: ExperimentConfig, methods: Sequence[str], seeds: int, settings: Sequence[str], rocs: Sequence[str]
+    base: ExperimentConfig,
+    methods: Sequence[str],
+    seeds: int,
+    settings: Sequence[str],
+    rocs: Sequence[str],
+    variants: Variants | None = None,
 ) -> list[tuple[Cell, ExperimentConfig]]:
     """Every cell with its config; names are checked before anything runs."""
+    variants = variants or {}
     for m in methods:
         try:
-            check_method(m)
+            check_method(variants[m]["method"] if m in variants else m)
         except ValueError as e:
-            raise UserError(f"--methods: {e}") from None
+            raise UserError(f"--methods: {m}: {e}") from None
     if seeds < 1:
         raise UserError("--seeds: must be at least 1")
     cells = []
@@ -253,7 +292,7 @@ def plan_grid(
             for method in methods:
                 for i in range(seeds):
                     cell = Cell(setting, roc, method, base.seed + i)
-                    cells.append((cell, cell_config(base, cell)))
+                    cells.append((cell, cell_config(base, cell, variants)))
     return cells
 
 
@@ -266,8 +305,10 @@ def write_grid_meta(
     seeds: int,
     settings: Sequence[str],
     rocs: Sequence[str],
+    variants: Variants | None = None,
 ) -> None:
-    """What the grid is (the report quotes it): the command, the base config and the axes."""
+    """What the grid is (the report quotes it): the command, the base config, the axes and the
+    method variants."""
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": command,
@@ -275,6 +316,7 @@ def write_grid_meta(
         "seeds": seeds,
         "settings": list(settings),
         "rocs": list(rocs),
+        "variants": variants or {},
         "base_config": base.model_dump(mode="json"),
     }
     write_json_atomic(out / "grid.json", meta)

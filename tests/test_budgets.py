@@ -256,3 +256,35 @@ def test_without_budgets_records_carry_no_predictions(
     assert not {"predicted_memory_bytes", "over_budget", "model_memory_bytes"} & set(line["clients"][0])
     assert "budgets" not in json.loads((out / "summary.json").read_text())
     assert not (out / "cost_model.json").exists()
+
+
+def test_clients_over_budget_are_counted_and_groups_that_never_train_are_named() -> None:
+    from fedhello.method.budgets import Cost
+    from fedhello.records import ClientRecord, RoundRecord
+    from fedhello.reporting.summary import summarize_budgets
+
+    over = Cost(100 * MiB, 50 * MiB, 0.5, 4, 3 * MiB, speed=0.5)
+    assert over.over(Budget(memory=140 * MiB, seconds_per_round=3.0, upload=2 * MiB)) == [
+        "memory",
+        "time",
+        "upload",
+    ]
+    assert over.over(Budget(memory=150 * MiB, seconds_per_round=4.0, upload=3 * MiB)) == []
+    trained = ClientRecord(
+        client=0, group="low", layers=[5], model_memory_bytes=100 * MiB, peak_memory_bytes=50 * MiB,
+        predicted_memory_bytes=140 * MiB, predicted_seconds=1.0, seconds=2.0, over_budget=["memory"],
+    )  # fmt: skip
+    records = [RoundRecord(round=1, clients=[trained], idle=[1, 2])]
+    budgets = {
+        "low": {
+            "memory": 140 * MiB,
+            "speed": 1.0,
+            "allowed": "up to 1 layer: 1 from block 5",
+            "members": [0],
+        },
+        "mid": {"memory": 90 * MiB, "speed": 1.0, "allowed": "nothing", "members": [1, 2]},
+    }
+    out = summarize_budgets(records, budgets)
+    assert out["low"]["clients_over_budget"] == 1 and out["low"]["measured_peak_memory_bytes"] == 150 * MiB
+    assert out["low"]["over_budget"] == ["round 1 client 0: memory"]
+    assert out["mid"]["sat_out"] and out["mid"]["clients_sat_out"] == 2 and "sat_out_reason" in out["mid"]

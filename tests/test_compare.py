@@ -116,3 +116,31 @@ def test_bad_grid_axes_are_named(
     )
     with pytest.raises(UserError, match=message):
         plan_grid(base, methods, 1, settings, rocs)
+
+
+def test_method_variants_merge_their_config_and_keep_the_grid_axes(tmp_path: Path) -> None:
+    from fedhello.grid import load_variants
+
+    path = tmp_path / "variants.yaml"
+    path.write_text(
+        "fedhello-budget:\n  method: fedhello\n  groups:\n"
+        "    - {name: low, share: 1, budget: 0.5, memory: 140MiB}\n"
+        "    - {name: high, share: 1, budget: 1.0}\n"
+    )
+    variants = load_variants(path)
+    base = load_config(
+        None, ["groups=[{name: low, share: 1, budget: 0.5}, {name: high, share: 1, budget: 1.0}]"]
+    )
+    cells = plan_grid(base, ["fedhello", "fedhello-budget"], 1, ["iid"], ["3:1"], variants)
+    plain, budgeted = (cfg for _, cfg in cells)
+    assert budgeted.method == "fedhello" and cells[1][0].name == "iid_roc3-1_fedhello-budget_seed0"
+    assert (
+        budgeted.groups[0].memory == 140 * 2**20 and budgeted.groups[0].share == 3.0
+    )  # the ratio still applies
+    assert plain.groups[0].memory is None and config_hash(plain) != config_hash(budgeted)
+    path.write_text("broken:\n  groups: []\n")
+    with pytest.raises(UserError, match="broken: needs a 'method'"):
+        load_variants(path)
+    path.write_text("odd:\n  method: no-such-method\n")
+    with pytest.raises(UserError, match="--methods: odd: unknown method 'no-such-method'"):
+        plan_grid(base, ["odd"], 1, ["iid"], ["1:1"], load_variants(path))

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedhello.config import TrainConfig
 from fedhello.engine.client import train_client
 from fedhello.engine.experiment import Experiment
 from fedhello.errors import UserError
@@ -34,7 +35,9 @@ from fedhello.method.budgets import (
     fit_coefficients,
     probe_sets,
 )
+from fedhello.models import LoraModel
 from fedhello.models.loading import cache_root
+from fedhello.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -48,82 +51,115 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure(
-    exp: Experiment,
+def measure_layers(
+    lm: LoraModel,
+    task: Task,
+    batch: dict[str, torch.Tensor],
     layers: Sequence[int],
+    train: TrainConfig,
+    *,
+    train_head: bool,
+    device: torch.device,
     steps: int = PROBE_STEPS,
-    batch: dict[str, torch.Tensor] | None = None,
 ) -> Probe:
-    """Train `layers` for one warm-up step and `steps` measured steps on the worst-case batch
-    (the model's adapters are restored afterwards); returns the peak training memory and the
-    median step seconds."""
-    cfg = exp.cfg
-    if batch is None:
-        batch = worst_case_batch(exp)
-    saved = exp.lm.lora_state()
-    train_cfg = cfg.train.model_copy(update={"local_steps": steps + 1})
+    """Train `layers` for one warm-up step and `steps` measured steps on `batch` (the model's
+    adapters are restored afterwards); returns the peak training memory and the median step
+    seconds. Any model with LoRA and any task: the GPU benchmark measures through this too."""
+    saved = lm.lora_state()
     try:
         result = train_client(
-            exp.lm,
-            exp.task,
-            exp.data,
-            exp.splits["train"][:1],
+            lm,
+            task,
+            None,
+            np.zeros(1, dtype=np.int64),
             saved,
             Assignment(0, tuple(sorted(layers))),
-            train_cfg,
-            train_head=exp.train_head,
-            seed=cfg.seed,
+            train.model_copy(update={"local_steps": steps + 1}),
+            train_head=train_head,
+            seed=0,
             round_number=0,
-            device=exp.device,
+            device=device,
             batch_source=[batch] * (steps + 1),
         )
     finally:
-        exp.lm.load_lora_state(saved)
+        lm.load_lora_state(saved)
     return Probe(tuple(sorted(layers)), result.peak_memory_bytes, float(np.median(result.step_seconds[1:])))
 
 
-def worst_case_batch(exp: Experiment) -> dict[str, torch.Tensor]:
-    return exp.task.worst_case_batch(exp.data, exp.splits["train"], exp.cfg.train.batch_size)
+def calibrate_model(
+    lm: LoraModel,
+    task: Task,
+    batch: dict[str, torch.Tensor],
+    train: TrainConfig,
+    *,
+    train_head: bool,
+    device: torch.device,
+    rank: int,
+    steps: int = PROBE_STEPS,
+) -> CostModel:
+    """Fit the cost model of this model, batch and device to probe steps (docs/budgets.md)."""
 
+    def nbytes(names: Sequence[str]) -> int:
+        return sum(lm.parameter(k).numel() * lm.parameter(k).element_size() for k in names)
 
-def empty_cost_model(exp: Experiment) -> CostModel:
-    """The exact parts of the cost model (model, adapter and head bytes), before fitting."""
-    lm = exp.lm
-    layer_bytes = [
-        sum(lm.parameter(k).numel() * lm.parameter(k).element_size() for k in lm.trained_names([i], False))
-        for i in range(lm.num_layers)
-    ]
-    head = (
-        sum(lm.parameter(k).numel() * lm.parameter(k).element_size() for k in lm.head_params)
-        if exp.train_head
-        else 0
-    )
-    batch = worst_case_batch(exp)
-    shape = " x ".join(str(d) for d in next(iter(batch.values())).shape)
-    return CostModel(
+    costs = CostModel(
         num_layers=lm.num_layers,
         model_bytes=model_bytes(lm.model),
-        layer_bytes=layer_bytes,
-        head_bytes=head,
-        rank=exp.cfg.lora.r,
+        layer_bytes=[nbytes(lm.trained_names([i], False)) for i in range(lm.num_layers)],
+        head_bytes=nbytes(lm.head_params) if train_head else 0,
+        rank=rank,
         memory_coef=[0.0, 0.0, 0.0],
         time_coef=[0.0, 0.0, 0.0],
-        device=device_name(exp.device),
-        batch_shape=shape,
+        device=device_name(device),
+        batch_shape=" x ".join(str(d) for d in next(iter(batch.values())).shape),
     )
-
-
-def calibrate(exp: Experiment, steps: int = PROBE_STEPS) -> CostModel:
-    """Fit the cost model to probe steps on this machine (docs/budgets.md)."""
-    costs = empty_cost_model(exp)
-    batch = worst_case_batch(exp)
-    probes = [measure(exp, s, steps, batch) for s in probe_sets(costs.num_layers)]
+    probes = [
+        measure_layers(lm, task, batch, s, train, train_head=train_head, device=device, steps=steps)
+        for s in probe_sets(costs.num_layers)
+    ]
     features = np.stack([costs.features(p.layers) for p in probes])
     memory = np.array([p.training_bytes - OPTIMIZER_COPIES * costs.trained_bytes(p.layers) for p in probes])
     costs.memory_coef = fit_coefficients(features, memory.astype(float))
     costs.time_coef = fit_coefficients(features, np.array([p.seconds_per_step for p in probes]))
     costs.probes = probes
     return costs
+
+
+def worst_case_batch(exp: Experiment) -> dict[str, torch.Tensor]:
+    return exp.task.worst_case_batch(exp.data, exp.splits["train"], exp.cfg.train.batch_size)
+
+
+def measure(
+    exp: Experiment,
+    layers: Sequence[int],
+    steps: int = PROBE_STEPS,
+    batch: dict[str, torch.Tensor] | None = None,
+) -> Probe:
+    """`measure_layers` for a run's model, task and worst-case batch."""
+    return measure_layers(
+        exp.lm,
+        exp.task,
+        worst_case_batch(exp) if batch is None else batch,
+        layers,
+        exp.cfg.train,
+        train_head=exp.train_head,
+        device=exp.device,
+        steps=steps,
+    )
+
+
+def calibrate(exp: Experiment, steps: int = PROBE_STEPS) -> CostModel:
+    """`calibrate_model` for a run's model, task and worst-case batch."""
+    return calibrate_model(
+        exp.lm,
+        exp.task,
+        worst_case_batch(exp),
+        exp.cfg.train,
+        train_head=exp.train_head,
+        device=exp.device,
+        rank=exp.cfg.lora.r,
+        steps=steps,
+    )
 
 
 def device_name(device: torch.device) -> str:

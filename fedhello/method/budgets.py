@@ -212,7 +212,8 @@ class LayerLimits:
         if not counts:
             return "nothing fits"
         parts = [f"{n} from block {self.lowest[n - 1]}" for n in sorted(counts, reverse=True)]
-        return f"up to {max(counts)} layers: " + ", ".join(parts)
+        most = max(counts)
+        return f"up to {most} layer{'s' if most > 1 else ''}: " + ", ".join(parts)
 
 
 def fit_coefficients(features: np.ndarray, values: np.ndarray) -> list[float]:

@@ -255,6 +255,38 @@ def cost_table(grid: Grid, roc: str) -> str:
     return "\n".join(lines)
 
 
+def budget_table(grid: Grid) -> str | None:
+    """For methods run with device budgets (docs/budgets.md): per group, the memory budget, the
+    worst predicted and measured peak memory over every client-round (frozen model included),
+    the clients over budget and the client-rounds that sat out, pooled over settings, ratios and
+    seeds. None when no cell of the grid has budgets."""
+    lines = [
+        "| method | group | memory budget MiB | predicted peak MiB (worst) | measured peak MiB (worst) "
+        "| measured training MiB (worst) | client-rounds over budget | client-rounds sat out | allowed |",
+        "|---" * 9 + "|",
+    ]
+    for m in grid.ordered("method"):
+        cells = [c for c in grid.cells if c["cell"]["method"] == m and "budgets" in c["summary"]]
+        if not cells:
+            continue
+        for g in cells[0]["summary"]["budgets"]:
+            rows = [c["summary"]["budgets"][g] for c in cells]
+            budget = rows[0]["memory"]
+
+            def worst(key: str, rows: list[dict[str, Any]] = rows) -> str:
+                vals = [r[key] for r in rows if r.get(key) is not None]
+                return f"{max(vals) / MiB:.1f}" if vals else "-"
+
+            over = sum(r["clients_over_budget"] for r in rows)
+            idle = sum(r["clients_sat_out"] for r in rows)
+            lines.append(
+                f"| {m} | {g} | {'-' if budget is None else f'{budget / MiB:.0f}'} | {worst('predicted_peak_memory_bytes')} "
+                f"| {worst('measured_peak_memory_bytes')} | {worst('measured_training_memory_bytes')} "
+                f"| {over}{' **over budget**' if over else ''} | {idle} | {rows[0]['allowed']} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 def fedit_fraction_table(grid: Grid, method: str = "fedhello", reference: str = "fedit") -> str:
     """What fraction of FedIT's accuracy `method` reaches, at what fraction of its costs."""
     lines = [
@@ -537,6 +569,17 @@ def write_report(
             losses = losses_against(grid)
             lines += ["### Where Fed-HeLLo does not have the best mean final accuracy", ""]
             lines += (losses or ["- nowhere in this grid"]) + [""]
+        budgets = budget_table(grid)
+        if budgets is not None:
+            lines += [
+                "### Device budgets (predicted and measured)",
+                "",
+                "Methods run with device budgets per group; clients that exceeded their budget are "
+                "counted and marked **over budget**.",
+                "",
+                budgets,
+                "",
+            ]
         for roc in grid.ordered("roc"):
             lines += [f"### Costs per client group, clients {roc} (pooled over settings and seeds)", ""]
             lines += [cost_table(grid, roc), ""]
