@@ -421,6 +421,12 @@ class FlowerConfig(_Strict):
         120.0, gt=0, description="Seconds the first round waits for the SuperNodes of its clients."
     )
     cpus_per_client: float = Field(1.0, gt=0, description="Simulation only: CPUs each ClientApp reserves.")
+    partition_keys: str | None = Field(
+        None,
+        description="Deployment: the operator's file mapping each SuperNode's OpenSSH public key to the "
+        "partition id it may serve (YAML, written by `fedhello deploy keys`); a node must sign a challenge "
+        "with that key to serve the partition (docs/flower.md, 'Identity').",
+    )
 
 
 class ExperimentConfig(_Strict):

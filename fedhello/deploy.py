@@ -33,7 +33,9 @@ import argparse
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -79,24 +81,36 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only (mode 0600, also when the file existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data)
+
+
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    path.write_bytes(
+    write_private(
+        path,
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        ),
     )
 
 
 # -- keys ------------------------------------------------------------------------------------
-def make_tls_certificates(directory: Path, host: str = "127.0.0.1") -> dict[str, Path]:
+def make_tls_certificates(
+    directory: Path, host: str = "127.0.0.1", also: tuple[str, ...] = ()
+) -> dict[str, Path]:
     """A throw-away CA and a server certificate for the IP address `host`, signed by it.
 
     Writes PEM files into `directory` (made if missing) and returns their paths:
     "ca" (ca.crt: for the SuperNodes' `--root-certificates` and the `flwr` CLI), "cert"
     (server.pem) and "key" (server.key: for the SuperLink's `--ssl-certfile`/`--ssl-keyfile`).
-    The server certificate names `host` and "localhost"; both certificates are valid for two days.
+    The server certificate names `host`, the addresses in `also` and "localhost" (the reverse
+    proxy reaches the SuperLink as localhost); both certificates are valid for two days.
     """
     # imported here: cryptography is slow to import and only key making needs it
     from cryptography import x509
@@ -130,7 +144,10 @@ def make_tls_certificates(directory: Path, host: str = "127.0.0.1") -> dict[str,
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]
+                [
+                    *(x509.IPAddress(ipaddress.ip_address(h)) for h in dict.fromkeys((host, *also))),
+                    x509.DNSName("localhost"),
+                ]
             ),
             critical=False,
         )
@@ -155,10 +172,11 @@ def make_supernode_keys(directory: Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / name, directory / f"{name}.pub"
-    private.write_bytes(
+    write_private(
+        private,
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
+        ),
     )
     public.write_bytes(
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -166,9 +184,92 @@ def make_supernode_keys(directory: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
+def write_partition_keys(path: Path, public_keys: list[Path]) -> Path:
+    """The operator's mapping file for `flower.partition_keys`: public key i -> partition i."""
+    import yaml
+
+    from fedhello.engine.identity import normalise_key
+
+    mapping = {normalise_key(p.read_text()): i for i, p in enumerate(public_keys)}
+    path.write_text(
+        "# SuperNode public key -> the client partition it may serve (flower.partition_keys)\n"
+        + yaml.safe_dump(mapping, sort_keys=False, width=1000)
+    )
+    return path
+
+
+def proxy_config(
+    *,
+    listen: str,
+    superlink_port: int,
+    certs: dict[str, Path],
+    work_dir: Path,
+) -> str:
+    """An nginx configuration that exposes only the SuperLink's Fleet API (`/v1/fleet/`, what
+    SuperNodes call) on the client-facing address `listen` ("IP:PORT"), over TLS with the
+    SuperLink's certificate, and forwards it to the SuperLink on 127.0.0.1:`superlink_port`,
+    verifying the SuperLink's certificate. Every other path, the Control API (`/v1/control/`,
+    where `flwr supernode register` and `flwr run` go) included, is answered 403. Logs, pid and
+    temporary files go under `work_dir`. Run it with `nginx -p WORK_DIR -c FILE`."""
+    tmp = work_dir / "nginx-tmp"
+    user = "user root root;\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+    return f"""# fedhello: the client-facing side of a SuperLink (docs/flower.md, "Authenticated deployment")
+{user}worker_processes 1;
+pid {work_dir / "nginx.pid"};
+error_log {work_dir / "logs" / "proxy-error.log"} warn;
+events {{ worker_connections 512; }}
+http {{
+    access_log {work_dir / "logs" / "proxy-access.log"};
+    client_body_temp_path {tmp / "body"};
+    proxy_temp_path {tmp / "proxy"};
+    fastcgi_temp_path {tmp / "fastcgi"};
+    uwsgi_temp_path {tmp / "uwsgi"};
+    scgi_temp_path {tmp / "scgi"};
+    client_max_body_size 0;             # adapters and models may be large
+    server {{
+        listen {listen} ssl;
+        ssl_certificate {certs["cert"]};
+        ssl_certificate_key {certs["key"]};
+        location /v1/fleet/ {{             # SuperNodes: register, pull and push messages, FABs
+            proxy_pass https://127.0.0.1:{superlink_port};
+            proxy_ssl_trusted_certificate {certs["ca"]};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_http_version 1.1;
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+        location / {{ return 403; }}       # the Control API and anything else: not from here
+    }}
+}}
+"""
+
+
+def find_nginx() -> str | None:
+    """The nginx binary (Debian's `nginx` package), or None."""
+    for candidate in (shutil.which("nginx"), "/usr/sbin/nginx"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
 # -- a federation on this machine ------------------------------------------------------------
+CLIENT_FACING_HOST = "127.0.0.2"
+"""Where a LocalDeployment's reverse proxy listens: a loopback address other than the
+SuperLink's 127.0.0.1, standing in for the server's public address."""
+
+
 class LocalDeployment:
-    """SuperLink + SuperNodes as separate processes on 127.0.0.1 (TLS and node auth by default).
+    """SuperLink + SuperNodes as separate processes on loopback, secured as a real deployment.
+
+    By default: TLS; SuperNode authentication (a key pair per SuperNode, the public key
+    registered by the operator, private keys 0600); each partition bound to its SuperNode's key
+    (`partitions.yaml`, passed to the run as flower.partition_keys); and the SuperLink on
+    127.0.0.1 behind an nginx reverse proxy that exposes only the Fleet API on 127.0.0.2 (the
+    client-facing address), so the Control API is out of reach of SuperNodes. `proxy=False`,
+    `auth=False` or `tls=False` turn parts off (tests of other things; not for real use).
 
     `work_dir` receives the certificates, keys, logs (`logs/`), the SuperLink's database and the
     `flwr` configuration (`FLWR_HOME`). SuperNode i holds client partition i. `app_dir` is the
@@ -183,24 +284,48 @@ class LocalDeployment:
         app_dir: Path | None = None,
         tls: bool = True,
         auth: bool = True,
+        proxy: bool | None = None,
+        node_config: dict[int, str] | None = None,
     ) -> None:
         self.work = work_dir.resolve()
         self.num_supernodes = num_supernodes
         self.app_dir = (app_dir or _default_app_dir()).resolve()
         self.tls, self.auth = tls, auth
-        self.port = _free_port()
+        self.proxy = tls if proxy is None else proxy
+        if self.proxy and not tls:
+            raise ValueError("the reverse proxy serves TLS: proxy=True needs tls=True")
+        self.nginx = find_nginx() if self.proxy else None
+        if self.proxy and self.nginx is None:
+            raise UserError(
+                "nginx not found: the deployment keeps the Control API behind an nginx reverse proxy "
+                "(apt-get install nginx-light); without it, pass --no-proxy (the Control API is then "
+                "reachable wherever the SuperLink is)"
+            )
+        self.extra_node_config = node_config or {}
+        self.port = _free_port()  # the SuperLink (Fleet and Control API), on 127.0.0.1
+        self.proxy_port = _free_port()  # the reverse proxy, on CLIENT_FACING_HOST
         self.superlink: subprocess.Popen[bytes] | None = None
+        self.proxy_proc: subprocess.Popen[bytes] | None = None
         self.supernodes: dict[int, subprocess.Popen[bytes]] = {}
+        self.keys: dict[int, tuple[Path, Path]] = {}
+        self.partition_keys: Path | None = None
         self._logs: list[IO[bytes]] = []
         self.env = {
             **os.environ,
             "FLWR_HOME": str(self.work / "flwr-home"),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # SuperExec polls for a message to run every second by default; a ClientApp starts sooner
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
             "HF_HUB_OFFLINE": "1",
             # the SuperLink and SuperNodes start flower-superexec and flwr-* helpers by name
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         self.startup_seconds = 0.0
+
+    @property
+    def fleet_address(self) -> str:
+        """Where SuperNodes connect: the proxy's client-facing address, or the SuperLink itself."""
+        return f"{CLIENT_FACING_HOST}:{self.proxy_port}" if self.proxy else f"127.0.0.1:{self.port}"
 
     # -- processes ---------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -225,18 +350,19 @@ class LocalDeployment:
         return ["--root-certificates", str(self.certs["ca"])]
 
     def start(self) -> LocalDeployment:
-        """Start the SuperLink, wait for its port, then start (and register) every SuperNode."""
+        """Start the SuperLink (and the proxy), then register and start every SuperNode."""
         start = time.perf_counter()
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
         if self.tls:
-            self.certs = make_tls_certificates(self.work / "certs")
-        connection = f'address = "127.0.0.1:{self.port}"\n' + (
-            f'root-certificates = "{self.certs["ca"]}"\n' if self.tls else "insecure = true\n"
-        )
+            self.certs = make_tls_certificates(self.work / "certs", "127.0.0.1", also=(CLIENT_FACING_HOST,))
+        security = f'root-certificates = "{self.certs["ca"]}"\n' if self.tls else "insecure = true\n"
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n{connection}'
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+            f'address = "127.0.0.1:{self.port}"\n{security}\n'
+            # what a client machine would reach: only the proxy (the Control API refused there)
+            f'[superlink.client-facing]\naddress = "{self.fleet_address}"\n{security}'
         )
         args = [
             _bin("flower-superlink"),
@@ -249,26 +375,73 @@ class LocalDeployment:
         if self.auth:
             args.append("--enable-supernode-auth")
         self.superlink = self._spawn("superlink", args)
-        self._wait_for_port(self.superlink, self.port, 60.0)
+        self._wait_for_port(self.superlink, "127.0.0.1", self.port, 60.0)
+        if self.proxy:
+            self._start_proxy()
+        if self.auth:
+            for i in range(self.num_supernodes):
+                self.keys[i] = make_supernode_keys(self.work / "keys", f"supernode-{i}")
+            self.partition_keys = write_partition_keys(
+                self.work / "keys" / "partitions.yaml", [public for _, public in self.keys.values()]
+            )
         for i in range(self.num_supernodes):
             self.start_supernode(i)
         self.startup_seconds = time.perf_counter() - start
         return self
 
-    def start_supernode(self, partition: int) -> None:
-        """Start the SuperNode holding `partition` (registering a fresh key pair with node auth)."""
+    def _start_proxy(self) -> None:
+        assert self.nginx is not None
+        conf = self.work / "proxy.conf"
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (self.work / "nginx-tmp" / sub).mkdir(parents=True, exist_ok=True)
+        conf.write_text(
+            proxy_config(
+                listen=self.fleet_address, superlink_port=self.port, certs=self.certs, work_dir=self.work
+            )
+        )
+        self.proxy_proc = self._spawn(
+            "proxy", [self.nginx, "-p", str(self.work), "-c", str(conf), "-g", "daemon off;"]
+        )
+        self._wait_for_port(self.proxy_proc, CLIENT_FACING_HOST, self.proxy_port, 30.0)
+
+    def start_supernode(
+        self, partition: int, *, private_key: Path | None = None, register: bool = True
+    ) -> None:
+        """Start the SuperNode holding `partition`. With node auth it authenticates with (and signs
+        its partition claims with) its key pair, registered first unless `register=False`."""
+        config = f"partition-id={partition} num-partitions={self.num_supernodes}"
         args = [
             _bin("flower-supernode"),
             *self._security_args(server=False),
-            "--superlink", f"127.0.0.1:{self.port}",
+            "--superlink", self.fleet_address,
             "--port", str(_free_port()),
-            "--node-config", f"partition-id={partition} num-partitions={self.num_supernodes}",
         ]  # fmt: skip
         if self.auth:
-            private, public = make_supernode_keys(self.work / "keys", f"supernode-{partition}")
-            self._flwr(["supernode", "register", str(public), FEDERATION], timeout=60)
-            args += ["--auth-supernode-private-key", str(private)]
+            if private_key is None:
+                private_key, public = self.keys[partition]
+            else:
+                public = private_key.with_name(private_key.name + ".pub")
+            if register:
+                self.register(public)
+            args += ["--auth-supernode-private-key", str(private_key)]
+            config += f" auth-key='{private_key}'"
+        extra = self.extra_node_config.get(partition)
+        args += ["--node-config", f"{config} {extra}" if extra else config]
         self.supernodes[partition] = self._spawn(f"supernode-{partition}", args)
+
+    # -- the operator's Control API commands (on the SuperLink's own address) -----------------
+    def register(self, public_key: Path, connection: str = FEDERATION) -> None:
+        """`flwr supernode register`: admit the SuperNode with this public key."""
+        self._flwr(["supernode", "register", str(public_key), connection], timeout=60)
+
+    def unregister(self, node_id: int) -> None:
+        """`flwr supernode unregister`: remove a SuperNode; its key no longer connects."""
+        self._flwr(["supernode", "unregister", str(node_id), FEDERATION], timeout=60)
+
+    def list_nodes(self) -> list[dict[str, object]]:
+        """`flwr supernode list`: the registered SuperNodes (node id, public key, status)."""
+        out = self._flwr(["supernode", "list", FEDERATION, "--format", "json"], timeout=60).stdout
+        return list(json.loads(out[out.index("{") :]).get("nodes", []))
 
     def _flwr(self, args: list[str], timeout: float | None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -285,18 +458,17 @@ class LocalDeployment:
             )
         return proc
 
-    def _wait_for_port(self, proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+    def _wait_for_port(self, proc: subprocess.Popen[bytes], host: str, port: int, timeout: float) -> None:
+        name = Path(str(proc.args[0])).name  # type: ignore[index]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"SuperLink exited with status {proc.returncode}; see {self.work / 'logs'}"
-                )
+                raise RuntimeError(f"{name} exited with status {proc.returncode}; see {self.work / 'logs'}")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
+                if s.connect_ex((host, port)) == 0:
                     return
             time.sleep(0.2)
-        raise RuntimeError(f"SuperLink did not open port {port} within {timeout:.0f} s")
+        raise RuntimeError(f"{name} did not open {host}:{port} within {timeout:.0f} s")
 
     # -- runs --------------------------------------------------------------------------------
     def run(
@@ -308,6 +480,8 @@ class LocalDeployment:
         seconds (None: no limit).
         """
         run_config = f"config-path='{config_path.resolve()}' out-dir='{out_dir.resolve()}' resume={str(resume).lower()}"
+        if self.partition_keys is not None:
+            run_config += f" partition-keys='{self.partition_keys}'"
         proc = self._flwr(
             ["run", str(self.app_dir), FEDERATION, "--run-config", run_config, "--stream"], timeout=timeout
         )
@@ -316,7 +490,7 @@ class LocalDeployment:
     def stop(self) -> None:
         """Stop every process this deployment started, helpers included (the SuperLink starts
         flower-superexec, which starts the ServerApp in a session of its own), by process id."""
-        roots = [p for p in [self.superlink, *self.supernodes.values()] if p is not None]
+        roots = [p for p in [self.superlink, self.proxy_proc, *self.supernodes.values()] if p is not None]
         procs = []
         for root in roots:
             try:
@@ -368,7 +542,7 @@ def cmd_deploy_keys(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     if directory.exists() and not directory.is_dir():
         raise UserError(f"DIR: {directory} is not a directory")
-    names = ["ca.crt", "server.pem", "server.key"]
+    names = ["ca.crt", "server.pem", "server.key", "partitions.yaml", "proxy.conf"]
     names += [f for i in range(n) for f in (f"supernode-{i}", f"supernode-{i}.pub")]
     taken = [f for f in names if (directory / f).exists()]
     if taken:
@@ -383,6 +557,21 @@ def cmd_deploy_keys(args: argparse.Namespace) -> int:
         print(f"{private}  (SuperNode {i} private key: --auth-supernode-private-key)")
         print(f"{public}  (SuperNode {i} public key)")
         publics.append(public)
+    mapping = write_partition_keys(directory / "partitions.yaml", publics)
+    print(f"{mapping}  (public key -> partition: flower.partition_keys / run config partition-keys)")
+    (directory / "logs").mkdir(exist_ok=True)
+    proxy = directory / "proxy.conf"
+    proxy.write_text(
+        proxy_config(
+            listen=f"{args.host}:{args.port}",
+            superlink_port=args.superlink_port,
+            certs=certs,
+            work_dir=directory.resolve(),
+        )
+    )
+    print(
+        f"{proxy}  (nginx: the Fleet API on {args.host}:{args.port} -> SuperLink on 127.0.0.1:{args.superlink_port})"
+    )
     for public in publics:
         print(f"register: flwr supernode register {public} fedhello  (see docs/flower.md)")
     return 0
@@ -432,7 +621,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     print(f"run directory: {out}", file=sys.stderr)
     print(f"deployment: {n} SuperNodes, logs in {work / 'logs'}", file=sys.stderr)
     try:
-        with LocalDeployment(work, n) as fed:
+        with LocalDeployment(work, n, proxy=not args.no_proxy) as fed:
             log = fed.run(config_path, out, timeout=args.timeout)
     except KeyboardInterrupt:
         print("interrupted; every process of the deployment is stopped", file=sys.stderr)
@@ -464,7 +653,11 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
         "--supernodes", type=int, default=1, metavar="N", help="SuperNode key pairs, one per client partition"
     )
     keys.add_argument(
-        "--host", default="127.0.0.1", help="the SuperLink's IP address, named by its certificate"
+        "--host", default="127.0.0.1", help="the server's client-facing IP address, named by its certificate"
+    )
+    keys.add_argument("--port", type=int, default=9092, help="the proxy's client-facing port (proxy.conf)")
+    keys.add_argument(
+        "--superlink-port", type=int, default=9095, help="the SuperLink's port on 127.0.0.1 (proxy.conf)"
     )
     keys.set_defaults(func=cmd_deploy_keys)
 
@@ -485,5 +678,10 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     local.add_argument(
         "--timeout", type=float, default=None, help="seconds the run may take (default: no limit)"
+    )
+    local.add_argument(
+        "--no-proxy",
+        action="store_true",
+        help="no nginx in front of the SuperLink (its Control API is then reachable where the Fleet API is)",
     )
     local.set_defaults(func=cmd_deploy_local)

@@ -339,3 +339,18 @@ def test_real_smollm2_trains_and_generates(tmp_path: Path) -> None:
     )
     answers = task.generate(exp.lm.model, exp.data, exp.splits["test"][:2], 2, exp.device)
     assert all(isinstance(a, str) and a for a in answers)
+
+
+def test_worst_case_batch_fills_max_length_with_targets_and_calibrates(
+    llm_exp: Experiment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedhello.engine.calibration import calibrated, measure, worst_case_batch
+
+    monkeypatch.setenv("FEDHELLO_CACHE_DIR", str(tmp_path))
+    batch = worst_case_batch(llm_exp)
+    width = llm_exp.cfg.model.max_length
+    assert batch["input_ids"].shape == (llm_exp.cfg.train.batch_size, width)
+    assert batch["attention_mask"].all() and batch["target_mask"][:, 1:].all()
+    costs = calibrated(llm_exp)
+    m = measure(llm_exp, (1, 2), steps=1)
+    assert costs.training_bytes((1, 2)) == pytest.approx(m.training_bytes, rel=0.02)

@@ -8,6 +8,7 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -55,12 +56,21 @@ def test_deploy_keys_writes_the_files(tmp_path: Path, capsys: pytest.CaptureFixt
     out = tmp_path / "fed"
     assert _run("deploy", "keys", str(out), "--supernodes", "2", "--host", "10.0.0.5") == 0
     names = {"ca.crt", "server.pem", "server.key", "supernode-0", "supernode-0.pub", "supernode-1"}
-    assert {p.name for p in out.iterdir()} == names | {"supernode-1.pub"}
+    names |= {"supernode-1.pub", "partitions.yaml", "proxy.conf", "logs"}
+    assert {p.name for p in out.iterdir()} == names
+    for private in ("server.key", "supernode-0", "supernode-1"):
+        assert (out / private).stat().st_mode & 0o777 == 0o600, private  # owner only
+    mapping = yaml.safe_load((out / "partitions.yaml").read_text())
+    assert sorted(mapping.values()) == [0, 1]
+    assert (out / "supernode-1.pub").read_text().split()[1] in next(k for k, v in mapping.items() if v == 1)
+    proxy = (out / "proxy.conf").read_text()
+    assert "listen 10.0.0.5:9092 ssl;" in proxy and "proxy_pass https://127.0.0.1:9095;" in proxy
+    assert "location /v1/fleet/" in proxy and "return 403;" in proxy
     cert = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 7 + 2  # one line per file, one register hint per SuperNode
+    assert len(printed) == 9 + 2  # one line per file, one register hint per SuperNode
     assert f"flwr supernode register {out / 'supernode-1.pub'} fedhello" in printed[-1]
     with pytest.raises(UserError, match="already exists"):  # never overwrites keys
         _run("deploy", "keys", str(out))

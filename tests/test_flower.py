@@ -21,9 +21,15 @@ from flower_deployment import TestDeployment
 from safetensors.torch import load_file
 
 from fedhello import load_config, run_experiment
-from fedhello.deploy import LocalDeployment
-from fedhello.engine.experiment import prepare_experiment
+from fedhello.deploy import LocalDeployment, make_supernode_keys
+from fedhello.engine.client import ClientResult
+from fedhello.engine.experiment import Experiment, prepare_experiment
+from fedhello.engine.flower import rejected_result
+from fedhello.engine.local import local_trainer
+from fedhello.engine.loop import TrainRound, run_federation
+from fedhello.engine.server import FederatedServer
 from fedhello.method.aggregation import payload_bytes
+from fedhello.method.base import RoundPlan
 
 pytestmark = pytest.mark.slow  # Flower simulation and SuperLink/SuperNode processes
 
@@ -69,7 +75,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
         cy = [(c["client"], c["layers"], c["bytes_up"], c["samples"], c["steps"]) for c in y["clients"]]
         assert cx == cy
         assert [c["train_loss"] for c in x["clients"]] == pytest.approx(
-            [c["train_loss"] for c in y["clients"]], abs=1e-6
+            [c["train_loss"] for c in y["clients"]], abs=1e-6, nan_ok=True  # a rejected reply has none
         )
     wa, wb = _adapters(a), _adapters(b)
     assert wa.keys() == wb.keys()
@@ -139,13 +145,22 @@ def test_deployment_with_tls_and_auth_equals_in_process(
         assert sizes[1] < sizes[2] < sizes[4]
 
 
-def test_dead_supernode_does_not_stop_the_run(
+FAULTY_APP = Path(__file__).with_name("flower_faults")
+
+
+def test_a_dead_supernode_and_a_malformed_reply_do_not_stop_a_secured_run(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
-    overrides = _base(tiny_overrides, "flower.round_timeout=20", "flower.min_replies=2")  # 2 rounds
+    """SuperLink behind the proxy, TLS, node auth, partitions bound to keys; SuperNode 1 replies
+    without its tensors, SuperNode 2 is killed after round 1. Round 2 is aggregated from client 0
+    alone, and its global adapters equal an in-process aggregate of that accepted update."""
+    overrides = _base(tiny_overrides, "flower.round_timeout=30", "flower.min_replies=1")  # 2 rounds
     cfg_path = _config_file(tmp_path, overrides)
     run_dir = tmp_path / "flower"
-    with TestDeployment(tmp_path / "deploy", num_supernodes=3, tls=False, auth=False) as fed:
+    with TestDeployment(
+        tmp_path / "deploy", num_supernodes=3, app_dir=FAULTY_APP, node_config={1: "fault='malformed'"}
+    ) as fed:
+        assert fed.proxy and fed.auth and fed.partition_keys is not None
         out: dict[str, str] = {}
         runner = threading.Thread(target=lambda: out.update(log=fed.run(cfg_path, run_dir, timeout=600)))
         runner.start()
@@ -154,11 +169,76 @@ def test_dead_supernode_does_not_stop_the_run(
         runner.join(timeout=600)
     records = _records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
-    assert records[0]["missing"] == []
-    assert records[1]["missing"] == [2]  # logged in the run's metrics ...
-    assert sorted(c["client"] for c in records[1]["clients"]) == [0, 1]  # ... and the others aggregated
-    assert "no reply from clients [2]" in out["log"]  # ... and in the ServerApp's log
-    assert json.loads((run_dir / "summary.json").read_text())["rounds_completed"] == 2
+    for r in records:
+        assert r["rejected"] == {"1": "malformed reply: 'arrays' missing"}
+    assert records[0]["missing"] == [] and records[1]["missing"] == [2]
+    assert "no reply from clients [2]" in out["log"]
+
+    # the same accepted updates in process: client 1's replies malformed, client 2 gone in round 2
+    def faulty(exp: Experiment) -> TrainRound:
+        def train_round(plan: RoundPlan, server: FederatedServer) -> list[ClientResult]:
+            results = local_trainer(exp)(plan, server)
+            results = [r for r in results if not (plan.round_number == 2 and r.update.client_id == 2)]
+            return [
+                rejected_result(1, "malformed reply: 'arrays' missing") if r.update.client_id == 1 else r
+                for r in results
+            ]
+
+        return train_round
+
+    run_federation(load_config(cfg_path), tmp_path / "local", faulty)
+    _assert_same_run(tmp_path / "local", run_dir)
+
+
+def test_only_registered_supernodes_join_and_the_control_api_is_not_client_facing(tmp_path: Path) -> None:
+    with LocalDeployment(tmp_path / "deploy", num_supernodes=2) as fed:
+        nodes = _wait_for_nodes(fed, 2)
+        # registering a key through the client-facing address (the proxy) is refused ...
+        stranger, stranger_pub = make_supernode_keys(tmp_path / "stranger", "stranger")
+        with pytest.raises(RuntimeError, match="supernode register"):
+            fed.register(stranger_pub, connection="client-facing")
+        # ... as is any Control API path there, while the Fleet API is forwarded
+        assert _status(fed, "/v1/control/list-nodes") == 403
+        assert _status(fed, "/v1/fleet/get-run") != 403
+        # a SuperNode whose key was never registered does not get in
+        fed.start_supernode(2, private_key=stranger, register=False)
+        time.sleep(8)
+        assert len(fed.list_nodes()) == 2
+        # removing a node: unregistering its key takes it out of the federation
+        gone = int(nodes[0]["node-id"])
+        fed.unregister(gone)
+        time.sleep(2)
+        assert gone not in {int(n["node-id"]) for n in _online(fed)}
+        assert len(_online(fed)) == 1
+
+
+def _online(fed: LocalDeployment) -> list[dict[str, Any]]:
+    return [n for n in fed.list_nodes() if str(n.get("status", "")).lower() == "online"]
+
+
+def _wait_for_nodes(fed: LocalDeployment, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        online = _online(fed)
+        if len(online) >= count:
+            return online
+        time.sleep(1)
+    raise AssertionError(f"{count} SuperNodes did not come online: {fed.list_nodes()}")
+
+
+def _status(fed: LocalDeployment, path: str) -> int:
+    """The HTTP status the client-facing address gives a POST to `path`."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(fed.certs["ca"]))
+    request = urllib.request.Request(f"https://{fed.fleet_address}{path}", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
 
 
 def test_interrupted_flower_run_resumes_from_its_checkpoint(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,8 +16,9 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from fedhello import load_config
 from fedhello.engine.experiment import Experiment, prepare_experiment
-from fedhello.engine.flower import FlowerTrainer, train_from_message
+from fedhello.engine.flower import FlowerTrainer, query_reply, train_from_message
 from fedhello.engine.server import FederatedServer
+from fedhello.errors import UserError
 
 Tamper = Callable[[RecordDict], RecordDict | None]
 
@@ -49,7 +51,9 @@ class FakeGrid:
             node = m.metadata.dst_node_id
             if m.metadata.message_type == MessageType.QUERY:
                 claim = self.claims[node]
-                if claim == "error":
+                if isinstance(claim, dict):  # a node config: answered by the real ClientApp query
+                    replies.append(Reply(node, query_reply(claim, m.content)))
+                elif claim == "error":
                     replies.append(Reply(node, error="ClientApp crashed"))
                 else:
                     replies.append(Reply(node, RecordDict({"config": ConfigRecord({"partition-id": claim})})))
@@ -149,3 +153,45 @@ def test_discovery_refuses_second_claims_and_foreign_partitions_and_logs_errors(
     assert "node 201 claims partition 999" in caplog.text
     assert "node 202: ClientApp crashed" in caplog.text
     assert {200, 201} <= trainer.refused
+
+
+def test_partitions_are_bound_to_the_keys_registered_for_them(
+    exp: Experiment, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedhello.deploy import make_supernode_keys, write_partition_keys
+
+    keys = [make_supernode_keys(tmp_path, f"supernode-{i}") for i in range(5)]
+    mapping = write_partition_keys(tmp_path / "partitions.yaml", [pub for _, pub in keys[:4]])
+    cfg = exp.cfg.model_copy(
+        update={"flower": exp.cfg.flower.model_copy(update={"partition_keys": str(mapping)})}
+    )
+    exp.cfg = cfg
+    claims: dict[int, Any] = {
+        100: {"partition-id": 0, "auth-key": str(keys[0][0])},  # its own key: bound
+        101: {"partition-id": 1, "auth-key": str(keys[1][0])},
+        102: {"partition-id": 2, "auth-key": str(keys[3][0])},  # partition 3's key, claims 2
+        103: {"partition-id": 3},  # does not sign
+        104: {"partition-id": 2, "auth-key": str(keys[4][0])},  # an unmapped key
+    }
+    trainer = FlowerTrainer(FakeGrid(exp, claims), exp)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        trainer.discover({0, 1, 2, 3})
+    assert trainer.nodes == {0: 100, 1: 101}
+    assert trainer.refused == {102, 103, 104}
+    assert "node 102 claims partition 2, but its key is not the one registered for partition 2" in caplog.text
+    assert "node 103 claims partition 3 without signing the challenge" in caplog.text
+
+
+def test_a_signature_over_another_challenge_is_refused(tmp_path: Path) -> None:
+    from fedhello.deploy import make_supernode_keys, write_partition_keys
+    from fedhello.engine.identity import load_partition_keys, sign_claim, verify_claim
+
+    private, public = make_supernode_keys(tmp_path, "supernode-0")
+    keys = load_partition_keys(write_partition_keys(tmp_path / "p.yaml", [public]))
+    key, signature = sign_claim(private, "aa" * 32, 0)
+    assert verify_claim(keys, 0, "aa" * 32, key, signature) is None
+    assert "does not verify" in str(verify_claim(keys, 0, "bb" * 32, key, signature))  # a replayed answer
+    assert "no key is registered for partition 1" in str(verify_claim(keys, 1, "aa" * 32, key, signature))
+    (tmp_path / "bad.yaml").write_text("'ssh-rsa AAAA': 0\n'ecdsa-sha2-nistp384 BBBB': 0\n")
+    with pytest.raises(UserError, match="partition 0 is mapped to two keys"):
+        load_partition_keys(tmp_path / "bad.yaml")

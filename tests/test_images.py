@@ -378,3 +378,16 @@ def test_offline_fashion_mnist_config_is_reproducible(fashion_mnist_dir: Path, t
     assert a["pretrained"] is False
     assert a["final_test_accuracy"] > 0.3  # chance is 0.10
     assert strip_timing(_records(tmp_path / "a")) == strip_timing(_records(tmp_path / "b"))
+
+
+def test_image_task_calibrates_on_a_full_batch(
+    image_overrides: Callable[..., list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedhello.engine.calibration import calibrated, measure, worst_case_batch
+
+    monkeypatch.setenv("FEDHELLO_CACHE_DIR", str(tmp_path))
+    exp = prepare_experiment(load_config(None, image_overrides()))
+    assert worst_case_batch(exp)["pixel_values"].shape[0] == exp.cfg.train.batch_size
+    costs = calibrated(exp)
+    m = measure(exp, (1, 2), steps=1)
+    assert costs.training_bytes((1, 2)) == pytest.approx(m.training_bytes, rel=0.02)

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedhello.config import ExperimentConfig, config_from_dict, load_config
 from fedhello.engine.client import ClientResult, train_assignment
 from fedhello.engine.experiment import Experiment, prepare_experiment
+from fedhello.engine.identity import load_partition_keys, new_challenge, sign_claim, verify_claim
 from fedhello.engine.loop import run_federation
 from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
@@ -42,7 +43,7 @@ from fedhello.method.base import Assignment, RoundPlan
 log = logging.getLogger(__name__)
 
 # [tool.flwr.app.config] keys (pyproject.toml); `flwr run --run-config` overrides them.
-CONFIG_PATH, OUT_DIR, RESUME = "config-path", "out-dir", "resume"
+CONFIG_PATH, OUT_DIR, RESUME, PARTITION_KEYS = "config-path", "out-dir", "resume", "partition-keys"
 
 
 # -- server side -----------------------------------------------------------------------------
@@ -55,6 +56,9 @@ class FlowerTrainer:
         self.nodes: dict[int, int] = {}  # partition-id (= fedhello client id) -> Flower node id
         self.refused: set[int] = set()  # nodes whose partition claim was refused (asked no more)
         self.first_round = True
+        path = exp.cfg.flower.partition_keys
+        self.keys = load_partition_keys(path) if path else None  # partition -> registered key
+        self.challenges: dict[int, str] = {}  # node -> the challenge its last query carried
 
     def discover(self, wanted: set[int]) -> None:
         """Learn which node holds which partition; the first round waits for all `wanted` ones.
@@ -72,8 +76,14 @@ class FlowerTrainer:
             self.nodes = {p: n for p, n in self.nodes.items() if n in online}  # forget departed nodes
             unknown = sorted(online - set(self.nodes.values()) - self.refused)
             if unknown:
+                self.challenges = {n: new_challenge() for n in unknown}
                 queries = [
-                    Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown
+                    Message(
+                        RecordDict({"config": ConfigRecord({"challenge": self.challenges[n]})}),
+                        dst_node_id=n,
+                        message_type=MessageType.QUERY,
+                    )
+                    for n in unknown
                 ]
                 for reply in self.grid.send_and_receive(queries, timeout=flower.connect_timeout):
                     last_error = self._register(reply) or last_error
@@ -104,6 +114,11 @@ class FlowerTrainer:
             log.warning("partition query: %s", problem)
             self.refused.add(node)
             return problem
+        unproven = None if self.keys is None else self._unproven(node, pid, reply.content["config"])
+        if unproven is not None:
+            log.warning("partition query: %s", unproven)
+            self.refused.add(node)
+            return unproven
         holder = self.nodes.get(pid)
         if holder is not None and holder != node:
             problem = f"node {node} claims partition {pid}, already held by node {holder}; refused"
@@ -112,6 +127,16 @@ class FlowerTrainer:
             return problem
         self.nodes[pid] = node
         return None
+
+    def _unproven(self, node: int, pid: int, config: Any) -> str | None:
+        """Why a node's claim of `pid` is not proven by the key registered for it, or None."""
+        assert self.keys is not None
+        try:
+            public, signature = str(config["public-key"]), str(config["signature"])
+        except KeyError:
+            return f"node {node} claims partition {pid} without signing the challenge (no auth-key in its node config?)"
+        why = verify_claim(self.keys, pid, self.challenges.get(node, ""), public, signature)
+        return None if why is None else f"node {node} claims partition {pid}, but {why}; refused"
 
     def __call__(self, plan: RoundPlan, server: FederatedServer) -> list[ClientResult]:
         flower = self.exp.cfg.flower
@@ -210,15 +235,15 @@ def result_from_reply(content: RecordDict, client: int) -> ClientResult:
         )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         what = f"'{e.args[0]}' missing" if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
-        return _rejected_result(client, f"malformed reply: {what}")
+        return rejected_result(client, f"malformed reply: {what}")
     if claimed != client:
-        return _rejected_result(
+        return rejected_result(
             client, f"the reply claims client {claimed}, but the message went to client {client}"
         )
     return result
 
 
-def _rejected_result(client: int, problem: str) -> ClientResult:
+def rejected_result(client: int, problem: str) -> ClientResult:
     return ClientResult(ClientUpdate(client, {}, 0, problem=problem), (), 0.0, 0, 0, float("nan"))
 
 
@@ -243,20 +268,38 @@ def train_from_message(exp: Experiment, content: RecordDict, partition_id: int |
     return reply_content(result)
 
 
+def query_reply(node_config: Mapping[str, Any], content: RecordDict) -> RecordDict:
+    """The partition this node holds; with `auth-key` in its node config (the private key its
+    SuperNode authenticates with), the server's challenge signed with it (identity.py)."""
+    pid = int(node_config["partition-id"])
+    reply: dict[str, int | str] = {"partition-id": pid}
+    key = node_config.get("auth-key")
+    challenge = content["config"].get("challenge") if "config" in content else None
+    if key and challenge:
+        reply["public-key"], reply["signature"] = sign_claim(str(key), str(challenge), pid)
+    return RecordDict({"config": ConfigRecord(reply)})  # type: ignore[arg-type]
+
+
 # -- the apps --------------------------------------------------------------------------------
 def _settings(context: Context, defaults: Mapping[str, Any]) -> dict[str, Any]:
     return {**defaults, **{k: v for k, v in context.run_config.items() if v not in ("", None)}}
 
 
 def _config_of(settings: Mapping[str, Any]) -> ExperimentConfig:
+    """The experiment config of a run (the `partition-keys` run-config key sets
+    flower.partition_keys, which the deployment tools know and the experiment file need not)."""
     if isinstance(settings.get("config"), ExperimentConfig):
-        return settings["config"]
-    if settings.get(RESUME):
-        return load_config(Path(str(settings[OUT_DIR])) / "config.yaml")
-    path = settings.get(CONFIG_PATH)
-    if not path:
+        cfg: ExperimentConfig = settings["config"]
+    elif settings.get(RESUME):
+        cfg = load_config(Path(str(settings[OUT_DIR])) / "config.yaml")
+    elif settings.get(CONFIG_PATH):
+        cfg = load_config(str(settings[CONFIG_PATH]))
+    else:
         raise UserError(f"run config '{CONFIG_PATH}': give the absolute path of an experiment config")
-    return load_config(str(path))
+    if settings.get(PARTITION_KEYS):
+        flower = cfg.flower.model_copy(update={"partition_keys": str(settings[PARTITION_KEYS])})
+        cfg = cfg.model_copy(update={"flower": flower})
+    return cfg
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
@@ -287,18 +330,22 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        pid = int(context.node_config["partition-id"])
-        return Message(RecordDict({"config": ConfigRecord({"partition-id": pid})}), reply_to=msg)
+        return Message(query_reply(context.node_config, msg.content), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg = _config_of(_settings(context, base))
-        exp = _client_experiment(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
-        pid = context.node_config.get("partition-id")
-        content = train_from_message(exp, msg.content, None if pid is None else int(pid))
-        return Message(content, reply_to=msg)
+        return Message(client_train(msg, context, base), reply_to=msg)
 
     return app
+
+
+def client_train(msg: Message, context: Context, defaults: Mapping[str, Any]) -> RecordDict:
+    """What the ClientApp does with a TRAIN message: train the client it names on this node's
+    partition and return the reply's content."""
+    cfg = _config_of(_settings(context, defaults))
+    exp = _client_experiment(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
+    pid = context.node_config.get("partition-id")
+    return train_from_message(exp, msg.content, None if pid is None else int(pid))
 
 
 # What `flwr run` loads (pyproject.toml, [tool.flwr.app.components]); settings from the run config.
