@@ -1,15 +1,22 @@
-"""What Flower costs: one small experiment on the in-process engine, Flower's simulation
-engine and a Flower deployment (SuperLink + one SuperNode per client, separate processes,
-TLS and node authentication), with start-up separated from the rounds.
+"""What Flower costs per round, and how much of it is fedhello's (docs/flower.md, "Cost").
 
-    python benchmarks/flower_overhead.py [--out runs/flower-bench] [dotted.key=value ...]
+One experiment four ways, on this machine, one after another:
+1. the in-process engine;
+2. Flower's simulation engine;
+3. a Flower deployment as `fedhello deploy local` makes it (SuperLink behind the nginx proxy,
+   TLS, node authentication, partitions bound to keys, one SuperNode per client partition);
+4. Flower's floor: the same deployment running a no-op app (benchmarks/flower_noop/) that sends
+   the same number of messages per round to as many nodes, whose ClientApp imports torch and
+   replies at once.
 
-Per engine it prints the whole wall time, the start-up (everything before round 1: for the
-deployment, starting the SuperLink and SuperNodes, then installing the app and starting the
-ServerApp), and per round: wall time, the clients' pure training time (sum over clients of
-their local training seconds, as each client measured it), evaluation time, and the overhead
-= round wall - evaluation - clients' training. On the in-process engine clients train one
-after another; on Flower they can overlap, which can make the overhead negative.
+Per engine: start-up (everything before round 1) and the median round. For the deployment:
+its overhead per round = round - evaluation - Fisher scoring - the slowest client's training,
+fedhello's own share = that overhead - the no-op app's round, and where a ClientApp's time
+went (median over client-rounds): start-up and imports beyond the no-op's (process age at the
+message, minus the no-op ClientApp's), setup (model and data), training, building the reply.
+
+    python benchmarks/flower_overhead.py                # the default experiment (threads=1)
+    python benchmarks/flower_overhead.py --small        # 3 clients, 3 rounds, 32 tokens
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from fedhello import load_config
 from fedhello.deploy import LocalDeployment
 from fedhello.records import read_records
 
-DEFAULTS = [
-    "model.name=minilm",
+NOOP_APP = Path(__file__).with_name("flower_noop")
+DEFAULT = ["threads=1", "quiet=true"]
+SMALL = [
+    *DEFAULT,
     "model.max_length=32",
     "data.val_size=100",
     "data.test_size=300",
@@ -39,33 +48,50 @@ DEFAULTS = [
     "federation.clients_per_round=3",
     "federation.rounds=3",
     "train.local_steps=4",
-    "eval.every=1",
-    "threads=1",
-    "quiet=true",
-    "method=fedhello",
-    "groups=[{name: low, share: 1, budget: 0.5}, {name: mid, share: 1, budget: 0.75}, {name: high, share: 1, budget: 1.0}]",
 ]
 
 
-def measure(name: str, run_dir: Path, total: float, infrastructure: float = 0.0) -> dict[str, Any]:
+def _median(values: list[float]) -> float:
+    return float(np.median(values)) if values else float("nan")
+
+
+def rounds_of(name: str, run_dir: Path, total: float, infrastructure: float = 0.0) -> dict[str, Any]:
     records = read_records(run_dir / "metrics.jsonl")
     rounds = [r.round_seconds or 0.0 for r in records]
-    train = [r.train_seconds for r in records]
-    evals = [r.eval_seconds or 0.0 for r in records]
-    fisher = [r.fisher["seconds"] if r.fisher is not None else 0.0 for r in records]
-    overhead = [w - t - e - f for w, t, e, f in zip(rounds, train, evals, fisher, strict=True)]
-    return {
+    slowest = [max((c.seconds for c in r.clients), default=0.0) for r in records]
+    fixed = [(r.eval_seconds or 0.0) + (r.fisher["seconds"] if r.fisher else 0.0) for r in records]
+    overhead = [w - s - f for w, s, f in zip(rounds, slowest, fixed, strict=True)]
+    out: dict[str, Any] = {
         "engine": name,
         "total_seconds": total + infrastructure,
         "infrastructure_startup_seconds": infrastructure,
         "run_startup_seconds": total - sum(rounds),
-        "round_seconds_median": float(np.median(rounds)),
-        "round_seconds_first": rounds[0],
-        "client_train_seconds_median": float(np.median(train)),
-        "eval_seconds_median": float(np.median(evals)),
-        "overhead_seconds_median": float(np.median(overhead)),
-        "overhead_seconds_first_round": overhead[0],
-        "final_test_accuracy": records[-1].get("test_accuracy"),
+        "round_seconds_median": _median(rounds),
+        "slowest_client_train_seconds_median": _median(slowest),
+        "eval_and_fisher_seconds_median": _median(fixed),
+        "overhead_seconds_median": _median(overhead),
+        "final_test_metric": records[-1].metric("test"),
+    }
+    timings = [c.timings for r in records for c in r.clients if c.timings]
+    if timings:
+        out["clientapp_seconds_median"] = {k: _median([t[k] for t in timings]) for k in timings[0]}
+    return out
+
+
+def noop_rounds(fed: LocalDeployment, rounds: int, clients: int, out: Path) -> dict[str, Any]:
+    start = time.perf_counter()
+    fed.run_app(f"rounds={rounds} clients={clients} out='{out}'", timeout=1800)
+    total = time.perf_counter() - start
+    data = json.loads(out.read_text())
+    seconds = [r["seconds"] for r in data]
+    return {
+        "engine": "no-op app (Flower's floor)",
+        "total_seconds": total + fed.startup_seconds,
+        "infrastructure_startup_seconds": fed.startup_seconds,
+        "run_startup_seconds": total - sum(seconds),
+        "round_seconds_median": _median(seconds),
+        "replies": [r["replies"] for r in data],
+        "clientapp_process_age_median": _median([a for r in data for a in r["process_ages"]]),
     }
 
 
@@ -74,13 +100,14 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--small", action="store_true", help="3 clients, 3 rounds (a quick look)")
     parser.add_argument("--out", default="runs/flower-bench")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    cfg = load_config(overrides=[*DEFAULTS, *args.overrides])
+    cfg = load_config(overrides=[*(SMALL if args.small else DEFAULT), *args.overrides])
     cfg_path = out / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     fh = [sys.executable, "-m", "fedhello", "run", str(cfg_path)]
@@ -88,7 +115,7 @@ def main() -> int:
 
     start = time.perf_counter()
     subprocess.run([*fh, "--out", str(out / "local")], check=True, stdout=subprocess.DEVNULL)
-    results.append(measure("in-process", out / "local", time.perf_counter() - start))
+    results.append(rounds_of("in-process", out / "local", time.perf_counter() - start))
 
     start = time.perf_counter()
     subprocess.run(
@@ -97,33 +124,59 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    results.append(measure("flower simulation", out / "simulation", time.perf_counter() - start))
+    results.append(rounds_of("flower simulation", out / "simulation", time.perf_counter() - start))
 
-    with LocalDeployment(out / "deployment", cfg.partition.num_clients) as fed:
+    nodes = cfg.partition.num_clients
+    with LocalDeployment(out / "deployment", nodes) as fed:
         start = time.perf_counter()
-        fed.run(cfg_path, out / "deployed", timeout=1800)
-        results.append(
-            measure("flower deployment", out / "deployed", time.perf_counter() - start, fed.startup_seconds)
+        fed.run(cfg_path, out / "deployed", timeout=3600)
+        deployed = rounds_of(
+            "flower deployment", out / "deployed", time.perf_counter() - start, fed.startup_seconds
         )
+    results.append(deployed)
+    with LocalDeployment(out / "noop-deployment", nodes, app_dir=NOOP_APP) as fed:
+        noop = noop_rounds(fed, cfg.federation.rounds, cfg.federation.clients_per_round, out / "noop.json")
+    results.append(noop)
 
-    same = {r["final_test_accuracy"] for r in results}
+    own = deployed["overhead_seconds_median"] - noop["round_seconds_median"]
+    ratio = results[1]["round_seconds_median"] / results[0]["round_seconds_median"]
+    t = deployed.get("clientapp_seconds_median", {})
+    breakdown = {
+        "imports_beyond_noop": t.get("process-age", float("nan")) - noop["clientapp_process_age_median"],
+        "setup_model_and_data": t.get("setup", float("nan")),
+        "training": t.get("train", float("nan")),
+        "building_the_reply": t.get("serialise", float("nan")),
+    }
+    summary = {
+        "experiment": "small" if args.small else "default",
+        "overrides": [*(SMALL if args.small else DEFAULT), *args.overrides],
+        "fedhello_own_overhead_seconds_per_round": own,
+        "simulation_round_over_in_process_round": ratio,
+        "clientapp_breakdown_seconds_median": breakdown,
+        "engines": results,
+    }
     print(
-        "| engine | total s | infrastructure start-up s | run start-up s | round s (median) | first round s "
-        "| clients' training s/round | eval s/round | overhead s/round (median) | overhead, first round |"
+        "| engine | total s | start-up s (infrastructure + run) | round s (median) | slowest client's training s | eval + Fisher s | overhead s/round |"
     )
-    print("|---" * 10 + "|")
+    print("|---" * 7 + "|")
     for r in results:
         print(
-            f"| {r['engine']} | {r['total_seconds']:.1f} | {r['infrastructure_startup_seconds']:.1f} "
-            f"| {r['run_startup_seconds']:.1f} | {r['round_seconds_median']:.2f} | {r['round_seconds_first']:.2f} "
-            f"| {r['client_train_seconds_median']:.2f} | {r['eval_seconds_median']:.2f} "
-            f"| {r['overhead_seconds_median']:.2f} | {r['overhead_seconds_first_round']:.2f} |"
+            f"| {r['engine']} | {r['total_seconds']:.1f} | {r['infrastructure_startup_seconds']:.1f} + "
+            f"{r['run_startup_seconds']:.1f} | {r['round_seconds_median']:.2f} "
+            f"| {r.get('slowest_client_train_seconds_median', float('nan')):.2f} "
+            f"| {r.get('eval_and_fisher_seconds_median', float('nan')):.2f} "
+            f"| {r.get('overhead_seconds_median', float('nan')):.2f} |"
         )
+    print(f"\nfedhello's own deployment overhead per round (overhead - no-op round): {own:.2f} s")
+    print(f"simulation round / in-process round (medians): {ratio:.2f}")
     print(
-        f"\nfinal test accuracy: {sorted(same)} ({'identical' if len(same) == 1 else 'DIFFERENT'} across engines)"
+        "a deployed ClientApp's time per message (medians): "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in breakdown.items())
     )
+    scores = {r["engine"]: r["final_test_metric"] for r in results if "final_test_metric" in r}
+    print(f"final test scores: {scores}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -482,6 +482,10 @@ class LocalDeployment:
         run_config = f"config-path='{config_path.resolve()}' out-dir='{out_dir.resolve()}' resume={str(resume).lower()}"
         if self.partition_keys is not None:
             run_config += f" partition-keys='{self.partition_keys}'"
+        return self.run_app(run_config, timeout=timeout)
+
+    def run_app(self, run_config: str, *, timeout: float | None = 900) -> str:
+        """`flwr run APP_DIR --run-config RUN_CONFIG --stream`; returns the streamed log."""
         proc = self._flwr(
             ["run", str(self.app_dir), FEDERATION, "--run-config", run_config, "--stream"], timeout=timeout
         )

@@ -51,6 +51,7 @@ class ClientRecord(_Record):
     predicted_memory_bytes: int | None = None
     predicted_seconds: float | None = None
     over_budget: list[str] | None = None
+    timings: dict[str, float] | None = None  # Flower deployment: the ClientApp's start-up, setup, training
 
 
 class RoundRecord(_Record):

@@ -39,6 +39,7 @@ class ClientResult:
     train_loss: float
     step_seconds: list[float] = field(default_factory=list)
     activation_memory_bytes: int = 0  # CPU: the largest step's saved activations (part of the peak)
+    timings: dict[str, float] | None = None  # Flower: where a ClientApp's time went (flower.py)
 
 
 def seed_torch(seed: int, stream: Stream, *keys: int) -> torch.Generator:

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -34,7 +35,6 @@ from fedhello.config import ExperimentConfig, config_from_dict, load_config
 from fedhello.engine.client import ClientResult, train_assignment
 from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.engine.identity import load_partition_keys, new_challenge, sign_claim, verify_claim
-from fedhello.engine.loop import run_federation
 from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
 from fedhello.method.aggregation import ClientUpdate
@@ -233,6 +233,8 @@ def result_from_reply(content: RecordDict, client: int) -> ClientResult:
             float(m["train-loss"]),  # type: ignore[arg-type]
             [float(x) for x in m["step-seconds"]],  # type: ignore[union-attr]
         )
+        if "timings" in content:  # where the ClientApp's time went (reported, not trusted for anything)
+            result.timings = {k: float(v) for k, v in content["timings"].items()}  # type: ignore[arg-type]
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         what = f"'{e.args[0]}' missing" if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
         return rejected_result(client, f"malformed reply: {what}")
@@ -255,7 +257,12 @@ def _client_experiment(config_json: str) -> Experiment:
 
 
 def train_from_message(exp: Experiment, content: RecordDict, partition_id: int | None) -> RecordDict:
-    """Train the client the message names, from the adapters it carries."""
+    """Train the client the message names, from the adapters it carries; the reply's content."""
+    return reply_content(train_message(exp, content, partition_id))
+
+
+def train_message(exp: Experiment, content: RecordDict, partition_id: int | None) -> ClientResult:
+    """Train the client a TRAIN message names (it must be this node's partition)."""
     config = content["config"]
     c = int(config["client"])  # type: ignore[arg-type]
     if partition_id is not None and partition_id != c:
@@ -263,9 +270,7 @@ def train_from_message(exp: Experiment, content: RecordDict, partition_id: int |
     rank = int(config["rank"]) or None  # type: ignore[arg-type]
     state: dict[str, torch.Tensor] = content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     layers = tuple(int(x) for x in config["layers"])  # type: ignore[union-attr]
-    assignment = Assignment(c, layers, rank)
-    result = train_assignment(exp, state, assignment, int(config["round"]))  # type: ignore[arg-type]
-    return reply_content(result)
+    return train_assignment(exp, state, Assignment(c, layers, rank), int(config["round"]))  # type: ignore[arg-type]
 
 
 def query_reply(node_config: Mapping[str, Any], content: RecordDict) -> RecordDict:
@@ -313,6 +318,10 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         if not settings.get(OUT_DIR):
             raise UserError(f"run config '{OUT_DIR}': give the absolute path of the run directory")
         cfg = _config_of(settings)
+        from fedhello.engine.loop import (
+            run_federation,
+        )  # the server's loop (reports, plots): not a ClientApp's
+
         run_federation(
             cfg,
             Path(str(settings[OUT_DIR])),
@@ -341,11 +350,26 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
 
 def client_train(msg: Message, context: Context, defaults: Mapping[str, Any]) -> RecordDict:
     """What the ClientApp does with a TRAIN message: train the client it names on this node's
-    partition and return the reply's content."""
+    partition and return the reply's content, with where the ClientApp's time went
+    (`timings`: the process's age when the message reached it, i.e. start-up and imports; setup,
+    i.e. model and data; training; building the reply)."""
+    age = time.time() - psutil.Process().create_time()
+    start = time.perf_counter()
     cfg = _config_of(_settings(context, defaults))
     exp = _client_experiment(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
+    setup = time.perf_counter() - start
     pid = context.node_config.get("partition-id")
-    return train_from_message(exp, msg.content, None if pid is None else int(pid))
+    result = train_message(exp, msg.content, None if pid is None else int(pid))
+    start = time.perf_counter()
+    content = reply_content(result)
+    timings = {
+        "process-age": age,
+        "setup": setup,
+        "train": result.seconds,
+        "serialise": time.perf_counter() - start,
+    }
+    content["timings"] = MetricRecord(timings)
+    return content
 
 
 # What `flwr run` loads (pyproject.toml, [tool.flwr.app.components]); settings from the run config.

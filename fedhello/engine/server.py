@@ -164,6 +164,7 @@ class FederatedServer:
                     bytes_up=bytes_up,
                     bytes_down=payload_bytes(self.client_download(a)),
                     accepted=c not in rejected,
+                    timings=r.timings,
                     **self.budget_fields(c, r, a, bytes_up),
                 )
             )
