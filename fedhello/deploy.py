@@ -285,6 +285,7 @@ class LocalDeployment:
         tls: bool = True,
         auth: bool = True,
         proxy: bool | None = None,
+        warm: bool = True,
         node_config: dict[int, str] | None = None,
     ) -> None:
         self.work = work_dir.resolve()
@@ -301,6 +302,7 @@ class LocalDeployment:
                 "(apt-get install nginx-light); without it, pass --no-proxy (the Control API is then "
                 "reachable wherever the SuperLink is)"
             )
+        self.warm = warm  # SuperNodes fork ClientApps from a warm process (fedhello/engine/warm.py)
         self.extra_node_config = node_config or {}
         self.port = _free_port()  # the SuperLink (Fleet and Control API), on 127.0.0.1
         self.proxy_port = _free_port()  # the reverse proxy, on CLIENT_FACING_HOST
@@ -328,12 +330,28 @@ class LocalDeployment:
         return f"{CLIENT_FACING_HOST}:{self.proxy_port}" if self.proxy else f"127.0.0.1:{self.port}"
 
     # -- processes ---------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.work / "logs" / f"{name}.log").open("wb")
         self._logs.append(log)
         return subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            args, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, start_new_session=True
         )
+
+    def _supernode_env(self) -> dict[str, str]:
+        """With `warm`, a `flower-superexec` first on PATH that forks ClientApps from a warm process."""
+        if not self.warm:
+            return self.env
+        bin_dir = self.work / "bin"
+        wrapper = bin_dir / "flower-superexec"
+        if not wrapper.exists():
+            bin_dir.mkdir(parents=True, exist_ok=True)
+            wrapper.write_text(
+                f'#!/bin/sh\nexec "{sys.executable}" -c "from fedhello.engine.warm import main; main()" "$@"\n'
+            )
+            wrapper.chmod(0o755)
+        return {**self.env, "PATH": f"{bin_dir}{os.pathsep}{self.env['PATH']}"}
 
     def _security_args(self, *, server: bool) -> list[str]:
         if not self.tls:
@@ -427,7 +445,7 @@ class LocalDeployment:
             config += f" auth-key='{private_key}'"
         extra = self.extra_node_config.get(partition)
         args += ["--node-config", f"{config} {extra}" if extra else config]
-        self.supernodes[partition] = self._spawn(f"supernode-{partition}", args)
+        self.supernodes[partition] = self._spawn(f"supernode-{partition}", args, self._supernode_env())
 
     # -- the operator's Control API commands (on the SuperLink's own address) -----------------
     def register(self, public_key: Path, connection: str = FEDERATION) -> None:
