@@ -3,14 +3,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-# Real Fashion-MNIST images for the image tests (Debian's package; needs root and apt, as in CI).
-# Elsewhere those tests skip and say how to get the files.
+# From Debian (needs root and apt, as in CI): real Fashion-MNIST images for the image tests, and
+# nginx, the reverse proxy of an authenticated Flower deployment. Elsewhere the tests that need
+# them skip and say how to get them.
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  if [ ! -f "$FMNIST" ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null
+  missing=""
+  [ -f "$FMNIST" ] || missing="$missing dataset-fashion-mnist"
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
+  if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >/dev/null
   fi
-  export FEDHELLO_REQUIRE_FASHION_MNIST=1  # here the real-image tests must run, not skip
+  export FEDHELLO_REQUIRE_FASHION_MNIST=1 FEDHELLO_REQUIRE_NGINX=1  # here those tests must run, not skip
 fi
 export HF_HUB_OFFLINE=1
 .venv/bin/ruff check fedhello tests benchmarks

@@ -1,11 +1,14 @@
-"""The Flower engine: simulation and a real deployment (separate SuperLink and SuperNode
-processes on 127.0.0.1, TLS and node authentication) give the in-process engine's results;
-a dead SuperNode does not stop a run; a run cut off mid-way resumes from its checkpoint."""
+"""The Flower engine: simulation and a real deployment (separate SuperLink, nginx proxy and
+SuperNode processes on loopback, TLS, node authentication, partitions bound to keys, warm
+ClientApps) give the in-process engine's results; a dead SuperNode and a malformed reply do not
+stop a run; only registered SuperNodes join and the Control API is not client-facing; a run cut
+off mid-way resumes from its checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -21,7 +24,7 @@ from flower_deployment import TestDeployment
 from safetensors.torch import load_file
 
 from fedhello import load_config, run_experiment
-from fedhello.deploy import LocalDeployment, make_supernode_keys
+from fedhello.deploy import LocalDeployment, find_nginx, make_supernode_keys
 from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.engine.flower import rejected_result
@@ -32,6 +35,12 @@ from fedhello.method.aggregation import payload_bytes
 from fedhello.method.base import RoundPlan
 
 pytestmark = pytest.mark.slow  # Flower simulation and SuperLink/SuperNode processes
+
+needs_nginx = pytest.mark.skipif(
+    find_nginx() is None and not os.environ.get("FEDHELLO_REQUIRE_NGINX"),
+    reason="nginx is not installed (apt-get install nginx-light): the secured deployment puts it in front "
+    "of the SuperLink; scripts/test.sh installs it where it runs as root",
+)
 
 
 def _config_file(tmp_path: Path, overrides: list[str], name: str = "cfg.yaml") -> Path:
@@ -75,7 +84,9 @@ def _assert_same_run(a: Path, b: Path) -> None:
         cy = [(c["client"], c["layers"], c["bytes_up"], c["samples"], c["steps"]) for c in y["clients"]]
         assert cx == cy
         assert [c["train_loss"] for c in x["clients"]] == pytest.approx(
-            [c["train_loss"] for c in y["clients"]], abs=1e-6, nan_ok=True  # a rejected reply has none
+            [c["train_loss"] for c in y["clients"]],
+            abs=1e-6,
+            nan_ok=True,  # a rejected reply has none
         )
     wa, wb = _adapters(a), _adapters(b)
     assert wa.keys() == wb.keys()
@@ -122,6 +133,7 @@ def test_simulation_engine_equals_in_process(
     assert summary["rounds_completed"] == 2
 
 
+@needs_nginx
 def test_deployment_with_tls_and_auth_equals_in_process(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
@@ -148,6 +160,7 @@ def test_deployment_with_tls_and_auth_equals_in_process(
 FAULTY_APP = Path(__file__).with_name("flower_faults")
 
 
+@needs_nginx
 def test_a_dead_supernode_and_a_malformed_reply_do_not_stop_a_secured_run(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
@@ -190,6 +203,7 @@ def test_a_dead_supernode_and_a_malformed_reply_do_not_stop_a_secured_run(
     _assert_same_run(tmp_path / "local", run_dir)
 
 
+@needs_nginx
 def test_only_registered_supernodes_join_and_the_control_api_is_not_client_facing(tmp_path: Path) -> None:
     with LocalDeployment(tmp_path / "deploy", num_supernodes=2) as fed:
         nodes = _wait_for_nodes(fed, 2)

@@ -154,7 +154,23 @@ class AllocationStrategy(Protocol):
 
 
 class _Stateless:
-    """Strategies with nothing to prepare and nothing to checkpoint."""
+    """Strategies with nothing to prepare and nothing to checkpoint, each client's set drawn in
+    client order from the round's stream (`client_layers`)."""
+
+    def client_layers(
+        self, budget: int, rng: np.random.Generator, limits: LayerLimits | None
+    ) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def allocate(
+        self,
+        round_number: int,
+        budgets: Mapping[int, int],
+        rng: np.random.Generator,
+        limits: Limits | None = None,
+    ) -> Allocation:
+        limits = limits or {}
+        return {c: self.client_layers(n, rng, limits.get(c)) for c, n in sorted(budgets.items())}
 
     def prepare_round(
         self, round_number: int, layer_scores: Callable[[], np.ndarray]
@@ -198,15 +214,10 @@ class FixedAllocation(_Stateless):
                     return smaller
         return ()
 
-    def allocate(
-        self,
-        round_number: int,
-        budgets: Mapping[int, int],
-        rng: np.random.Generator,
-        limits: Limits | None = None,
-    ) -> Allocation:
-        limits = limits or {}
-        return {c: self.fitting_layers(n, limits.get(c)) for c, n in sorted(budgets.items())}
+    def client_layers(
+        self, budget: int, rng: np.random.Generator, limits: LayerLimits | None
+    ) -> tuple[int, ...]:
+        return self.fitting_layers(budget, limits)
 
     def probabilities_for(self, round_number: int) -> np.ndarray | None:
         return None
@@ -219,18 +230,10 @@ class SampledAllocation(_Stateless):
     name: str
     probabilities: np.ndarray = field(repr=False)
 
-    def allocate(
-        self,
-        round_number: int,
-        budgets: Mapping[int, int],
-        rng: np.random.Generator,
-        limits: Limits | None = None,
-    ) -> Allocation:
-        limits = limits or {}
-        return {
-            c: sample_layers_within(self.probabilities, n, rng, limits.get(c))
-            for c, n in sorted(budgets.items())
-        }
+    def client_layers(
+        self, budget: int, rng: np.random.Generator, limits: LayerLimits | None
+    ) -> tuple[int, ...]:
+        return sample_layers_within(self.probabilities, budget, rng, limits)
 
     def probabilities_for(self, round_number: int) -> np.ndarray | None:
         return self.probabilities
