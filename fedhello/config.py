@@ -227,11 +227,6 @@ class GroupConfig(_Strict):
     def _seconds(cls, v: Any) -> Any:
         return parse_seconds(v) if isinstance(v, str) else v
 
-    @property
-    def has_device_budget(self) -> bool:
-        """Whether the group states a budget in bytes or seconds (the cost model is then needed)."""
-        return self.memory is not None or self.seconds_per_round is not None or self.upload is not None
-
 
 _SECONDS = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
 

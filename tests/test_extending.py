@@ -235,16 +235,16 @@ def test_tensorboard_tracking_matches_metrics_jsonl(
 def test_committed_cells_keep_their_identity() -> None:
     """Fields added to the config since the reference grid ran do not make its cells look stale:
     `bash benchmarks/reference.sh` still skips every committed cell."""
-    from fedhello.grid import Cell, cell_config, config_hash
+    from fedhello.grid import Cell, cell_config, config_hash, load_variants
 
     base = load_config(REPO / "benchmarks" / "configs" / "reference.yaml")
+    variants = load_variants(REPO / "benchmarks" / "configs" / "reference-variants.yaml")
     cells = sorted((REPO / "benchmarks" / "results" / "reference" / "cells").glob("*.json"))
     assert cells
     for path in cells:
         committed = json.loads(path.read_text())
-        assert config_hash(cell_config(base, Cell(**committed["cell"]))) == committed["config_hash"], (
-            path.name
-        )
+        cfg = cell_config(base, Cell(**committed["cell"]), variants)
+        assert config_hash(cfg) == committed["config_hash"], path.name
     assert config_hash(cell_config(base, Cell("iid", "1:1:1", "toy-top-layer", 0))) != config_hash(
         cell_config(
             base.model_copy(update={"task": "toy-text-length"}), Cell("iid", "1:1:1", "toy-top-layer", 0)
