@@ -318,9 +318,8 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         if not settings.get(OUT_DIR):
             raise UserError(f"run config '{OUT_DIR}': give the absolute path of the run directory")
         cfg = _config_of(settings)
-        from fedhello.engine.loop import (
-            run_federation,
-        )  # the server's loop (reports, plots): not a ClientApp's
+        # imported here: the server's loop (reports, plots, matplotlib) is no ClientApp's business
+        from fedhello.engine.loop import run_federation
 
         run_federation(
             cfg,
