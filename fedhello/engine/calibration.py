@@ -26,6 +26,7 @@ from fedhello.engine.client import train_client
 from fedhello.engine.experiment import Experiment
 from fedhello.errors import UserError
 from fedhello.io import write_json_atomic
+from fedhello.method.aggregation import payload_bytes
 from fedhello.method.base import Assignment
 from fedhello.method.budgets import (
     OPTIMIZER_COPIES,
@@ -47,8 +48,7 @@ COST_MODEL_FILE = "cost_model.json"
 
 def model_bytes(model: torch.nn.Module) -> int:
     """Every parameter and buffer the client holds, at its dtype (the frozen part of its memory)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return payload_bytes(dict(model.named_parameters())) + payload_bytes(dict(model.named_buffers()))
 
 
 def measure_layers(
@@ -100,7 +100,7 @@ def calibrate_model(
     """Fit the cost model of this model, batch and device to probe steps (docs/budgets.md)."""
 
     def nbytes(names: Sequence[str]) -> int:
-        return sum(lm.parameter(k).numel() * lm.parameter(k).element_size() for k in names)
+        return payload_bytes({k: lm.parameter(k) for k in names})
 
     costs = CostModel(
         num_layers=lm.num_layers,

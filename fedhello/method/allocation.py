@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -153,14 +154,20 @@ class AllocationStrategy(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-class _Stateless:
-    """Strategies with nothing to prepare and nothing to checkpoint, each client's set drawn in
-    client order from the round's stream (`client_layers`)."""
+class PerClientAllocation(ABC):
+    """Allocation one client at a time, in client order, from the round's stream: what every
+    strategy shares. A strategy says how one client's set is drawn (`client_layers`)."""
 
+    @abstractmethod
     def client_layers(
-        self, budget: int, rng: np.random.Generator, limits: LayerLimits | None
+        self,
+        round_number: int,
+        client: int,
+        budget: int,
+        rng: np.random.Generator,
+        limits: LayerLimits | None,
     ) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The layers of one client with this layer budget (within `limits` when given)."""
 
     def allocate(
         self,
@@ -170,7 +177,13 @@ class _Stateless:
         limits: Limits | None = None,
     ) -> Allocation:
         limits = limits or {}
-        return {c: self.client_layers(n, rng, limits.get(c)) for c, n in sorted(budgets.items())}
+        return {
+            c: self.client_layers(round_number, c, n, rng, limits.get(c)) for c, n in sorted(budgets.items())
+        }
+
+
+class _Stateless(PerClientAllocation):
+    """Strategies with nothing to prepare and nothing to checkpoint."""
 
     def prepare_round(
         self, round_number: int, layer_scores: Callable[[], np.ndarray]
@@ -215,7 +228,12 @@ class FixedAllocation(_Stateless):
         return ()
 
     def client_layers(
-        self, budget: int, rng: np.random.Generator, limits: LayerLimits | None
+        self,
+        round_number: int,
+        client: int,
+        budget: int,
+        rng: np.random.Generator,
+        limits: LayerLimits | None,
     ) -> tuple[int, ...]:
         return self.fitting_layers(budget, limits)
 
@@ -231,7 +249,12 @@ class SampledAllocation(_Stateless):
     probabilities: np.ndarray = field(repr=False)
 
     def client_layers(
-        self, budget: int, rng: np.random.Generator, limits: LayerLimits | None
+        self,
+        round_number: int,
+        client: int,
+        budget: int,
+        rng: np.random.Generator,
+        limits: LayerLimits | None,
     ) -> tuple[int, ...]:
         return sample_layers_within(self.probabilities, budget, rng, limits)
 
@@ -260,7 +283,7 @@ class FisherSchedule:
 
 
 @dataclass
-class FisherAllocation:
+class FisherAllocation(PerClientAllocation):
     """Co-designed allocation: prior sampling during warm-up, then Fisher-driven probabilities.
 
     The server computes layer scores when `needs_scores(round)` and hands them to
@@ -346,14 +369,14 @@ class FisherAllocation:
             return self.prior
         return self.fisher_probabilities
 
-    def allocate(
+    def client_layers(
         self,
         round_number: int,
-        budgets: Mapping[int, int],
+        client: int,
+        budget: int,
         rng: np.random.Generator,
-        limits: Limits | None = None,
-    ) -> Allocation:
-        limits = limits or {}
+        limits: LayerLimits | None,
+    ) -> tuple[int, ...]:
         p = self.probabilities(round_number)
         if (
             self.schedule.hold == "persist_allocation"
@@ -361,13 +384,8 @@ class FisherAllocation:
             and p is not self.prior
         ):
             # A client's draw depends only on (seed, refresh round, client): fixed until the next refresh.
-            return {
-                c: sample_layers_within(
-                    p, n, numpy_rng(self.seed, Stream.ALLOCATION, self.refreshed_at, c + 1), limits.get(c)
-                )
-                for c, n in sorted(budgets.items())
-            }
-        return {c: sample_layers_within(p, n, rng, limits.get(c)) for c, n in sorted(budgets.items())}
+            rng = numpy_rng(self.seed, Stream.ALLOCATION, self.refreshed_at, client + 1)
+        return sample_layers_within(p, budget, rng, limits)
 
     def state_dict(self) -> dict[str, Any]:
         p = self.fisher_probabilities
