@@ -258,7 +258,8 @@ def format_bytes(n: float) -> str:
     """Bytes in binary units, as budgets are usually written (1.5 GiB, 300 MiB)."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
+            value = n / size
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
     return f"{int(n)} B"
 
 
