@@ -256,6 +256,11 @@ def find_nginx() -> str | None:
 
 
 # -- a federation on this machine ------------------------------------------------------------
+DEFAULT_POLL_INTERVAL = 0.2
+"""Seconds between a SuperExec's requests for a message to run (Flower's default: 1 s). Each
+request costs the SuperExec and its SuperNode CPU; docs/flower.md gives the measured trade-off."""
+POLL_INTERVAL_RANGE = (0.01, 60.0)  # what flwr 1.42 accepts
+
 CLIENT_FACING_HOST = "127.0.0.2"
 """Where a LocalDeployment's reverse proxy listens: a loopback address other than the
 SuperLink's 127.0.0.1, standing in for the server's public address."""
@@ -287,6 +292,7 @@ class LocalDeployment:
         proxy: bool | None = None,
         warm: bool = True,
         node_config: dict[int, str] | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
     ) -> None:
         self.work = work_dir.resolve()
         self.num_supernodes = num_supernodes
@@ -316,8 +322,8 @@ class LocalDeployment:
             **os.environ,
             "FLWR_HOME": str(self.work / "flwr-home"),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            # SuperExec polls for a message to run every second by default; a ClientApp starts sooner
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
+            # how often each SuperExec asks its SuperNode for a message to run (Flower: 1 s)
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(poll_interval),
             "HF_HUB_OFFLINE": "1",
             # the SuperLink and SuperNodes start flower-superexec and flwr-* helpers by name
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -615,6 +621,11 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         )
     if args.timeout is not None and args.timeout <= 0:
         raise UserError(f"--timeout: must be positive (got {args.timeout})")
+    if not POLL_INTERVAL_RANGE[0] <= args.poll_interval <= POLL_INTERVAL_RANGE[1]:
+        low, high = POLL_INTERVAL_RANGE
+        raise UserError(
+            f"--poll-interval: must be between {low:g} and {high:g} seconds (got {args.poll_interval:g})"
+        )
     out = Path(args.out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is not a directory")
@@ -643,7 +654,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     print(f"run directory: {out}", file=sys.stderr)
     print(f"deployment: {n} SuperNodes, logs in {work / 'logs'}", file=sys.stderr)
     try:
-        with LocalDeployment(work, n, proxy=not args.no_proxy) as fed:
+        with LocalDeployment(work, n, proxy=not args.no_proxy, poll_interval=args.poll_interval) as fed:
             log = fed.run(config_path, out, timeout=args.timeout)
     except KeyboardInterrupt:
         print("interrupted; every process of the deployment is stopped", file=sys.stderr)
@@ -705,5 +716,12 @@ def add_deploy_commands(subparsers: argparse._SubParsersAction) -> None:
         "--no-proxy",
         action="store_true",
         help="no nginx in front of the SuperLink (its Control API is then reachable where the Fleet API is)",
+    )
+    local.add_argument(
+        "--poll-interval",
+        type=float,
+        default=DEFAULT_POLL_INTERVAL,
+        metavar="SECONDS",
+        help=f"how often each SuperNode's SuperExec looks for a message to run (default {DEFAULT_POLL_INTERVAL:g})",
     )
     local.set_defaults(func=cmd_deploy_local)

@@ -87,3 +87,21 @@ def test_deploy_keys_rejects_bad_input(argv: list[str], message: str, tmp_path: 
     with pytest.raises(UserError, match=message):
         _run("deploy", "keys", str(tmp_path / "fed"), *argv)
     assert not (tmp_path / "fed").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--supernodes", "0"], "--supernodes"),
+        (["--supernodes", "99"], "--supernodes: 99 SuperNodes for 20 client partitions"),
+        (["--timeout", "-1"], "--timeout: must be positive"),
+        (["--poll-interval", "0"], "--poll-interval: must be between 0.01 and 60 seconds"),
+        (["--poll-interval", "nan"], "--poll-interval"),
+    ],
+)
+def test_deploy_local_rejects_bad_input_before_starting_anything(
+    argv: list[str], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(UserError, match=message):
+        _run("deploy", "local", "--out", str(tmp_path / "run"), *argv)
+    assert not (tmp_path / "run").exists()

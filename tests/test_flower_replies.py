@@ -3,6 +3,7 @@ Grid answers queries and TRAIN messages with real (and tampered) ClientApp repli
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -16,7 +17,13 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 
 from fedhello import load_config
 from fedhello.engine.experiment import Experiment, prepare_experiment
-from fedhello.engine.flower import FlowerTrainer, query_reply, train_from_message
+from fedhello.engine.flower import (
+    FlowerTrainer,
+    pack_tensors,
+    query_reply,
+    train_from_message,
+    unpack_tensors,
+)
 from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
 
@@ -96,6 +103,16 @@ def _nan_examples(c: RecordDict) -> RecordDict:
     return RecordDict({**dict(c.items()), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
 
 
+def _layout(edit: Callable[[list[Any]], list[Any]]) -> Tamper:
+    """A reply whose tensor layout is edited (the packed arrays unchanged)."""
+
+    def tamper(c: RecordDict) -> RecordDict:
+        layout = json.loads(str(c["layout"]["tensors"]))  # type: ignore[index]
+        return RecordDict({**dict(c.items()), "layout": ConfigRecord({"tensors": json.dumps(edit(layout))})})  # type: ignore[arg-type]
+
+    return tamper
+
+
 def _claims(client: int) -> Tamper:
     def tamper(c: RecordDict) -> RecordDict:
         config = dict(c["config"])  # type: ignore[arg-type]
@@ -110,10 +127,25 @@ def _claims(client: int) -> Tamper:
     [
         (_without("arrays"), "malformed reply: 'arrays' missing"),
         (_without("metrics"), "malformed reply: 'metrics' missing"),
+        (_without("layout"), "malformed reply: 'layout' missing"),
+        (_layout(lambda t: [*t, t[0]]), "malformed reply: layout: tensor"),
+        (_layout(lambda t: [[t[0][0], t[0][1], [10**6]], *t[1:]]), "shorter than the layout"),
+        (_layout(lambda t: t[1:]), "longer than the layout"),
+        (_layout(lambda t: [[t[0][0], "int64", t[0][2]], *t[1:]]), "is not [name, dtype, shape]"),
         (_nan_examples, "sample count nan is not a whole number"),
         (_claims(5), "the reply claims client 5"),
     ],
-    ids=["no arrays", "no metrics", "nan examples", "claims another client"],
+    ids=[
+        "no arrays",
+        "no metrics",
+        "no layout",
+        "a tensor twice",
+        "layout longer than the arrays",
+        "layout shorter than the arrays",
+        "unknown dtype",
+        "nan examples",
+        "claims another client",
+    ],
 )
 def test_a_malformed_reply_is_rejected_and_the_rest_aggregated(
     exp: Experiment, tamper: Tamper, reason: str
@@ -195,3 +227,23 @@ def test_a_signature_over_another_challenge_is_refused(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("'ssh-rsa AAAA': 0\n'ecdsa-sha2-nistp384 BBBB': 0\n")
     with pytest.raises(UserError, match="partition 0 is mapped to two keys"):
         load_partition_keys(tmp_path / "bad.yaml")
+
+
+def test_packed_tensors_come_back_as_they_were() -> None:
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5, dtype=torch.float64),
+        "c": torch.randn(2, 1, 3),
+        "d": torch.randn(0, 7),
+        "e": torch.randn(2).half(),
+    }
+    arrays, layout = pack_tensors(tensors)
+    assert sorted(arrays) == ["float16", "float32", "float64"]  # one flat array per dtype
+    back = unpack_tensors(arrays, layout)
+    assert list(back) == list(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype
+        torch.testing.assert_close(back[k], t, atol=0, rtol=0)
+    assert unpack_tensors(*pack_tensors({})) == {}
+    with pytest.raises(ValueError, match="dtype int64 cannot be sent"):
+        pack_tensors({"n": torch.arange(3)})

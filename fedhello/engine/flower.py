@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +45,63 @@ log = logging.getLogger(__name__)
 
 # [tool.flwr.app.config] keys (pyproject.toml); `flwr run --run-config` overrides them.
 CONFIG_PATH, OUT_DIR, RESUME, PARTITION_KEYS = "config-path", "out-dir", "resume", "partition-keys"
+
+
+# -- tensors on the wire ---------------------------------------------------------------------
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
+
+
+def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[ArrayRecord, ConfigRecord]:
+    """Tensors as one flat array per dtype, plus their layout (names, dtypes, shapes).
+
+    Flower sends every array of an ArrayRecord as objects of their own, one request each on
+    every hop (ServerApp, SuperLink, SuperNode, ClientApp); a message with 30 LoRA tensors was
+    about 60 requests per hop. Packed, it is a handful (docs/flower.md, "Cost")."""
+    layout: list[tuple[str, str, list[int]]] = []
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, t in tensors.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in WIRE_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be sent (one of {sorted(WIRE_DTYPES)})")
+        layout.append((name, dtype, list(t.shape)))
+        groups.setdefault(dtype, []).append(t.detach().reshape(-1).cpu())
+    flat = {dtype: torch.cat(parts) for dtype, parts in groups.items()}
+    return ArrayRecord(flat), ConfigRecord({"tensors": json.dumps(layout)})
+
+
+def unpack_tensors(arrays: ArrayRecord, layout: ConfigRecord) -> dict[str, torch.Tensor]:
+    """The tensors `pack_tensors` packed; ValueError naming what does not add up."""
+    entries = json.loads(str(layout["tensors"]))
+    if not isinstance(entries, list):
+        raise ValueError("layout: not a list of tensors")
+    flat = arrays.to_torch_state_dict()
+    used = dict.fromkeys(flat, 0)  # elements of each flat array handed out so far
+    out: dict[str, torch.Tensor] = {}
+    for entry in entries:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and entry[1] in WIRE_DTYPES
+            and isinstance(entry[2], list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[2])
+        ):
+            raise ValueError(f"layout: {str(entry)[:80]} is not [name, dtype, shape]")
+        name, dtype, shape = entry
+        if name in out:
+            raise ValueError(f"layout: tensor {name!r} twice")
+        buffer = flat.get(dtype)
+        if buffer is None or buffer.dim() != 1 or buffer.dtype != WIRE_DTYPES[dtype]:
+            raise ValueError(f"tensor {name!r}: no flat {dtype} array")
+        start, size = used[dtype], math.prod(shape)
+        if start + size > buffer.numel():
+            raise ValueError(f"array {dtype!r}: shorter than the layout")
+        out[name] = buffer[start : start + size].reshape(shape).clone()  # its own storage
+        used[dtype] = start + size
+    unused = sorted(dtype for dtype, n in used.items() if n != flat[dtype].numel())
+    if unused:
+        raise ValueError(f"arrays {unused}: longer than the layout")
+    return out
 
 
 # -- server side -----------------------------------------------------------------------------
@@ -157,7 +215,8 @@ class FlowerTrainer:
                 "layers": list(assignment.layers),
                 "rank": assignment.rank or 0,
             }
-            content = RecordDict({"arrays": ArrayRecord(dict(arrays)), "config": ConfigRecord(config)})  # type: ignore[arg-type]
+            packed, layout = pack_tensors(arrays)
+            content = RecordDict({"arrays": packed, "layout": layout, "config": ConfigRecord(config)})  # type: ignore[arg-type]
             messages.append(
                 Message(
                     content,
@@ -201,9 +260,11 @@ def reply_content(result: ClientResult) -> RecordDict:
         "train-loss": result.train_loss,
         "step-seconds": list(result.step_seconds),
     }
+    packed, layout = pack_tensors(result.update.deltas)
     return RecordDict(
         {
-            "arrays": ArrayRecord(dict(result.update.deltas)),
+            "arrays": packed,
+            "layout": layout,
             "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
             "update-metrics": MetricRecord(dict(result.update.metrics)),
             "config": ConfigRecord({"client": result.update.client_id, "layers": list(result.layers)}),
@@ -220,7 +281,7 @@ def result_from_reply(content: RecordDict, client: int) -> ClientResult:
         claimed = int(config["client"])  # type: ignore[arg-type]
         update = ClientUpdate(
             client_id=client,
-            deltas=content["arrays"].to_torch_state_dict(),  # type: ignore[union-attr]
+            deltas=unpack_tensors(content["arrays"], content["layout"]),  # type: ignore[arg-type]
             num_samples=m["num-examples"],  # type: ignore[arg-type]  # screened: a whole, finite count
             metrics={k: float(v) for k, v in content["update-metrics"].items()},  # type: ignore[arg-type]
         )
@@ -268,7 +329,7 @@ def train_message(exp: Experiment, content: RecordDict, partition_id: int | None
     if partition_id is not None and partition_id != c:
         raise ValueError(f"message for client {c} reached the SuperNode of partition {partition_id}")
     rank = int(config["rank"]) or None  # type: ignore[arg-type]
-    state: dict[str, torch.Tensor] = content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    state = unpack_tensors(content["arrays"], content["layout"])  # type: ignore[arg-type]
     layers = tuple(int(x) for x in config["layers"])  # type: ignore[union-attr]
     return train_assignment(exp, state, Assignment(c, layers, rank), int(config["round"]))  # type: ignore[arg-type]
 
