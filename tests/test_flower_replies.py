@@ -247,3 +247,19 @@ def test_packed_tensors_come_back_as_they_were() -> None:
     assert unpack_tensors(*pack_tensors({})) == {}
     with pytest.raises(ValueError, match="dtype int64 cannot be sent"):
         pack_tensors({"n": torch.arange(3)})
+
+
+def test_a_reply_is_a_few_flower_objects_however_many_tensors_it_carries() -> None:
+    """Flower moves every object with a request of its own on each hop (docs/flower.md, "Cost")."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from fedhello.engine.client import ClientResult
+    from fedhello.engine.flower import reply_content
+    from fedhello.method.aggregation import ClientUpdate
+
+    def objects(n: int) -> int:
+        deltas = {f"layer.{i}.lora_A": torch.randn(4, 8) for i in range(n)}
+        result = ClientResult(ClientUpdate(0, deltas, 10), (0,), 1.0, 0, 2, 0.5, [0.5, 0.5])
+        return len(get_all_nested_objects(reply_content(result)))
+
+    assert objects(2) == objects(40) <= 10
