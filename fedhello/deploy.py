@@ -261,6 +261,15 @@ DEFAULT_POLL_INTERVAL = 0.2
 request costs the SuperExec and its SuperNode CPU; docs/flower.md gives the measured trade-off."""
 POLL_INTERVAL_RANGE = (0.01, 60.0)  # what flwr 1.42 accepts
 
+
+def check_poll_interval(seconds: float, name: str) -> float:
+    """`seconds` when Flower accepts it as SuperExec's poll interval; else a UserError naming `name`."""
+    low, high = POLL_INTERVAL_RANGE
+    if not low <= seconds <= high:  # NaN fails too
+        raise UserError(f"{name}: must be between {low:g} and {high:g} seconds (got {seconds:g})")
+    return seconds
+
+
 CLIENT_FACING_HOST = "127.0.0.2"
 """Where a LocalDeployment's reverse proxy listens: a loopback address other than the
 SuperLink's 127.0.0.1, standing in for the server's public address."""
@@ -323,7 +332,7 @@ class LocalDeployment:
             "FLWR_HOME": str(self.work / "flwr-home"),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             # how often each SuperExec asks its SuperNode for a message to run (Flower: 1 s)
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(poll_interval),
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(check_poll_interval(poll_interval, "poll_interval")),
             "HF_HUB_OFFLINE": "1",
             # the SuperLink and SuperNodes start flower-superexec and flwr-* helpers by name
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -621,11 +630,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         )
     if args.timeout is not None and args.timeout <= 0:
         raise UserError(f"--timeout: must be positive (got {args.timeout})")
-    if not POLL_INTERVAL_RANGE[0] <= args.poll_interval <= POLL_INTERVAL_RANGE[1]:
-        low, high = POLL_INTERVAL_RANGE
-        raise UserError(
-            f"--poll-interval: must be between {low:g} and {high:g} seconds (got {args.poll_interval:g})"
-        )
+    check_poll_interval(args.poll_interval, "--poll-interval")
     out = Path(args.out).resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is not a directory")

@@ -85,10 +85,12 @@ def verify_claim(
         return f"no key is registered for partition {partition}"
     if normalise_key(public_key) != expected:
         return f"its key is not the one registered for partition {partition}"
+    refused = f"its signature of the challenge does not verify with the key of partition {partition}"
     try:
         key = serialization.load_ssh_public_key(expected.encode())
-        assert isinstance(key, ec.EllipticCurvePublicKey)
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return refused
         key.verify(bytes.fromhex(signature), _message(challenge, partition), ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError, AssertionError):
-        return f"its signature of the challenge does not verify with the key of partition {partition}"
+    except (InvalidSignature, ValueError):
+        return refused
     return None
