@@ -113,6 +113,15 @@ def _layout(edit: Callable[[list[Any]], list[Any]]) -> Tamper:
     return tamper
 
 
+def _examples(n: float) -> Tamper:
+    def tamper(c: RecordDict) -> RecordDict:
+        metrics = dict(c["metrics"])  # type: ignore[arg-type]
+        metrics["num-examples"] = n
+        return RecordDict({**dict(c.items()), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+
+    return tamper
+
+
 def _claims(client: int) -> Tamper:
     def tamper(c: RecordDict) -> RecordDict:
         config = dict(c["config"])  # type: ignore[arg-type]
@@ -133,6 +142,8 @@ def _claims(client: int) -> Tamper:
         (_layout(lambda t: t[1:]), "longer than the layout"),
         (_layout(lambda t: [[t[0][0], "int64", t[0][2]], *t[1:]]), "is not [name, dtype, shape]"),
         (_nan_examples, "sample count nan is not a whole number"),
+        (_examples(-5), "non-positive sample count -5"),
+        (_examples(math.inf), "sample count inf is not a whole number"),
         (_claims(5), "the reply claims client 5"),
     ],
     ids=[
@@ -144,6 +155,8 @@ def _claims(client: int) -> Tamper:
         "layout shorter than the arrays",
         "unknown dtype",
         "nan examples",
+        "negative examples",
+        "infinite examples",
         "claims another client",
     ],
 )
@@ -168,6 +181,25 @@ def test_a_malformed_reply_is_rejected_and_the_rest_aggregated(
     assert expected.rejected == {}
     for k in before:
         torch.testing.assert_close(server.global_state[k], reference.global_state[k], atol=0, rtol=0)
+
+
+def test_a_reply_with_tensors_outside_its_allocation_is_rejected(exp: Experiment) -> None:
+    server = FederatedServer(exp)
+    plan = server.configure_round(1)
+    victim = next(c for c in plan.clients if len(plan.assignments[c].layers) < exp.num_layers)
+    allowed = server.upload_shapes(plan)[victim]
+    other = next(k for k in server.global_state if k not in allowed)  # a layer the victim does not train
+
+    def tamper(c: RecordDict) -> RecordDict:
+        tensors = unpack_tensors(c["arrays"], c["layout"])  # type: ignore[arg-type]
+        tensors[other] = torch.zeros_like(server.global_state[other])
+        arrays, layout = pack_tensors(tensors)
+        return RecordDict({**dict(c.items()), "arrays": arrays, "layout": layout})
+
+    grid = FakeGrid(exp, {100 + p: p for p in range(exp.cfg.partition.num_clients)}, {100 + victim: tamper})
+    record = server.aggregate_round(plan, FlowerTrainer(grid, exp)(plan, server))  # type: ignore[arg-type]
+    assert f"tensor '{other}' is outside the client's allocation" in record.rejected[str(victim)]
+    assert set(record.rejected) == {str(victim)}
 
 
 def test_discovery_refuses_second_claims_and_foreign_partitions_and_logs_errors(
