@@ -97,10 +97,9 @@ def _without(key: str) -> Tamper:
     return lambda c: RecordDict({k: v for k, v in c.items() if k != key})
 
 
-def _nan_examples(c: RecordDict) -> RecordDict:
-    metrics = dict(c["metrics"])  # type: ignore[arg-type]
-    metrics["num-examples"] = math.nan
-    return RecordDict({**dict(c.items()), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
+def _with(c: RecordDict, key: str, record: Any) -> RecordDict:
+    """The reply `c` with its record `key` replaced."""
+    return RecordDict({**dict(c.items()), key: record})
 
 
 def _layout(edit: Callable[[list[Any]], list[Any]]) -> Tamper:
@@ -108,27 +107,19 @@ def _layout(edit: Callable[[list[Any]], list[Any]]) -> Tamper:
 
     def tamper(c: RecordDict) -> RecordDict:
         layout = json.loads(str(c["layout"]["tensors"]))  # type: ignore[index]
-        return RecordDict({**dict(c.items()), "layout": ConfigRecord({"tensors": json.dumps(edit(layout))})})  # type: ignore[arg-type]
+        return _with(c, "layout", ConfigRecord({"tensors": json.dumps(edit(layout))}))
 
     return tamper
 
 
 def _examples(n: float) -> Tamper:
-    def tamper(c: RecordDict) -> RecordDict:
-        metrics = dict(c["metrics"])  # type: ignore[arg-type]
-        metrics["num-examples"] = n
-        return RecordDict({**dict(c.items()), "metrics": MetricRecord(metrics)})  # type: ignore[arg-type]
-
-    return tamper
+    """A reply that reports `n` training examples."""
+    return lambda c: _with(c, "metrics", MetricRecord({**dict(c["metrics"]), "num-examples": n}))  # type: ignore[arg-type]
 
 
 def _claims(client: int) -> Tamper:
-    def tamper(c: RecordDict) -> RecordDict:
-        config = dict(c["config"])  # type: ignore[arg-type]
-        config["client"] = client
-        return RecordDict({**dict(c.items()), "config": ConfigRecord(config)})  # type: ignore[arg-type]
-
-    return tamper
+    """A reply that claims to come from `client`."""
+    return lambda c: _with(c, "config", ConfigRecord({**dict(c["config"]), "client": client}))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -141,7 +132,7 @@ def _claims(client: int) -> Tamper:
         (_layout(lambda t: [[t[0][0], t[0][1], [10**6]], *t[1:]]), "shorter than the layout"),
         (_layout(lambda t: t[1:]), "longer than the layout"),
         (_layout(lambda t: [[t[0][0], "int64", t[0][2]], *t[1:]]), "is not [name, dtype, shape]"),
-        (_nan_examples, "sample count nan is not a whole number"),
+        (_examples(math.nan), "sample count nan is not a whole number"),
         (_examples(-5), "non-positive sample count -5"),
         (_examples(math.inf), "sample count inf is not a whole number"),
         (_claims(5), "the reply claims client 5"),
@@ -194,7 +185,7 @@ def test_a_reply_with_tensors_outside_its_allocation_is_rejected(exp: Experiment
         tensors = unpack_tensors(c["arrays"], c["layout"])  # type: ignore[arg-type]
         tensors[other] = torch.zeros_like(server.global_state[other])
         arrays, layout = pack_tensors(tensors)
-        return RecordDict({**dict(c.items()), "arrays": arrays, "layout": layout})
+        return _with(_with(c, "arrays", arrays), "layout", layout)
 
     grid = FakeGrid(exp, {100 + p: p for p in range(exp.cfg.partition.num_clients)}, {100 + victim: tamper})
     record = server.aggregate_round(plan, FlowerTrainer(grid, exp)(plan, server))  # type: ignore[arg-type]
