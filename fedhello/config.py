@@ -413,7 +413,10 @@ class FlowerConfig(_Strict):
         1, ge=1, description="A round with fewer replies stops the run (resume it from the checkpoint)."
     )
     connect_timeout: float = Field(
-        120.0, gt=0, description="Seconds the first round waits for the SuperNodes of its clients."
+        120.0,
+        gt=0,
+        description="Deployment: the most seconds discovery waits for SuperNodes to connect (first round) "
+        "and answer; the simulation engine waits for all its nodes, whatever this says.",
     )
     cpus_per_client: float = Field(1.0, gt=0, description="Simulation only: CPUs each ClientApp reserves.")
     partition_keys: str | None = Field(

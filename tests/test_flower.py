@@ -133,6 +133,33 @@ def test_simulation_engine_equals_in_process(
     assert summary["rounds_completed"] == 2
 
 
+def test_a_simulated_round_without_replies_ends_in_one_line_exit_2(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    # replies cannot arrive within 1 ms; discovery still waits for its nodes (connect_timeout=1)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedhello",
+            "run",
+            *_base(tiny_overrides, "flower.round_timeout=0.001", "flower.connect_timeout=1"),
+            "engine=flower",
+            "--out",
+            str(tmp_path / "sim"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedhello: error: round 1: 0 replies, fewer than flower.min_replies=1; "), last
+    assert "missing clients [0, 1, 2]" in last and "raise flower.round_timeout" in last, last
+    assert "no SuperNode answered" not in last, last  # every node was found
+
+
 @needs_nginx
 def test_deployment_with_tls_and_auth_equals_in_process(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedhello import load_config
 from fedhello.engine.experiment import Experiment, prepare_experiment
@@ -32,7 +33,7 @@ Tamper = Callable[[RecordDict], RecordDict | None]
 
 class Reply:
     def __init__(self, node: int, content: RecordDict | None = None, error: str | None = None) -> None:
-        self.metadata = SimpleNamespace(src_node_id=node)
+        self.metadata = SimpleNamespace(src_node_id=node, reply_to_message_id="")
         self.content = content
         self.error = SimpleNamespace(reason=error)
 
@@ -41,29 +42,64 @@ class Reply:
 
 
 class FakeGrid:
-    """Nodes 100+i hold partition claims[i]; TRAIN replies are the real ClientApp's, then tampered."""
+    """Nodes 100+i hold partition claims[i]; TRAIN replies are the real ClientApp's, then tampered.
+
+    Queries are pushed and pulled as on a real Grid: a node in `slow` answers its query only at
+    the pull numbered slow[node]; a node in `silent_from` sends no TRAIN reply from that round on."""
 
     def __init__(
-        self, exp: Experiment, claims: dict[int, Any], tamper: dict[int, Tamper] | None = None
+        self,
+        exp: Experiment,
+        claims: dict[int, Any],
+        tamper: dict[int, Tamper] | None = None,
+        *,
+        slow: dict[int, int] | None = None,
+        silent_from: dict[int, int] | None = None,
     ) -> None:
         self.exp, self.claims, self.tamper = exp, claims, tamper or {}
+        self.slow, self.silent_from = slow or {}, silent_from or {}
         self.extra: list[Reply] = []
+        self.queued: dict[str, Message] = {}
+        self.pulls = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.claims)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = message_id = f"query-{len(self.queued)}-{uuid.uuid4()}"
+            self.queued[message_id] = m
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: list[str]) -> list[Any]:
+        self.pulls += 1
+        replies = []
+        for message_id in message_ids:
+            m = self.queued.get(message_id)
+            if m is None or self.slow.get(m.metadata.dst_node_id, 0) > self.pulls:
+                continue
+            del self.queued[message_id]
+            reply = self._answer_query(m)
+            reply.metadata.reply_to_message_id = message_id
+            replies.append(reply)
+        return replies
+
+    def _answer_query(self, m: Message) -> Reply:
+        node = m.metadata.dst_node_id
+        claim = self.claims[node]
+        if isinstance(claim, dict):  # a node config: answered by the real ClientApp query
+            return Reply(node, query_reply(claim, m.content))
+        if claim == "error":
+            return Reply(node, error="ClientApp crashed")
+        return Reply(node, RecordDict({"config": ConfigRecord({"partition-id": claim})}))
 
     def send_and_receive(self, messages: list[Message], timeout: float) -> list[Any]:
         replies: list[Any] = []
         for m in messages:
             node = m.metadata.dst_node_id
-            if m.metadata.message_type == MessageType.QUERY:
-                claim = self.claims[node]
-                if isinstance(claim, dict):  # a node config: answered by the real ClientApp query
-                    replies.append(Reply(node, query_reply(claim, m.content)))
-                elif claim == "error":
-                    replies.append(Reply(node, error="ClientApp crashed"))
-                else:
-                    replies.append(Reply(node, RecordDict({"config": ConfigRecord({"partition-id": claim})})))
+            if int(m.content["config"]["round"]) >= self.silent_from.get(node, 10**9):  # type: ignore[arg-type]
                 continue
             content = train_from_message(self.exp, m.content, None)
             content = self.tamper.get(node, lambda c: c)(content)
@@ -208,6 +244,71 @@ def test_discovery_refuses_second_claims_and_foreign_partitions_and_logs_errors(
     assert "node 201 claims partition 999" in caplog.text
     assert "node 202: ClientApp crashed" in caplog.text
     assert {200, 201} <= trainer.refused
+
+
+@pytest.fixture
+def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Discovery polls every 10 ms and names slow nodes every 0.1 s (the test's clock)."""
+    import fedhello.engine.flower as flower
+
+    monkeypatch.setattr(flower, "QUERY_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(flower, "SLOW_NOTE_SECONDS", 0.1)
+
+
+def test_simulation_discovery_waits_for_slow_nodes_not_for_a_clock(
+    exp: Experiment, fast_polls: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nodes 100 and 101 answer only after ~200 polls (about 2 s), 4x flower.connect_timeout=0.5 s
+    claims: dict[int, Any] = {100 + p: p for p in range(exp.cfg.partition.num_clients)}
+    slow = {100: 200, 101: 200}
+    wanted = set(range(exp.cfg.partition.num_clients))
+
+    simulated = FlowerTrainer(FakeGrid(exp, claims, slow=slow), exp, simulated=True)  # type: ignore[arg-type]
+    simulated.discover(wanted)
+    assert simulated.nodes == {p: 100 + p for p in wanted}
+
+    deployed = FlowerTrainer(FakeGrid(exp, claims, slow=slow), exp)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        deployed.discover(wanted)  # a deployment waits at most connect_timeout, naming the slow nodes
+    assert set(deployed.nodes) == wanted - {0, 1}
+    assert deployed.undiscovered == {0, 1}
+    assert "waiting for partitions [0, 1]: nodes [100, 101] have not answered" in caplog.text
+
+
+def test_too_few_replies_end_the_run_in_one_line_and_it_resumes(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    from fedhello.engine.local import local_trainer
+    from fedhello.engine.loop import run_federation
+
+    cfg = load_config(None, tiny_overrides("method=rgd-bottleneck", "federation.rounds=3"))
+    claims: dict[int, Any] = {100 + p: p for p in range(cfg.partition.num_clients)}
+    every_node_silent = dict.fromkeys(claims, 2)  # no TRAIN reply from round 2 on
+    run_dir = tmp_path / "run"
+
+    def failing(exp: Experiment) -> FlowerTrainer:
+        grid = FakeGrid(exp, claims, silent_from=every_node_silent)
+        return FlowerTrainer(grid, exp, simulated=True, run_dir=run_dir)  # type: ignore[arg-type]
+
+    with pytest.raises(UserError) as failure:
+        run_federation(cfg, run_dir, failing)
+    line = str(failure.value)
+    assert "\n" not in line
+    assert line.startswith("round 2: 0 replies, fewer than flower.min_replies=1; missing clients [")
+    assert "sent no reply within flower.round_timeout" in line
+    assert "raise flower.round_timeout (now 600 s)" in line
+    assert f"fedhello run --resume --out {run_dir} continues" in line
+
+    def healthy(exp: Experiment) -> FlowerTrainer:
+        return FlowerTrainer(FakeGrid(exp, claims), exp, simulated=True)  # type: ignore[arg-type]
+
+    run_federation(cfg, run_dir, healthy, resume=True)
+    run_federation(cfg, tmp_path / "local", local_trainer)
+    resumed, local = ((d / "metrics.jsonl").read_text().splitlines() for d in (run_dir, tmp_path / "local"))
+    assert len(resumed) == 3
+    for a, b in zip(resumed, local, strict=True):
+        for split, metrics in json.loads(a)["metrics"].items():
+            assert metrics == pytest.approx(json.loads(b)["metrics"][split], abs=1e-6)
 
 
 def test_partitions_are_bound_to_the_keys_registered_for_them(

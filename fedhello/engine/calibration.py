@@ -3,10 +3,18 @@
 A probe trains one layer set for a few steps on the costliest batch a client can meet (the
 task's `worst_case_batch`: padded to `model.max_length`, or the largest images), through the
 same `train_client` every engine uses, and records what training added to memory (the
-`MemoryMeter`: the CUDA allocator's peak, or the exact CPU account) and the median step time.
-Four probes fit the model; the result is cached per model, batch shape, LoRA config, device and
-thread count under the cache folder, and copied into the run directory, so a resumed run plans
-with the model it started with.
+`MemoryMeter`: the CUDA allocator's peak, or the exact CPU account) and its step times.
+
+Four probe sets fit the model, each measured in PROBE_PASSES passes interleaved with the others
+(a burst of load then slows every set a little, not one set a lot). A busy machine makes step
+times noisy: when a probe's steps spread too much or the fit leaves a large residual, the probes
+are measured again (up to MAX_ATTEMPTS), and the best fit is kept and marked noisy. The fit is
+non-negative (`CostModel.fit`), so even a noisy model never predicts that fewer layers cost more.
+
+The result is cached per model, batch shape, LoRA config, device and thread count under the
+cache folder, and copied into the run directory, so a resumed run plans with the model it
+started with. A cached model is checked with one cheap probe when it is loaded, and measured
+anew when that probe is off by more than RECHECK_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import json
 import logging
 import platform
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +38,10 @@ from fedhello.io import write_json_atomic
 from fedhello.method.aggregation import payload_bytes
 from fedhello.method.base import Assignment
 from fedhello.method.budgets import (
-    OPTIMIZER_COPIES,
     CostModel,
+    FitQuality,
     Probe,
     check_budget_fits,
-    fit_coefficients,
     probe_sets,
 )
 from fedhello.models import LoraModel
@@ -42,8 +50,12 @@ from fedhello.tasks import Task
 
 log = logging.getLogger(__name__)
 
-PROBE_STEPS = 4  # measured steps per probe (after one warm-up step), median taken
+PROBE_STEPS = 4  # measured steps per probe pass (after one warm-up step)
+PROBE_PASSES = 2  # passes over the probe sets per attempt; a probe's figure is its median step
+MAX_ATTEMPTS = 3  # measuring attempts while the fit stays noisy (the best one is kept)
+RECHECK_TOLERANCE = 0.30  # a cached model off by more than this on its check probe is recalibrated
 COST_MODEL_FILE = "cost_model.json"
+CACHE_VERSION = 2  # 2: non-negative fits with their quality (version 1 fits could be negative)
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -83,7 +95,17 @@ def measure_layers(
         )
     finally:
         lm.load_lora_state(saved)
-    return Probe(tuple(sorted(layers)), result.peak_memory_bytes, float(np.median(result.step_seconds[1:])))
+    steps_measured = tuple(float(x) for x in result.step_seconds[1:])
+    return Probe(
+        tuple(sorted(layers)), result.peak_memory_bytes, float(np.median(steps_measured)), steps_measured
+    )
+
+
+def merge_passes(passes: Sequence[Probe]) -> Probe:
+    """One probe from several passes over the same layer set: every step time, their median, and
+    the largest memory seen."""
+    steps = tuple(x for p in passes for x in p.step_seconds)
+    return Probe(passes[0].layers, max(p.training_bytes for p in passes), float(np.median(steps)), steps)
 
 
 def calibrate_model(
@@ -113,16 +135,25 @@ def calibrate_model(
         device=device_name(device),
         batch_shape=" x ".join(str(d) for d in next(iter(batch.values())).shape),
     )
-    probes = [
-        measure_layers(lm, task, batch, s, train, train_head=train_head, device=device, steps=steps)
-        for s in probe_sets(costs.num_layers)
-    ]
-    features = np.stack([costs.features(p.layers) for p in probes])
-    memory = np.array([p.training_bytes - OPTIMIZER_COPIES * costs.trained_bytes(p.layers) for p in probes])
-    costs.memory_coef = fit_coefficients(features, memory.astype(float))
-    costs.time_coef = fit_coefficients(features, np.array([p.seconds_per_step for p in probes]))
-    costs.probes = probes
-    return costs
+    best: tuple[CostModel, FitQuality] | None = None
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        passes: dict[tuple[int, ...], list[Probe]] = {s: [] for s in probe_sets(costs.num_layers)}
+        for _ in range(PROBE_PASSES):
+            for layers, measured in passes.items():
+                measured.append(
+                    measure_layers(
+                        lm, task, batch, layers, train, train_head=train_head, device=device, steps=steps
+                    )
+                )
+        fit = costs.fitted([merge_passes(p) for p in passes.values()], attempt)
+        if best is None or fit[1].badness < best[1].badness:
+            best = fit
+        if not fit[1].noisy:
+            break
+        log.info("cost model: noisy probes, %s; measuring again", fit[1].describe())
+    assert best is not None
+    model, quality = best
+    return replace(model, quality=replace(quality, attempts=attempt))
 
 
 def worst_case_batch(exp: Experiment) -> dict[str, torch.Tensor]:
@@ -190,7 +221,7 @@ def cache_key(exp: Experiment) -> str:
         "head": exp.train_head,
         "device": device_name(exp.device),
         "torch": torch.__version__,
-        "version": 1,
+        "version": CACHE_VERSION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -206,10 +237,18 @@ def calibrated(exp: Experiment, run_dir: Path | None = None, *, refresh: bool = 
     if own is not None and own.is_file() and not refresh:
         return CostModel.from_json(json.loads(own.read_text()))
     cached = cache_root() / "costs" / f"{cache_key(exp)}.json"
+    costs = None
     if cached.is_file() and not refresh:
         costs = CostModel.from_json(json.loads(cached.read_text()))
-        log.info("cost model: cached calibration %s", cached)
-    else:
+        off = recheck(exp, costs)
+        if off is None:
+            log.info("cost model: cached calibration %s", cached)
+        else:
+            log.warning(
+                "cost model: the cached calibration is %s on this machine now; calibrating again", off
+            )
+            costs = None
+    if costs is None:
         log.info("cost model: calibrating with %d probe layer sets", len(probe_sets(exp.num_layers)))
         costs = calibrate(exp)
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -219,12 +258,39 @@ def calibrated(exp: Experiment, run_dir: Path | None = None, *, refresh: bool = 
     return costs
 
 
+def recheck(exp: Experiment, costs: CostModel) -> str | None:
+    """One cheap probe (the top block alone) against a cached model's prediction: how far off it
+    is when step time or training memory differ by more than RECHECK_TOLERANCE, else None."""
+    top = (exp.num_layers - 1,)
+    probe = measure(exp, top)
+    predicted = {
+        "step time": costs.seconds_per_step(top),
+        "training memory": float(costs.training_bytes(top)),
+    }
+    measured = {"step time": probe.seconds_per_step, "training memory": float(probe.training_bytes)}
+    for what, value in predicted.items():
+        if value > 0 and abs(measured[what] / value - 1) > RECHECK_TOLERANCE:
+            return f"off by {measured[what] / value - 1:+.0%} in {what} on the top block"
+    return None
+
+
 def attach_costs(exp: Experiment, run_dir: Path | None = None) -> None:
     """Calibrate when any group states a device budget (a run without budgets is untouched),
     and refuse budgets nothing fits before any training."""
     if not any(g.device.constrained for g in exp.groups):
         return
     exp.costs = calibrated(exp, run_dir)
+    quality = exp.costs.quality
+    if (
+        quality is not None
+        and quality.noisy
+        and any(g.device.seconds_per_round is not None for g in exp.groups)
+    ):
+        log.warning(
+            "cost model: time budgets are planned with a noisy calibration, %s; "
+            "`fedhello plan --recalibrate` on a quieter machine measures again",
+            quality.describe(),
+        )
     check_budgets(exp)
 
 

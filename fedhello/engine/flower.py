@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 # [tool.flwr.app.config] keys (pyproject.toml); `flwr run --run-config` overrides them.
 CONFIG_PATH, OUT_DIR, RESUME, PARTITION_KEYS = "config-path", "out-dir", "resume", "partition-keys"
+SIMULATION = "simulation"  # set by `fedhello run engine=flower`: Flower's simulation engine
+
+QUERY_POLL_SECONDS = 0.2  # how often discovery looks for answers to partition queries
+SLOW_NOTE_SECONDS = 10.0  # how often discovery names the nodes it is still waiting for
 
 
 # -- tensors on the wire ---------------------------------------------------------------------
@@ -108,49 +112,94 @@ def unpack_tensors(arrays: ArrayRecord, layout: ConfigRecord) -> dict[str, torch
 class FlowerTrainer:
     """A round's training as messages: one per sampled client, replies turned into ClientResults."""
 
-    def __init__(self, grid: Grid, exp: Experiment) -> None:
+    def __init__(
+        self, grid: Grid, exp: Experiment, *, simulated: bool = False, run_dir: Path | None = None
+    ) -> None:
         self.grid = grid
         self.exp = exp
+        self.simulated = simulated  # Flower's simulation engine: every node exists and answers
+        self.run_dir = run_dir
         self.nodes: dict[int, int] = {}  # partition-id (= fedhello client id) -> Flower node id
         self.refused: set[int] = set()  # nodes whose partition claim was refused (asked no more)
         self.first_round = True
         path = exp.cfg.flower.partition_keys
         self.keys = load_partition_keys(path) if path else None  # partition -> registered key
         self.challenges: dict[int, str] = {}  # node -> the challenge its last query carried
+        self.last_error = ""  # the last problem a node reported (for the one-line failure)
+        self.undiscovered: set[int] = set()  # partitions the last discovery found no node for
 
     def discover(self, wanted: set[int]) -> None:
-        """Learn which node holds which partition; the first round waits for all `wanted` ones.
+        """Learn which node holds which partition, until every partition in `wanted` is known.
 
-        Nodes that have not answered are asked again until `flower.connect_timeout`. A reply with
-        an error, or with a partition id that is not a client of this federation, is logged with
-        the node; a partition is bound to the first node that claims it (a second claim is
-        refused and logged). Still-missing partitions are named with the last error seen."""
+        Every online node not yet known is asked once which partition it holds (a cheap query: no
+        model or data is loaded to answer it), and its answer is awaited while it stays online. In
+        simulation every node exists from the start and always answers (or fails), so discovery
+        waits for every answer however long a busy machine takes; no clock decides. In a
+        deployment the first round also waits for nodes still to connect. `flower.connect_timeout`
+        bounds the wait in a deployment; nodes slow to answer are named every SLOW_NOTE_SECONDS.
+        A reply with an error, or a partition that is not a client of this federation, is logged
+        with the node; a partition is bound to the first node that claims it."""
         flower = self.exp.cfg.flower
-        deadline = time.monotonic() + (flower.connect_timeout if self.first_round else 0.0)
+        start = time.monotonic()
+        deadline = None if self.simulated else start + flower.connect_timeout
+        await_connections = self.first_round and not self.simulated
         self.first_round = False
-        last_error = ""
+        pending: dict[str, int] = {}  # query message id -> node
+        answered: set[int] = set()  # nodes that answered this discovery (asked no more in it)
+        next_note = start + SLOW_NOTE_SECONDS
         while True:
             online = set(self.grid.get_node_ids())
             self.nodes = {p: n for p, n in self.nodes.items() if n in online}  # forget departed nodes
-            unknown = sorted(online - set(self.nodes.values()) - self.refused)
-            if unknown:
-                self.challenges = {n: new_challenge() for n in unknown}
-                queries = [
-                    Message(
-                        RecordDict({"config": ConfigRecord({"challenge": self.challenges[n]})}),
-                        dst_node_id=n,
-                        message_type=MessageType.QUERY,
-                    )
-                    for n in unknown
-                ]
-                for reply in self.grid.send_and_receive(queries, timeout=flower.connect_timeout):
-                    last_error = self._register(reply) or last_error
-            if wanted <= set(self.nodes) or time.monotonic() >= deadline:
-                missing = sorted(wanted - set(self.nodes))
-                if missing and last_error:
-                    log.warning("no SuperNode holds partitions %s; last error: %s", missing, last_error)
-                return
-            time.sleep(0.5)
+            pending = {m: n for m, n in pending.items() if n in online}
+            known = set(self.nodes.values()) | self.refused | answered | set(pending.values())
+            new = sorted(online - known)
+            if new:
+                pending.update(self._ask(new))
+            if pending:
+                for reply in self.grid.pull_messages(list(pending)):
+                    node = pending.pop(reply.metadata.reply_to_message_id, None)
+                    if node is not None:
+                        answered.add(node)
+                        self.last_error = self._register(reply) or self.last_error
+            missing = sorted(wanted - set(self.nodes))
+            now = time.monotonic()
+            if not missing or (deadline is not None and now >= deadline):
+                break
+            if not pending and not await_connections:
+                break  # every online node answered: the missing partitions have no node
+            if now >= next_note:
+                log.warning(
+                    "waiting for partitions %s: nodes %s have not answered after %.0f s%s",
+                    missing,
+                    sorted(pending.values()),
+                    now - start,
+                    "" if deadline is None else f" (flower.connect_timeout={flower.connect_timeout:g} s)",
+                )
+                next_note = now + SLOW_NOTE_SECONDS
+            time.sleep(QUERY_POLL_SECONDS)
+        self.undiscovered = set(missing)
+        if missing:
+            log.warning(
+                "no SuperNode answered for partitions %s%s",
+                missing,
+                f"; last error: {self.last_error}" if self.last_error else "",
+            )
+
+    def _ask(self, nodes: list[int]) -> dict[str, int]:
+        """Send each node a partition query with a fresh challenge; message id -> node."""
+        self.challenges.update({n: new_challenge() for n in nodes})
+        queries = [
+            Message(
+                RecordDict({"config": ConfigRecord({"challenge": self.challenges[n]})}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in nodes
+        ]
+        pushed = set(self.grid.push_messages(queries))
+        return {
+            q.metadata.message_id: q.metadata.dst_node_id for q in queries if q.metadata.message_id in pushed
+        }
 
     def _register(self, reply: Message) -> str | None:
         """Bind the partition a query reply names to its node; the problem, if any, is returned."""
@@ -237,17 +286,46 @@ class FlowerTrainer:
                 )
                 continue
             if reply.has_error():
-                log.warning(
-                    "round %d: node %d replied with an error: %s", plan.round_number, node, reply.error.reason
-                )
+                self.last_error = f"node {node} (client {sent.pop(node)}): {reply.error.reason}"
+                log.warning("round %d: %s", plan.round_number, self.last_error)
                 continue
             results.append(result_from_reply(reply.content, sent.pop(node)))
         if len(results) < flower.min_replies:
-            raise RuntimeError(
-                f"round {plan.round_number}: {len(results)} replies, fewer than flower.min_replies="
-                f"{flower.min_replies}; completed rounds are checkpointed (resume=true continues)"
-            )
+            raise UserError(self._too_few(plan, results, silent=sorted(sent.values())))
         return sorted(results, key=lambda r: r.update.client_id)
+
+    def _too_few(self, plan: RoundPlan, results: list[ClientResult], silent: list[int]) -> str:
+        """The one line a round with fewer than `flower.min_replies` replies ends the run with:
+        the round, the missing clients and why, the last error, the setting to change, and how
+        to resume (completed rounds are checkpointed)."""
+        flower = self.exp.cfg.flower
+        replied = {r.update.client_id for r in results}
+        missing = sorted(set(plan.clients) - replied)
+        undiscovered = sorted(self.undiscovered & set(missing))
+        reasons, settings = [], []
+        if undiscovered:
+            reasons.append(f"no SuperNode answered for partitions {undiscovered}")
+            if not self.simulated:
+                settings.append(f"raise flower.connect_timeout (now {flower.connect_timeout:g} s)")
+        if silent:
+            reasons.append(f"clients {silent} sent no reply within flower.round_timeout")
+            settings.append(f"raise flower.round_timeout (now {flower.round_timeout:g} s)")
+        settings.append(
+            f"or lower flower.min_replies (now {flower.min_replies})"
+            if settings
+            else f"lower flower.min_replies (now {flower.min_replies}) or fix the error"
+        )
+        resume = (
+            f"fedhello run --resume --out {self.run_dir}"
+            if self.simulated and self.run_dir is not None
+            else "run again with resume=true"
+        )
+        return (
+            f"round {plan.round_number}: {len(results)} replies, fewer than flower.min_replies={flower.min_replies}; "
+            f"missing clients {missing} ({'; '.join(reasons) or 'their nodes replied with errors'}); "
+            f"last error: {self.last_error or 'none'}; {' '.join(settings)}; "
+            f"completed rounds are checkpointed ({resume} continues)"
+        )
 
 
 def reply_content(result: ClientResult) -> RecordDict:
@@ -382,12 +460,11 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         # imported here: the server's loop (reports, plots, matplotlib) is no ClientApp's business
         from fedhello.engine.loop import run_federation
 
-        run_federation(
-            cfg,
-            Path(str(settings[OUT_DIR])),
-            functools.partial(FlowerTrainer, grid),
-            resume=bool(settings.get(RESUME)),
+        run_dir = Path(str(settings[OUT_DIR]))
+        trainer = functools.partial(
+            FlowerTrainer, grid, simulated=bool(settings.get(SIMULATION)), run_dir=run_dir
         )
+        run_federation(cfg, run_dir, trainer, resume=bool(settings.get(RESUME)))
 
     return app
 
@@ -442,7 +519,7 @@ def run_simulation_engine(cfg: ExperimentConfig, run_dir: Path, *, resume: bool 
     from flwr.simulation import run_simulation
 
     run_dir = run_dir.resolve()
-    defaults = {"config": cfg, OUT_DIR: str(run_dir), RESUME: resume}
+    defaults = {"config": cfg, OUT_DIR: str(run_dir), RESUME: resume, SIMULATION: True}
     run_simulation(
         server_app=make_server_app(defaults),
         client_app=make_client_app(defaults),

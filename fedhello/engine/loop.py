@@ -31,6 +31,7 @@ from fedhello.io import write_atomic, write_json_atomic
 from fedhello.method.base import RoundPlan
 from fedhello.records import RoundRecord, append_record, records_to_jsonl
 from fedhello.reporting.outputs import BEFORE_TRAINING, write_outputs
+from fedhello.reporting.summary import new_drift_warning
 from fedhello.reporting.tracking import open_tracker
 
 RoundCallback = Callable[[int, RoundRecord], None]
@@ -125,6 +126,10 @@ def run_federation(
             record = server.aggregate_round(plan, results)
             if record.missing:
                 log.warning("round %d: no reply from clients %s; aggregated the others", r, record.missing)
+            for group in exp.groups if exp.costs is not None else ():
+                drift = new_drift_warning([*records, record], group.name, group.device.speed)
+                if drift is not None:
+                    log.warning("round %d: %s", r, drift)
             if server.should_evaluate(r):
                 record.metrics, record.eval_seconds = server.evaluate_global()
             records.append(record)

@@ -11,7 +11,7 @@ the plan for a few steps on the worst-case batch and prints prediction next to m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -139,6 +139,12 @@ def plan_budgets(exp: Experiment, methods: Sequence[str] | None = None) -> dict[
             "memory_coef": costs.memory_coef,
             "time_coef": costs.time_coef,
             "probes": [list(p.layers) for p in costs.probes],
+            "fit_quality": None
+            if costs.quality is None
+            else {**asdict(costs.quality), "noisy": costs.quality.noisy},
+            "fit": "not recorded (calibrated by an older fedhello)"
+            if costs.quality is None
+            else costs.quality.describe(),
         },
         "groups": groups,
         "methods": [r.to_json() for r in rows],
@@ -187,6 +193,7 @@ def format_plan(plan: dict[str, Any], measured: list[dict[str, Any]] | None = No
     lines = [
         f"cost model: {cm['device']}, worst-case batch {cm['batch']}, frozen model {_mib(cm['frozen_model_bytes'])}, "
         f"calibrated on layer sets {cm['probes']}",
+        f"fit: {cm['fit']}",
         "",
         "group   layers rank  memory      s/round  upload      speed steps  allowed",
     ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -81,11 +81,53 @@ class Cost:
 
 @dataclass(frozen=True)
 class Probe:
-    """One measured probe: a layer set and what its worst-case training step cost."""
+    """One measured probe: a layer set and what its worst-case training step cost (the median of
+    `step_seconds`, every measured step of every pass)."""
 
     layers: tuple[int, ...]
     training_bytes: int
     seconds_per_step: float
+    step_seconds: tuple[float, ...] = ()
+
+    @property
+    def spread(self) -> float:
+        """The relative spread of the step times: interquartile range / median (0 for one step)."""
+        if len(self.step_seconds) < 2 or self.seconds_per_step <= 0:
+            return 0.0
+        q25, q75 = np.percentile(self.step_seconds, [25, 75])
+        return float((q75 - q25) / self.seconds_per_step)
+
+
+NOISY_SPREAD = 0.25  # a probe whose step times spread more than this (IQR / median) is noisy
+NOISY_RESIDUAL = 0.15  # a time fit whose relative RMS residual over the probes exceeds this is noisy
+
+
+@dataclass(frozen=True)
+class FitQuality:
+    """How far a calibration can be trusted: the largest relative spread of a probe's step times,
+    the time fit's relative RMS residual over the probes, the measuring attempts it took, and
+    whether it stayed noisy after them (either figure over its limit)."""
+
+    probe_spread: float
+    time_residual: float
+    attempts: int = 1
+
+    @property
+    def noisy(self) -> bool:
+        return self.probe_spread > NOISY_SPREAD or self.time_residual > NOISY_RESIDUAL
+
+    @property
+    def badness(self) -> float:
+        """How far over its limits the worse figure is (below 1: not noisy); the best attempt is kept."""
+        return max(self.probe_spread / NOISY_SPREAD, self.time_residual / NOISY_RESIDUAL)
+
+    def describe(self) -> str:
+        tries = f", {self.attempts} attempts" if self.attempts > 1 else ""
+        verdict = "NOISY" if self.noisy else "ok"
+        return (
+            f"{verdict} (probe step-time spread {self.probe_spread:.1%}, time fit residual "
+            f"{self.time_residual:.1%}{tries})"
+        )
 
 
 @dataclass
@@ -102,6 +144,7 @@ class CostModel:
     device: str = "cpu"
     batch_shape: str = ""  # what a worst-case batch looked like, e.g. "16 x 64 tokens"
     probes: list[Probe] = field(default_factory=list)
+    quality: FitQuality | None = None  # None: calibrated before fit quality was recorded
 
     # -- predictions ------------------------------------------------------------------------
     def features(self, layers: Sequence[int]) -> np.ndarray:
@@ -177,10 +220,46 @@ class CostModel:
     def from_json(cls, obj: Mapping[str, Any]) -> CostModel:
         data = dict(obj)
         data["probes"] = [
-            Probe(tuple(p["layers"]), int(p["training_bytes"]), float(p["seconds_per_step"]))
+            Probe(
+                tuple(p["layers"]),
+                int(p["training_bytes"]),
+                float(p["seconds_per_step"]),
+                tuple(float(x) for x in p.get("step_seconds", ())),
+            )
             for p in data.get("probes", [])
         ]
+        if data.get("quality") is not None:
+            data["quality"] = FitQuality(**data["quality"])
         return cls(**data)
+
+    def fitted(self, probes: Sequence[Probe], attempts: int = 1) -> tuple[CostModel, FitQuality]:
+        """This model with its memory and time coefficients fitted to `probes`, and the fit's
+        quality (docs/budgets.md, "Calibration").
+
+        Every per-block and per-layer coefficient is a cost, so the fit is non-negative least
+        squares: fewer layers, or a higher lowest block, never cost more, however noisy the
+        probes. The time constant is a cost too; the memory constant may be negative (what the
+        measured baseline happens to include)."""
+        features = np.stack([self.features(p.layers) for p in probes])
+        memory = np.array(
+            [p.training_bytes - OPTIMIZER_COPIES * self.trained_bytes(p.layers) for p in probes]
+        )
+        seconds = np.array([p.seconds_per_step for p in probes])
+        time_coef = fit_coefficients(features, seconds)
+        relative = (features @ np.asarray(time_coef) - seconds) / np.maximum(seconds, 1e-12)
+        quality = FitQuality(
+            probe_spread=max((p.spread for p in probes), default=0.0),
+            time_residual=float(np.sqrt(np.mean(relative**2))),
+            attempts=attempts,
+        )
+        model = replace(
+            self,
+            memory_coef=fit_coefficients(features, memory.astype(float), free_constant=True),
+            time_coef=time_coef,
+            probes=list(probes),
+            quality=quality,
+        )
+        return model, quality
 
 
 def _over_upload(model: CostModel, layers: Sequence[int], rank: int, budget: Budget) -> bool:
@@ -216,10 +295,16 @@ class LayerLimits:
         return f"up to {most} layer{'s' if most > 1 else ''}: " + ", ".join(parts)
 
 
-def fit_coefficients(features: np.ndarray, values: np.ndarray) -> list[float]:
-    """Least-squares coefficients of the cost model (min-norm where probes cannot tell terms apart)."""
-    coef, *_ = np.linalg.lstsq(features, values, rcond=None)
-    return [float(x) for x in coef]
+def fit_coefficients(features: np.ndarray, values: np.ndarray, *, free_constant: bool = False) -> list[float]:
+    """Least-squares coefficients of the cost model, each >= 0 (the first, the constant, free
+    when `free_constant`): scipy's bounded-variable least squares."""
+    from scipy.optimize import lsq_linear
+
+    lower = np.zeros(features.shape[1])
+    if free_constant:
+        lower[0] = -np.inf
+    result = lsq_linear(features, values, bounds=(lower, np.inf), method="bvls")
+    return [max(float(x), lo) for x, lo in zip(result.x, lower, strict=True)]
 
 
 def probe_sets(num_layers: int) -> list[tuple[int, ...]]:

@@ -77,6 +77,51 @@ def summarize(
     return out
 
 
+DRIFT_LIMIT = 0.5  # a group's measured round time this far off its prediction (relative) has drifted
+DRIFT_ROUNDS = 2  # rounds in a row (of those the group trained in) before drift is reported
+
+
+def time_ratios(records: Sequence[RoundRecord], group: str, speed: float) -> list[tuple[int, float]]:
+    """(round, measured / predicted training seconds) for every round in which `group`'s clients
+    trained with a prediction; measured as its devices would take it (seconds / speed), summed
+    over the group's clients of the round."""
+    out = []
+    for r in records:
+        clients = [c for c in r.clients if c.group == group and c.accepted and c.predicted_seconds]
+        if clients:
+            predicted = sum(float(c.predicted_seconds or 0.0) for c in clients)
+            out.append((r.round, sum(c.seconds for c in clients) / speed / predicted))
+    return out
+
+
+def _off(ratio: float) -> bool:
+    return abs(ratio - 1) > DRIFT_LIMIT
+
+
+def off_streaks(ratios: Sequence[tuple[int, float]]) -> list[int]:
+    """After each entry of `ratios`, how many entries in a row (ending there) were off by more
+    than DRIFT_LIMIT."""
+    out, streak = [], 0
+    for _, ratio in ratios:
+        streak = streak + 1 if _off(ratio) else 0
+        out.append(streak)
+    return out
+
+
+def new_drift_warning(records: Sequence[RoundRecord], group: str, speed: float) -> str | None:
+    """One warning when the last round makes DRIFT_ROUNDS in a row in which `group`'s measured
+    time was more than DRIFT_LIMIT off its prediction (a longer streak is not warned again)."""
+    ratios = time_ratios(records, group, speed)
+    if not ratios or ratios[-1][0] != records[-1].round or off_streaks(ratios)[-1] != DRIFT_ROUNDS:
+        return None
+    shown = ", ".join(f"round {n}: {x:.2f}x" for n, x in ratios[-DRIFT_ROUNDS:])
+    return (
+        f"group {group}: measured training time is more than {DRIFT_LIMIT:.0%} off the cost model's "
+        f"prediction for {DRIFT_ROUNDS} rounds in a row ({shown}); the machine is busier or quieter "
+        "than when it calibrated (fedhello plan --recalibrate measures again)"
+    )
+
+
 def summarize_budgets(
     records: Sequence[RoundRecord], budgets: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, dict[str, Any]]:
@@ -102,6 +147,7 @@ def summarize_budgets(
             "predicted_seconds_per_round": max((c.predicted_seconds or 0.0 for c in clients), default=None),
             "measured_seconds_per_round": max((c.seconds / speed for c in clients), default=None),
             "clients_over_budget": sum(1 for c in clients if c.over_budget),
+            **_drift(records, group, speed),
             "over_budget": sorted(
                 {
                     f"round {r.round} client {c.client}: {', '.join(c.over_budget)}"
@@ -116,6 +162,21 @@ def summarize_budgets(
                 f"no layer set this method sends fits its budgets ({budget['allowed']})"
             )
     return out
+
+
+def _drift(records: Sequence[RoundRecord], group: str, speed: float) -> dict[str, Any]:
+    """How the group's measured round time compared with its prediction, round by round."""
+    ratios = time_ratios(records, group, speed)
+    values = [x for _, x in ratios]
+    return {
+        "measured_to_predicted_seconds": {
+            "median": float(np.median(values)) if values else None,
+            "min": min(values, default=None),
+            "max": max(values, default=None),
+        },
+        "rounds_time_off": [n for n, x in ratios if _off(x)],
+        "time_drift": max(off_streaks(ratios), default=0) >= DRIFT_ROUNDS,
+    }
 
 
 def beats_baseline(value: float | None, baseline: float | None, higher_is_better: bool = True) -> bool | None:
