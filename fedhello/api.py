@@ -16,6 +16,7 @@ def run_experiment(
     out_dir: str | Path | None = None,
     *,
     resume: bool = False,
+    accept_unverified: bool = False,
     on_round_end: RoundCallback | None = None,
 ) -> dict[str, Any]:
     """Run `cfg` (or resume the run in `out_dir`) and return its summary.
@@ -29,7 +30,9 @@ def run_experiment(
 
     With `cfg.engine == "flower"` the same rounds run on Flower's simulation engine.
     The run directory receives config.yaml, metrics.jsonl, summary.json, plots and a
-    checkpoint after every round; `resume=True` continues from the last completed round.
+    checkpoint after every round; `resume=True` continues from the last completed round
+    (`accept_unverified=True`: also from a checkpoint written before checkpoints carried a
+    manifest, which cannot be verified).
     """
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     if cfg.engine == "flower":
@@ -37,5 +40,7 @@ def run_experiment(
             raise UserError("on_round_end: not available with engine=flower (read metrics.jsonl instead)")
         from fedhello.engine.flower import run_simulation_engine
 
-        return run_simulation_engine(cfg, run_dir, resume=resume)
-    return run_local(cfg, run_dir, resume=resume, on_round_end=on_round_end)
+        return run_simulation_engine(cfg, run_dir, resume=resume, accept_unverified=accept_unverified)
+    return run_local(
+        cfg, run_dir, resume=resume, accept_unverified=accept_unverified, on_round_end=on_round_end
+    )

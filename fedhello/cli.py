@@ -49,7 +49,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cfg.quiet:
         print(f"run directory: {out}", file=sys.stderr)
     try:
-        summary = run_experiment(cfg, out, resume=args.resume)
+        summary = run_experiment(
+            cfg, out, resume=args.resume, accept_unverified=args.accept_unverified_checkpoint
+        )
     except KeyboardInterrupt:
         print(f"interrupted; completed rounds are saved: fedhello run --resume --out {out}", file=sys.stderr)
         return 130
@@ -254,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=0.01")
     run.add_argument("--out", help="run directory (default: runs/<method>-seed<seed>-<time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run.add_argument(
+        "--accept-unverified-checkpoint",
+        action="store_true",
+        help="with --resume: continue from a checkpoint written before checkpoints carried a manifest "
+        "(checksums and config hash), which cannot be verified",
+    )
     run.set_defaults(func=cmd_run)
 
     alloc = sub.add_parser("allocate", help="print the layer sets a strategy gives each group")

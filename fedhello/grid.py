@@ -10,7 +10,6 @@ running the same command again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from fedhello.config import ExperimentConfig, config_from_dict, config_to_yaml, load_config
+from fedhello.engine.run_identity import config_hash
 from fedhello.errors import UserError
 from fedhello.io import write_json_atomic
 from fedhello.method.registry import check_method
@@ -120,70 +120,11 @@ def cell_config(base: ExperimentConfig, cell: Cell, variants: Variants | None = 
     return config_from_dict(tree, f"cell {cell.name}")
 
 
-# Fields added to the config after cells were committed, with the value that reproduces what those
-# cells computed: left out of the hash at that value, so committed cells keep their identity.
-ADDED_AT_DEFAULT: dict[tuple[str, ...], Any] = {
-    ("task",): "text-classification",
-    ("data", "hf_config"): None,
-    ("model", "architecture"): None,
-    ("data", "image_column"): "image",
-    ("data", "domain_column"): None,
-    ("data", "augment"): False,
-    ("data", "augment_min_scale"): 0.08,
-    ("partition", "within_domain"): "iid",
-    ("partition", "domain_clients"): None,
-    ("data", "instruction_column"): None,
-    ("data", "input_column"): None,
-    ("data", "response_column"): None,
-    ("data", "wiki_questions"): ["topic"],
-    ("eval", "before_training"): False,
-    ("federation", "aggregation"): "mean",
-    ("federation", "trim_fraction"): 0.2,
-    ("federation", "norm_bound"): "none",
-    ("federation", "norm_bound_factor"): 10.0,
-    ("federation", "norm_bound_max"): None,
-    ("groups", "*", "memory"): None,
-    ("groups", "*", "seconds_per_round"): None,
-    ("groups", "*", "upload"): None,
-    ("groups", "*", "speed"): 1.0,
-    ("lm",): {
-        "primary_metric": "exact_match",
-        "chat_template": True,
-        "system_prompt": None,
-        "max_new_tokens": 16,
-        "generate_examples": 200,
-    },
-}
-
-
-def config_hash(cfg: ExperimentConfig) -> str:
-    """Identifies what a cell computed. Settings that change nothing in the result are left out:
-    `threads`, `quiet`, `tracking`, and the engine (both engines give the same result for one
-    config); so are fields added later while at the value older cells implied."""
-    tree = cfg.model_dump(mode="json")
-    for key in ("threads", "quiet", "engine", "flower", "tracking"):
-        tree.pop(key, None)
-    for path, value in ADDED_AT_DEFAULT.items():
-        for node in _parents(tree, path[:-1]):
-            if node.get(path[-1]) == value:
-                node.pop(path[-1], None)
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def _parents(tree: Any, path: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The dicts a path leads to; "*" stands for every element of a list (e.g. every group)."""
-    if not path:
-        return [tree]
-    head, rest = path[0], path[1:]
-    children = tree if head == "*" else [tree[head]]
-    return [node for child in children for node in _parents(child, rest)]
 
 
 def git_commit() -> str:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from fedhello import load_config
+from fedhello.engine.run_identity import config_hash
 from fedhello.errors import UserError
-from fedhello.grid import Cell, cell_config, config_hash, plan_grid
+from fedhello.grid import Cell, cell_config, plan_grid
 
 
 def _compare(tmp_path: Path, overrides: list[str], *extra: str) -> subprocess.CompletedProcess[str]:

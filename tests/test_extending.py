@@ -235,7 +235,8 @@ def test_tensorboard_tracking_matches_metrics_jsonl(
 def test_committed_cells_keep_their_identity() -> None:
     """Fields added to the config since the reference grid ran do not make its cells look stale:
     `bash benchmarks/reference.sh` still skips every committed cell."""
-    from fedhello.grid import Cell, cell_config, config_hash, load_variants
+    from fedhello.engine.run_identity import config_hash
+    from fedhello.grid import Cell, cell_config, load_variants
 
     base = load_config(REPO / "benchmarks" / "configs" / "reference.yaml")
     variants = load_variants(REPO / "benchmarks" / "configs" / "reference-variants.yaml")

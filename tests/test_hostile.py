@@ -193,6 +193,19 @@ def test_resume_refuses_a_shortened_history_or_another_config(
     assert "written by another config" in _resume_error(interrupted, capsys)
 
 
+def test_a_checkpoint_without_a_manifest_resumes_only_when_accepted(
+    interrupted: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_file = interrupted / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("adapters_sha256", "history_sha256", "config_hash"):  # as written before manifests
+        del state[key]
+    state_file.write_text(json.dumps(state))
+    assert "--accept-unverified-checkpoint" in _resume_error(interrupted, capsys)
+    assert main(["run", "--resume", "--accept-unverified-checkpoint", "--out", str(interrupted)]) == 0
+    assert len((interrupted / "metrics.jsonl").read_text().splitlines()) == 3
+
+
 def test_resume_with_another_thread_count_says_so(
     interrupted: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -7,9 +7,12 @@ checkpoint. No generator state needs saving: every random stream is derived from
 (seed, purpose, round, client) (see fedhello.seeding).
 
 `state.json` is also a manifest that `load_checkpoint` verifies before anything is used: the
-round, the hash of the config that wrote it, SHA-256 checksums of the adapters file and of the
-metrics history, and the torch thread count. A truncated or edited checkpoint, a shortened
-history, or a checkpoint of another config is refused with one line.
+round, the hash of the config that wrote it (`fedhello/engine/run_identity.py`), SHA-256
+checksums of the adapters file and of the metrics history, and the torch thread count. A
+truncated or edited checkpoint, a shortened history, or a checkpoint of another config is
+refused with one line. A checkpoint written before the manifest existed cannot be verified: it
+is refused unless the user accepts it explicitly (`fedhello run --resume
+--accept-unverified-checkpoint`).
 """
 
 from __future__ import annotations
@@ -72,9 +75,12 @@ def save_checkpoint(directory: Path, ckpt: Checkpoint, seed: int, config_hash: s
             old.unlink()
 
 
-def load_checkpoint(directory: Path, config_hash: str | None = None) -> Checkpoint:
+def load_checkpoint(
+    directory: Path, config_hash: str | None = None, *, accept_unverified: bool = False
+) -> Checkpoint:
     """The checkpoint in `directory`, verified against its manifest (and, when given, against the
-    hash of the config that is resuming it); any mismatch is a one-line UserError."""
+    hash of the config that is resuming it); any mismatch is a one-line UserError. A checkpoint
+    without a manifest is refused unless `accept_unverified`."""
     path = directory / STATE_FILE
     if not path.is_file():
         raise UserError(f"{path}: no checkpoint to resume from")
@@ -84,7 +90,12 @@ def load_checkpoint(directory: Path, config_hash: str | None = None) -> Checkpoi
         adapters = adapters_file.read_bytes()
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: unreadable checkpoint ({e.__class__.__name__})") from None
-    if "adapters_sha256" in state:  # checkpoints written before the manifest have no checksums
+    if "adapters_sha256" not in state and not accept_unverified:
+        raise UserError(
+            f"{path}: written before checkpoints carried a manifest, so it cannot be verified; "
+            "resume it with --accept-unverified-checkpoint if you trust it"
+        )
+    if "adapters_sha256" in state:
         if _sha256(adapters) != state["adapters_sha256"]:
             raise UserError(f"{adapters_file}: does not match its checksum (truncated or edited)")
         if _history_digest(state.get("history", [])) != state.get("history_sha256"):

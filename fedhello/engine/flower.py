@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 # [tool.flwr.app.config] keys (pyproject.toml); `flwr run --run-config` overrides them.
 CONFIG_PATH, OUT_DIR, RESUME, PARTITION_KEYS = "config-path", "out-dir", "resume", "partition-keys"
+ACCEPT_UNVERIFIED = "accept-unverified-checkpoint"  # resume a checkpoint written before manifests
 SIMULATION = "simulation"  # set by `fedhello run engine=flower`: Flower's simulation engine
 
 QUERY_POLL_SECONDS = 0.2  # how often discovery looks for answers to partition queries
@@ -464,7 +465,13 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
         trainer = functools.partial(
             FlowerTrainer, grid, simulated=bool(settings.get(SIMULATION)), run_dir=run_dir
         )
-        run_federation(cfg, run_dir, trainer, resume=bool(settings.get(RESUME)))
+        run_federation(
+            cfg,
+            run_dir,
+            trainer,
+            resume=bool(settings.get(RESUME)),
+            accept_unverified=bool(settings.get(ACCEPT_UNVERIFIED)),
+        )
 
     return app
 
@@ -514,12 +521,20 @@ server_app = make_server_app()
 client_app = make_client_app()
 
 
-def run_simulation_engine(cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False) -> dict[str, Any]:
+def run_simulation_engine(
+    cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, accept_unverified: bool = False
+) -> dict[str, Any]:
     """`engine: flower` from `fedhello run`: Flower's simulation engine, one SuperNode per client."""
     from flwr.simulation import run_simulation
 
     run_dir = run_dir.resolve()
-    defaults = {"config": cfg, OUT_DIR: str(run_dir), RESUME: resume, SIMULATION: True}
+    defaults = {
+        "config": cfg,
+        OUT_DIR: str(run_dir),
+        RESUME: resume,
+        ACCEPT_UNVERIFIED: accept_unverified,
+        SIMULATION: True,
+    }
     run_simulation(
         server_app=make_server_app(defaults),
         client_app=make_client_app(defaults),

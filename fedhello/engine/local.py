@@ -37,7 +37,15 @@ def run_local(
     run_dir: Path,
     *,
     resume: bool = False,
+    accept_unverified: bool = False,
     on_round_end: RoundCallback | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) an experiment in this process; returns the summary."""
-    return run_federation(cfg, run_dir, local_trainer, resume=resume, on_round_end=on_round_end)
+    return run_federation(
+        cfg,
+        run_dir,
+        local_trainer,
+        resume=resume,
+        accept_unverified=accept_unverified,
+        on_round_end=on_round_end,
+    )

@@ -24,9 +24,9 @@ from fedhello.engine.calibration import attach_costs
 from fedhello.engine.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment, prepare_experiment
+from fedhello.engine.run_identity import config_hash
 from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
-from fedhello.grid import config_hash
 from fedhello.io import write_atomic, write_json_atomic
 from fedhello.method.base import RoundPlan
 from fedhello.records import RoundRecord, append_record, records_to_jsonl
@@ -80,9 +80,11 @@ def run_federation(
     make_trainer: Callable[[Experiment], TrainRound],
     *,
     resume: bool = False,
+    accept_unverified: bool = False,
     on_round_end: RoundCallback | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the experiment; `make_trainer` says where clients train. Returns the summary."""
+    """Run (or resume) the experiment; `make_trainer` says where clients train. Returns the summary.
+    `accept_unverified` resumes a checkpoint written before checkpoints carried a manifest."""
     session_start = time.perf_counter()
     prepare_run_dir(cfg, run_dir, resume)
     exp = prepare_experiment(cfg)
@@ -93,7 +95,7 @@ def run_federation(
     if not resume:
         server = FederatedServer(exp)
     else:
-        ckpt = load_checkpoint(run_dir / "checkpoint", identity)
+        ckpt = load_checkpoint(run_dir / "checkpoint", identity, accept_unverified=accept_unverified)
         if ckpt.threads is not None and ckpt.threads != torch.get_num_threads():
             log.warning(
                 "resuming with %d torch threads where the checkpoint was written with %d: "
