@@ -24,9 +24,9 @@ def measure(model: str, proxy: int, seq_len: int, repeats: int, loop_repeats: in
     import numpy as np
     import torch
 
-    from fedhello.config import DataConfig, ExperimentConfig, FisherConfig, LoraConfig, ModelConfig
+    from fedhello.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
     from fedhello.data import load_examples, tokenize_examples
-    from fedhello.method.fisher import fisher_layer_scores
+    from fedhello.method.fisher import FisherOptions, fisher_layer_scores
     from fedhello.models import add_lora, load_classifier
     from fedhello.tasks.text_classification import TextClassification
 
@@ -52,7 +52,7 @@ def measure(model: str, proxy: int, seq_len: int, repeats: int, loop_repeats: in
 
     def timed(method: str) -> tuple[float, np.ndarray]:
         start = time.perf_counter()
-        opts = FisherConfig(computation=method)  # type: ignore[arg-type]
+        opts = FisherOptions(computation=method)  # type: ignore[arg-type]
         scores = fisher_layer_scores(lm, task, tokens, idx, device, opts, 0)
         return time.perf_counter() - start, scores
 

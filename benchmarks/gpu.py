@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedhello.config import ExperimentConfig, FisherConfig, LoraConfig, TrainConfig
+from fedhello.config import ExperimentConfig, LoraConfig, TrainConfig
 from fedhello.engine.calibration import calibrate_model, measure_layers
 from fedhello.method.allocation import geometric_layers
-from fedhello.method.fisher import fisher_layer_scores
+from fedhello.method.fisher import FisherOptions, fisher_layer_scores
 from fedhello.models import LoraModel, add_lora
 from fedhello.tasks import Task, build_task
 
@@ -178,7 +178,7 @@ def fisher_speedup(
     out: dict[str, Any] = {}
     scores = {}
     for mode in ("vectorised", "loop"):
-        cfg = FisherConfig(computation=mode, batch_size=examples)
+        cfg = FisherOptions(computation=mode, batch_size=examples)
         times = []
         for _ in range(1 if tiny else 3):
             if device.type == "cuda":

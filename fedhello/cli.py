@@ -109,7 +109,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _no_scores() -> Any:
+def _no_scores(options: Any) -> Any:
     raise UserError("fedhello allocate: Fisher-driven methods need a model; use `fedhello run`")
 
 
@@ -185,6 +185,7 @@ def _names(text: str) -> list[str]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
     from fedhello.grid import load_variants, plan_grid, run_grid, write_grid_meta
+    from fedhello.reporting.summary import Summary
 
     base = load_config(args.config, args.overrides)
     out = Path(args.out)
@@ -212,10 +213,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if isinstance(result, Exception):
             print(f"[{done}] {result}", file=sys.stderr)
         else:
-            s = result["summary"]
+            s = Summary.from_json(result["summary"], cell.name)
+            final = s.score("final")
             print(
-                f"[{done}] {cell.name}: final test acc {s['final_test_accuracy']:.3f} "
-                f"({s['wall_seconds']:.0f} s)",
+                f"[{done}] {cell.name}: final test {s.primary_metric} "
+                f"{'n/a' if final is None else f'{final:.3f}'} ({s.wall_seconds:.0f} s)",
                 file=sys.stderr,
             )
 
@@ -238,7 +240,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         if not (g / "cells").is_dir():
             raise UserError(f"{g}: not a grid directory (no cells/ inside)")
     write_report(
-        grids, Path(args.to), command=args.command_line, notes=Path(args.notes) if args.notes else None
+        grids,
+        Path(args.to),
+        command=args.command_line,
+        notes=Path(args.notes) if args.notes else None,
+        method=args.method,
+        reference=args.reference,
     )
     print(f"report: {args.to}", file=sys.stderr)
     return 0
@@ -332,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--to", required=True, help="Markdown file; plots go to a folder beside it")
     rep.add_argument("--notes", help="Markdown file whose text is included as the discussion")
     rep.add_argument("--command-line", default=None, help="the command to quote as having made the grid")
+    rep.add_argument("--method", default="fedhello", help="the method compared with every other one")
+    rep.add_argument(
+        "--reference", default="fedit", help="the method whose costs --method is measured against"
+    )
     rep.set_defaults(func=cmd_report)
 
     from fedhello.deploy import add_deploy_commands

@@ -24,11 +24,11 @@ from pydantic import (
 from fedhello.errors import UserError
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """Which foundation model to fine-tune."""
 
     name: str = Field(
@@ -52,7 +52,7 @@ class ModelConfig(_Strict):
         return v
 
 
-class LoraConfig(_Strict):
+class LoraConfig(StrictModel):
     """LoRA adapters; defaults follow the paper (r=16, alpha=16, dropout 0.1, query+value)."""
 
     r: int = Field(16, ge=1)
@@ -71,7 +71,7 @@ def _topic_questions() -> list[WikiQuestion]:
     return ["topic"]
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where examples come from and how they are split."""
 
     source: Literal[
@@ -134,6 +134,17 @@ class DataConfig(_Strict):
     val_size: float | int = Field(300, description="Validation examples (int) or fraction (float).")
     test_size: float | int = Field(1000, description="Test examples (int) or fraction (float).")
     max_examples: int | None = Field(None, ge=10, description="Subsample the source (stratified).")
+    proxy_size: int = Field(
+        100,
+        ge=1,
+        description="Proxy examples held out of the training data for every method (Fisher scores); "
+        "also `fisher.proxy_size`.",
+    )
+    proxy_path: str | None = Field(
+        None,
+        description="A separate labelled CSV/JSONL file as proxy set (same columns as the data); "
+        "also `fisher.proxy_path`.",
+    )
     cache_dir: str | None = Field(
         None,
         description="Cache of tokenized texts and decoded images; null = ~/.cache/fedhello/{tokens,images}.",
@@ -155,7 +166,7 @@ class DataConfig(_Strict):
         return self
 
 
-class PartitionConfig(_Strict):
+class PartitionConfig(StrictModel):
     """How the training split is divided among clients."""
 
     scheme: Literal["iid", "dirichlet", "pathological", "domain"] = Field(
@@ -176,7 +187,7 @@ class PartitionConfig(_Strict):
     min_per_share: int = Field(10, ge=0, description="Pathological: minimum examples per class share.")
 
 
-class GroupConfig(_Strict):
+class GroupConfig(StrictModel):
     """A resource-capability group: a share of the clients, a layer budget and, optionally, device
     budgets (memory, seconds per round, upload bytes per round) that every layer set sent to the
     group must fit (docs/budgets.md)."""
@@ -247,7 +258,7 @@ def _default_groups() -> list[GroupConfig]:
     ]
 
 
-class FederationConfig(_Strict):
+class FederationConfig(StrictModel):
     """The server loop."""
 
     rounds: int = Field(10, ge=1)
@@ -282,7 +293,7 @@ class FederationConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """Local training on a client."""
 
     local_epochs: int = Field(1, ge=1)
@@ -298,82 +309,7 @@ class TrainConfig(_Strict):
     )
 
 
-def _rounds_value(v: int | float | None, minimum: int) -> int | float | None:
-    if v is None or isinstance(v, bool):
-        return v
-    if isinstance(v, float) and not 0 < v <= 1:
-        raise ValueError("a fraction of the rounds must be in (0, 1]; use an int for a round count")
-    if isinstance(v, int) and v < minimum:
-        raise ValueError(f"a round count must be at least {minimum}")
-    return v
-
-
-class FisherConfig(_Strict):
-    """Fisher-information allocation (methods `fedhello` and `fim`): proxy set, scores, schedule."""
-
-    proxy_size: int = Field(100, ge=1, description="Proxy examples held out of every client's data.")
-    proxy_path: str | None = Field(
-        None, description="A separate labelled CSV/JSONL file as proxy set (same columns as data)."
-    )
-    warmup_rounds: int | float | None = Field(
-        None,
-        description="W: rounds of prior sampling first (int, or fraction of rounds); null = method default.",
-    )
-    refresh_every: int | float | None = Field(
-        None,
-        description="E: recompute Fisher scores every E rounds (int, or fraction); null = method default.",
-    )
-    hold: Literal["persist_probs", "persist_allocation", "single_round"] = Field(
-        "persist_probs",
-        description="Between refreshes: keep the Fisher probabilities, keep the drawn layer sets, or use "
-        "Fisher on the refresh round only (released code).",
-    )
-    prior_product: bool = Field(False, description="Sample from prior x Fisher probabilities (renormalised).")
-    num_levels: int = Field(3, ge=1, description="Importance levels from 1-D k-means of the layer scores.")
-    levels: Literal["ordered", "released"] = Field(
-        "ordered", description="Levels by cluster centroid, or the released code's unordered k-means labels."
-    )
-    objective: Literal["log_likelihood", "true_class_logit"] = Field(
-        "log_likelihood", description="Differentiate log p(y|x), or the raw true-class logit (released)."
-    )
-    labels: Literal["empirical", "model"] = Field(
-        "empirical",
-        description="Labels from the data (empirical Fisher) or sampled from the model (true Fisher).",
-    )
-    reduction: Literal["sum", "frobenius"] = Field(
-        "sum",
-        description="Layer score: sum of the diagonal Fisher, or sum of per-tensor Frobenius norms (released).",
-    )
-    computation: Literal["vectorised", "loop"] = Field(
-        "vectorised", description="Batched per-sample gradients, or one backward pass per example (released)."
-    )
-    batch_size: int = Field(32, ge=1)
-
-    @field_validator("warmup_rounds")
-    @classmethod
-    def _warmup(cls, v: int | float | None) -> int | float | None:
-        return _rounds_value(v, 0)
-
-    @field_validator("refresh_every")
-    @classmethod
-    def _refresh(cls, v: int | float | None) -> int | float | None:
-        return _rounds_value(v, 1)
-
-
-class HetLoRAConfig(_Strict):
-    """HetLoRA's optional local rank self-pruning (Cho et al. 2024)."""
-
-    self_pruning: bool = Field(
-        False, description="Clients shrink their rank when the tail of their adapters fades."
-    )
-    gamma: float = Field(0.99, gt=0, lt=1, description="Decay: the tail is components floor(gamma r)..r-1.")
-    regularization: float = Field(
-        0.01, ge=0, description="lambda of the tail-norm penalty added to the loss."
-    )
-    min_rank: int = Field(1, ge=1, description="Never prune below this rank.")
-
-
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """Evaluation of the global model."""
 
     every: int = Field(2, ge=1, description="Evaluate every N rounds (the last round always).")
@@ -383,7 +319,7 @@ class EvalConfig(_Strict):
     )
 
 
-class LMConfig(_Strict):
+class LMConfig(StrictModel):
     """Instruction tuning (task causal-lm): prompts, generation and the metric that leads."""
 
     primary_metric: Literal["exact_match", "rouge_l", "loss", "perplexity"] = Field(
@@ -403,7 +339,7 @@ class LMConfig(_Strict):
     )
 
 
-class FlowerConfig(_Strict):
+class FlowerConfig(StrictModel):
     """The Flower engine (engine: flower): how long to wait, and how many replies a round needs."""
 
     round_timeout: float = Field(
@@ -427,7 +363,7 @@ class FlowerConfig(_Strict):
     )
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     """A whole experiment. `fedhello run` and `fedhello.run_experiment` take one of these."""
 
     seed: int = Field(
@@ -462,10 +398,55 @@ class ExperimentConfig(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    fisher: FisherConfig = Field(default_factory=FisherConfig)
-    hetlora: HetLoRAConfig = Field(default_factory=HetLoRAConfig)
+    method_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The chosen method's own options, validated by the model it registered "
+        "(fedhello/method/registry.py); `fisher:` (fedhello, fim) and `hetlora:` (hetlora) are read too.",
+    )
     lm: LMConfig = Field(default_factory=LMConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_sections(cls, data: Any) -> Any:
+        """The sections that held method options before `method_options` (`fisher:`, `hetlora:`)
+        keep working: the chosen method's section becomes its `method_options`; another method's
+        section is still checked, then unused (as it always was); `fisher.proxy_size` and
+        `fisher.proxy_path` set `data.proxy_size` and `data.proxy_path`, for every method."""
+        if not isinstance(data, dict):
+            return data
+        from fedhello.method.registry import DEFAULT_METHOD, method_entries, parse_method_options
+
+        data = dict(data)
+        entries = method_entries()
+        method = data.get("method", DEFAULT_METHOD)
+        owned = entries[method].legacy_section if method in entries else None
+        for section in sorted({e.legacy_section for e in entries.values() if e.legacy_section}):
+            given = data.pop(section, None)
+            if given is None:
+                continue
+            if isinstance(given, BaseModel):
+                given = given.model_dump()
+            if not isinstance(given, dict):
+                raise ValueError(f"{section}: expected a section of keys")
+            given = dict(given)
+            if section == "fisher":
+                moved = {k: given.pop(k) for k in ("proxy_size", "proxy_path") if k in given}
+                if moved:
+                    section_data = data.get("data") or {}
+                    if isinstance(section_data, BaseModel):
+                        section_data = section_data.model_dump()
+                    data["data"] = {**moved, **section_data}
+            if section == owned:
+                if data.get("method_options"):
+                    raise ValueError(
+                        f"method_options and {section}: give the options of method '{method}' once"
+                    )
+                data["method_options"] = given
+            else:
+                owner = next(e.name for e in entries.values() if e.legacy_section == section)
+                parse_method_options(owner, given, section)
+        return data
 
     @field_validator("method")
     @classmethod
@@ -493,6 +474,13 @@ class ExperimentConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("group names must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _method_options(self) -> ExperimentConfig:
+        from fedhello.method.registry import parse_method_options
+
+        parse_method_options(self.method, self.method_options)
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:

@@ -27,9 +27,10 @@ from fedhello.config import ExperimentConfig, config_from_dict, config_to_yaml, 
 from fedhello.engine.run_identity import config_hash
 from fedhello.errors import UserError
 from fedhello.io import write_json_atomic
-from fedhello.method.registry import check_method
+from fedhello.method.registry import check_method, method_entries
 from fedhello.records import read_records, records_from_json
 from fedhello.reporting.plots import layer_frequency
+from fedhello.reporting.summary import Summary
 
 # Named data settings; `pathological-K` and `dirichlet-A` name any other.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -106,12 +107,23 @@ def load_variants(path: str | Path | None) -> Variants:
 
 
 def cell_config(base: ExperimentConfig, cell: Cell, variants: Variants | None = None) -> ExperimentConfig:
-    """The base config with the cell's method (or variant), seed, partition and client shares."""
+    """The base config with the cell's method (or variant), seed, partition and client shares.
+
+    The base's method options go to every cell whose method reads them: written in their
+    section (`fisher:`, `hetlora:`) where the base's method has one, else only to cells of the
+    base's own method."""
     tree = base.model_dump(mode="json")
     variant = (variants or {}).get(cell.method)
+    method = variant["method"] if variant is not None else cell.method
+    options = tree.pop("method_options")
+    section = method_entries()[base.method].legacy_section
+    if section is not None:
+        tree[section] = options
+    elif method == base.method:
+        tree["method_options"] = options
     if variant is not None:
         tree = _merge(tree, {k: v for k, v in variant.items() if k != "method"})
-    tree["method"] = variant["method"] if variant is not None else cell.method
+    tree["method"] = method
     tree["seed"] = cell.seed
     tree["quiet"] = True
     tree["partition"] = {**tree["partition"], **setting_partition(cell.setting)}
@@ -173,21 +185,21 @@ CELL_CLIENT_FIELDS = {
 
 def cell_record(cell: Cell, cfg: ExperimentConfig, run_dir: Path, commit: str) -> dict[str, Any]:
     """The small, committed result of one cell: summary plus compact per-round records."""
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = Summary.read(run_dir / "summary.json")
     records = read_records(run_dir / "metrics.jsonl")
-    groups = list(summary["groups"])
+    groups = list(summary.groups)
     rounds = []
     for r in records:
         entry = {k: v for k, v in r.to_json().items() if k in CELL_ROUND_FIELDS}
         entry["clients"] = [{k: v for k, v in c.items() if k in CELL_CLIENT_FIELDS} for c in entry["clients"]]
         rounds.append(entry)
-    freq = layer_frequency(records, groups, summary["num_layers"])
+    freq = layer_frequency(records, groups, summary.num_layers)
     return {
         "cell": cell.as_dict(),
         "config_hash": config_hash(cfg),
         "commit": commit,
         "model": cfg.model.name,
-        "summary": summary,
+        "summary": summary.to_json(),
         "layer_frequency": {
             g: [round(float(x), 4) for x in row] for g, row in zip(groups, freq, strict=True)
         },
@@ -196,14 +208,14 @@ def cell_record(cell: Cell, cfg: ExperimentConfig, run_dir: Path, commit: str) -
 
 
 def load_cells(out: Path) -> list[dict[str, Any]]:
-    """Every finished cell of a grid, with its rounds read as typed records (any schema version)."""
+    """Every finished cell of a grid, with its summary and rounds read as typed records (any
+    schema version)."""
     cells = []
     for p in sorted((out / "cells").glob("*.json")):
         try:
             cell = json.loads(p.read_text())
             cell["rounds"] = records_from_json(cell["rounds"], str(p))
-            cell["summary"].setdefault("primary_metric", "accuracy")
-            cell["summary"].setdefault("higher_is_better", True)
+            cell["summary"] = Summary.from_json(cell["summary"], str(p))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{p}: not a grid cell ({e.__class__.__name__}: {e})") from None
         cells.append(cell)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedhello.config import FisherConfig
 from fedhello.method.allocation import AllocationStrategy
 from fedhello.method.base import MethodContext
+from fedhello.method.fisher import FisherOptions
 from fedhello.method.layers import LayerAllocation
 from fedhello.method.registry import build_method
 
@@ -20,10 +20,10 @@ def build_strategy(
     *,
     rounds: int = 1,
     seed: int = 0,
-    fisher: FisherConfig | None = None,
+    fisher: FisherOptions | None = None,
 ) -> AllocationStrategy:
     """The allocation strategy behind a layer-allocation method, built through the registry."""
-    ctx = MethodContext(num_layers, budgets, shares, rounds, seed, fisher or FisherConfig())
+    ctx = MethodContext(num_layers, budgets, shares, rounds, seed, options=fisher or FisherOptions())
     built = build_method(method, ctx)
     assert isinstance(built, LayerAllocation), f"{method} is not a layer-allocation method"
     return built.strategy

@@ -130,7 +130,9 @@ def test_every_method_sends_only_sets_within_the_limits(name: str) -> None:
     tight = LayerLimits((3, 3, 3, None, None, None), max_rank=None)
     upload_only = LayerLimits((0,) * 6, max_rank=2)
     profiles = {0: ClientProfile(3, 4, tight), 1: ClientProfile(6, 8, upload_only), 2: ClientProfile(6, 8)}
-    inputs = RoundInputs(1, profiles, np.random.default_rng(0), lambda: np.arange(6, dtype=float) + 1)
+    inputs = RoundInputs(
+        1, profiles, np.random.default_rng(0), lambda _options: np.arange(6, dtype=float) + 1
+    )
     plan = method.plan_round(inputs)
     a0, a1 = plan.assignments[0], plan.assignments[1]
     assert tight.fits(a0.layers), (name, a0)

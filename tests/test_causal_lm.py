@@ -17,11 +17,11 @@ import torch
 
 from fedhello import load_config, run_experiment
 from fedhello.cli import main
-from fedhello.config import DataConfig, FisherConfig
+from fedhello.config import DataConfig
 from fedhello.data.instructions import load_instruction_examples
 from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.errors import UserError
-from fedhello.method.fisher import fisher_diagonal, fisher_diagonal_loop
+from fedhello.method.fisher import FisherOptions, fisher_diagonal, fisher_diagonal_loop
 from fedhello.tasks.causal_lm import EncodedInstructions, normalize_answer
 
 # A small chat template in the usual shape (system, user, then the assistant's turn).
@@ -189,7 +189,7 @@ def test_exact_match_normalises_answers() -> None:
 
 def test_fisher_scores_of_response_log_likelihood_vectorised_equal_loop(llm_exp: Experiment) -> None:
     proxy = llm_exp.splits["proxy"][:6]
-    options = FisherConfig(batch_size=3)
+    options = FisherOptions(batch_size=3)
     fast = fisher_diagonal(llm_exp.lm, llm_exp.task, llm_exp.data, proxy, llm_exp.device, options, seed=0)
     slow = fisher_diagonal_loop(
         llm_exp.lm, llm_exp.task, llm_exp.data, proxy, llm_exp.device, options, seed=0
@@ -199,7 +199,7 @@ def test_fisher_scores_of_response_log_likelihood_vectorised_equal_loop(llm_exp:
     assert sum(float(v.sum()) for v in fast.values()) > 0
     with pytest.raises(UserError, match=r"fisher\.labels=empirical"):
         fisher_diagonal(
-            llm_exp.lm, llm_exp.task, llm_exp.data, proxy, llm_exp.device, FisherConfig(labels="model"), 0
+            llm_exp.lm, llm_exp.task, llm_exp.data, proxy, llm_exp.device, FisherOptions(labels="model"), 0
         )
 
 
@@ -354,3 +354,27 @@ def test_worst_case_batch_fills_max_length_with_targets_and_calibrates(
     costs = calibrated(llm_exp)
     m = measure(llm_exp, (1, 2), steps=1)
     assert costs.training_bytes((1, 2)) == pytest.approx(m.training_bytes, rel=0.02)
+
+
+@pytest.mark.slow
+def test_compare_over_a_causal_lm_finishes_and_writes_a_report(
+    llm_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    """A grid of instruction-tuning cells: the progress lines and the report use the task's own
+    primary metric (exact match), not accuracy."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "fedhello", "compare", *llm_overrides("federation.rounds=1"),
+            "--methods", "fedhello,fedit", "--settings", "iid", "--rocs", "1:1:1", "--seeds", "1",
+            "--jobs", "1", "--out", str(tmp_path / "grid"), "--work", str(tmp_path / "work"),
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final test exact_match" in proc.stderr
+    report = (tmp_path / "grid" / "report.md").read_text()
+    assert "### Exact match, clients 1:1:1" in report and "| fedhello (1 seed) |" in report
+    assert "### fedhello against fedit" in report

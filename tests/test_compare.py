@@ -57,7 +57,7 @@ def test_compare_runs_a_grid_writes_the_report_and_skips_finished_cells(
         "extreme: last-5",
         "| fedhello (1 seed) |",
         "| fedit (1 seed) |",
-        "Fed-HeLLo against FedIT",
+        "### fedhello against fedit",
         "download MB total",
         "final macro_f1",
         "| *majority class* |",

@@ -295,8 +295,7 @@ def test_baselines_run_with_the_same_engine_and_accounting(
 
 
 def test_hetlora_self_pruning_shrinks_a_fading_tail(tiny_exp: Experiment) -> None:
-    from fedhello.config import HetLoRAConfig
-    from fedhello.method.hetlora import SelfPruning
+    from fedhello.method.hetlora import HetLoRAOptions, SelfPruning
     from fedhello.method.rank import RankLocalTraining, is_lora_b
 
     lm = tiny_exp.lm
@@ -323,7 +322,7 @@ def test_hetlora_self_pruning_shrinks_a_fading_tail(tiny_exp: Experiment) -> Non
             device=tiny_exp.device,
         )
 
-    strong = HetLoRAConfig(self_pruning=True, gamma=0.5, regularization=50.0)
+    strong = HetLoRAOptions(self_pruning=True, gamma=0.5, regularization=50.0)
     pruned = train(SelfPruning(3, strong))
     assert pruned.update.metrics["rank"] == 1  # floor(0.5 * 3): the tail was penalised and faded
     a = next(k for k in lm.lora_params if ".lora_A." in k)
@@ -348,18 +347,6 @@ def test_pruned_ranks_survive_in_the_method_state(tiny_overrides: Callable[..., 
     plan = restored.configure_round(1)
     assert plan.clients
     assert all(plan.assignments[c].rank == (1 if c == 2 else other.group_of(c).rank) for c in plan.clients)
-
-
-def test_summaries_table_lists_each_run(tiny_overrides: Callable[..., list[str]], tmp_path: Path) -> None:
-    from fedhello.reporting.table import load_summary, summaries_table
-
-    for m in ("gd-bottleneck", "fedit"):
-        run_experiment(load_config(None, tiny_overrides(f"method={m}", "federation.rounds=1")), tmp_path / m)
-    table = summaries_table([load_summary(tmp_path / m) for m in ("gd-bottleneck", "fedit")])
-    rows = table.strip().splitlines()
-    assert len(rows) == 4 and rows[2].startswith("| gd-bottleneck |") and rows[3].startswith("| fedit |")
-    fedit = load_summary(tmp_path / "fedit")
-    assert f"| {fedit['final_test_accuracy']:.3f} |" in rows[3]
 
 
 def test_per_layer_means_with_idle_clients_hand_example(tiny_overrides: Callable[..., list[str]]) -> None:

@@ -11,13 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from fedhello import load_config, run_experiment
-from fedhello.config import FisherConfig
+from fedhello.config import StrictModel
 from fedhello.data import TextExamples, load_examples, pad_batch
 from fedhello.errors import UserError
 from fedhello.method.base import Assignment, Method, RoundInputs, RoundPlan
+from fedhello.method.fisher import FisherOptions
 from fedhello.method.registry import register_method
 from fedhello.records import RoundRecord, read_records
 from fedhello.tasks import Examples, Task, batches, register_task
@@ -105,19 +107,29 @@ class TextLength(Task):
         return {"mse": float(np.mean((y - y.mean()) ** 2))}
 
     def fisher_objective(
-        self, model: nn.Module, batch: dict[str, Tensor], options: FisherConfig, uniforms: Tensor
+        self, model: nn.Module, batch: dict[str, Tensor], options: FisherOptions, uniforms: Tensor
     ) -> Tensor:
         return -((self._predict(model, batch) - batch["target"]) ** 2)  # Gaussian log-likelihood
 
 
-# -- a toy method: every client trains only the top LoRA layer, plain per-layer FedAvg ---------
-class TopLayerOnly(Method):
+# -- a toy method with one option: every client trains the top `layers` LoRA layers -----------
+class TopLayersOptions(StrictModel):
+    layers: int = Field(1, ge=1, description="How many of the top layers every client trains.")
+
+
+class TopLayersOnly(Method):
     def plan_round(self, inputs: RoundInputs) -> RoundPlan:
-        top = (self.ctx.num_layers - 1,)
+        assert isinstance(self.ctx.options, TopLayersOptions)
+        top = tuple(range(self.ctx.num_layers - self.ctx.options.layers, self.ctx.num_layers))
         return RoundPlan(inputs.round_number, {c: Assignment(c, top) for c in inputs.profiles})
 
 
-register_method("toy-top-layer", lambda ctx: TopLayerOnly("toy-top-layer", ctx), "trains the top layer only")
+register_method(
+    "toy-top-layer",
+    lambda ctx: TopLayersOnly("toy-top-layer", ctx),
+    "trains the top layers only",
+    options=TopLayersOptions,
+)
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -134,6 +146,32 @@ def test_a_new_method_registered_outside_the_package_runs_a_round(
     assert len(record["clients"]) == 3
     assert all(c["layers"] == [3] and c["accepted"] for c in record["clients"])
     assert summary["method"] == "toy-top-layer" and np.isfinite(summary["final_test_accuracy"])
+
+
+def test_a_new_method_declares_an_option_and_reads_it(
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+) -> None:
+    from fedhello.engine.run_identity import config_hash
+
+    overrides = tiny_overrides("method=toy-top-layer", "federation.rounds=1")
+    cfg = load_config(None, [*overrides, "method_options.layers=2"])
+    run_experiment(cfg, tmp_path / "m")
+    (record,) = _metrics(tmp_path / "m")
+    assert all(c["layers"] == [2, 3] for c in record["clients"])
+    # the option is part of the run's identity only where it differs from its default
+    default = load_config(None, overrides)
+    assert config_hash(load_config(None, [*overrides, "method_options.layers=1"])) == config_hash(default)
+    assert config_hash(cfg) != config_hash(default)
+    with pytest.raises(
+        UserError, match=r"method_options\.layers: Input should be greater than or equal to 1"
+    ):
+        load_config(None, [*overrides, "method_options.layers=0"])
+    with pytest.raises(
+        UserError, match=r"method_options\.depth: unknown key \(an option of method 'toy-top-layer'\)"
+    ):
+        load_config(None, [*overrides, "method_options.depth=2"])
+    with pytest.raises(UserError, match=r"method_options: method 'fedra' takes no options"):
+        load_config(None, [*overrides, "method=fedra", "method_options.layers=2"])
 
 
 def test_a_new_task_registered_outside_the_package_runs_a_round(
@@ -156,7 +194,7 @@ def test_a_task_without_proxy_files_says_so(tiny_overrides: Callable[..., list[s
     from fedhello.engine.experiment import prepare_experiment
 
     cfg = load_config(None, tiny_overrides("task=toy-text-length", "fisher.proxy_path=proxy.csv"))
-    with pytest.raises(UserError, match=r"fisher\.proxy_path: task toy-text-length cannot read"):
+    with pytest.raises(UserError, match=r"data\.proxy_path: task toy-text-length cannot read"):
         prepare_experiment(cfg)
 
 
@@ -194,13 +232,13 @@ def test_report_reads_every_committed_cell(tmp_path: Path) -> None:
     """The committed reference cells (written before typed records) still make a report, with the
     majority-class baseline row."""
     from fedhello.grid import load_cells
-    from fedhello.reporting.report import Grid, accuracy_table
+    from fedhello.reporting.report import GridResults, accuracy_table
 
     source = REPO / "benchmarks" / "results" / "reference"
     cells = load_cells(source)
     assert len(cells) == len(list((source / "cells").glob("*.json"))) > 0
     assert all(c["rounds"] and c["rounds"][-1].metric("test") is not None for c in cells)
-    grid = Grid.load(source)
+    grid = GridResults.load(source)
     table = accuracy_table(grid, grid.ordered("roc")[0])
     assert "| *majority class* |" in table
     assert f"{grid.baseline('iid'):.3f}" in table.splitlines()[-1]

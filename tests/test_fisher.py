@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from fedhello import load_config
-from fedhello.config import ExperimentConfig, FisherConfig, LoraConfig
+from fedhello.config import ExperimentConfig, LoraConfig
 from fedhello.data import TokenizedExamples
 from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.method.fisher import (
+    FisherOptions,
     fisher_diagonal,
     fisher_diagonal_loop,
     fisher_layer_scores,
@@ -76,7 +77,7 @@ def test_vectorised_equals_loop_on_tiny_bert(bert: Experiment) -> None:
     assert len({len(ids) for ids in tokens.input_ids}) > 10, "the proxy examples should need padding"
     results = {}
     for objective, labels in COMBOS:
-        opts = FisherConfig(objective=objective, labels=labels, batch_size=6)  # type: ignore[arg-type]
+        opts = FisherOptions(objective=objective, labels=labels, batch_size=6)  # type: ignore[arg-type]
         vec = fisher_diagonal(lm, bert.task, tokens, idx, bert.device, opts, seed=7)
         loop = fisher_diagonal_loop(lm, bert.task, tokens, idx, bert.device, opts, seed=7)
         _assert_same_fisher(vec, loop)
@@ -94,7 +95,7 @@ def test_vectorised_equals_loop_on_tiny_bert(bert: Experiment) -> None:
 
 def test_model_labels_are_seeded(bert: Experiment) -> None:
     lm, idx = bert.lm, _proxy(bert, 12)
-    opts = FisherConfig(labels="model")
+    opts = FisherOptions(labels="model")
     a = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device, opts, seed=3)
     b = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device, opts, seed=3)
     c = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device, opts, seed=4)
@@ -142,7 +143,7 @@ def test_layer_scores_sum_is_the_trace(bert: Experiment) -> None:
     frob = [sum(float(torch.linalg.vector_norm(f[n])) for n in names) for names in lm.layer_params]
     np.testing.assert_allclose(layer_scores(lm, f, "frobenius"), frob, rtol=1e-12)
     for method in ("vectorised", "loop"):
-        opts = FisherConfig(reduction="frobenius", computation=method)  # type: ignore[arg-type]
+        opts = FisherOptions(reduction="frobenius", computation=method)  # type: ignore[arg-type]
         got = fisher_layer_scores(lm, bert.task, bert.data, idx, bert.device, opts)
         np.testing.assert_allclose(got, frob, rtol=1e-5)
 
@@ -165,9 +166,9 @@ def test_layer_scores_hand_example() -> None:
 
 def test_bad_options_and_empty_proxy(bert: Experiment) -> None:
     with pytest.raises(ValueError):
-        FisherConfig(objective="loss")  # type: ignore[arg-type]
+        FisherOptions(objective="loss")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        FisherConfig(batch_size=0)
+        FisherOptions(batch_size=0)
     with pytest.raises(ValueError):
         fisher_diagonal(bert.lm, bert.task, bert.data, np.array([], dtype=np.int64), bert.device)
 
@@ -197,7 +198,7 @@ def test_vectorised_equals_loop_on_tiny_llama() -> None:
     task = TextClassification(ExperimentConfig())  # pad id 0, like the model
     device = torch.device("cpu")
     for objective, labels in COMBOS:
-        opts = FisherConfig(objective=objective, labels=labels, batch_size=5)  # type: ignore[arg-type]
+        opts = FisherOptions(objective=objective, labels=labels, batch_size=5)  # type: ignore[arg-type]
         vec = fisher_diagonal(lm, task, tokens, idx, device, opts, seed=1)
         loop = fisher_diagonal_loop(lm, task, tokens, idx, device, opts, seed=1)
         _assert_same_fisher(vec, loop)
@@ -228,8 +229,8 @@ def test_released_quantities_match_a_direct_computation(bert: Experiment) -> Non
         [sum(float(torch.linalg.norm(fisher[n])) for n in layer) for layer in lm.layer_params]
     )
 
-    released = FisherConfig(objective="true_class_logit", reduction="frobenius")
+    released = FisherOptions(objective="true_class_logit", reduction="frobenius")
     got = fisher_layer_scores(lm, bert.task, tokens, idx, bert.device, released)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
-    ours = fisher_layer_scores(lm, bert.task, tokens, idx, bert.device, FisherConfig())
+    ours = fisher_layer_scores(lm, bert.task, tokens, idx, bert.device, FisherOptions())
     assert not np.allclose(ours, got)  # the project's default is a different quantity

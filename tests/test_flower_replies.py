@@ -18,14 +18,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedhello import load_config
 from fedhello.engine.experiment import Experiment, prepare_experiment
-from fedhello.engine.flower import (
-    FlowerTrainer,
-    pack_tensors,
-    query_reply,
-    train_from_message,
-    unpack_tensors,
-)
+from fedhello.engine.flower import FlowerTrainer, query_reply, train_message
 from fedhello.engine.server import FederatedServer
+from fedhello.engine.wire import encode_reply, pack_tensors, unpack_tensors
 from fedhello.errors import UserError
 
 Tamper = Callable[[RecordDict], RecordDict | None]
@@ -101,7 +96,7 @@ class FakeGrid:
             node = m.metadata.dst_node_id
             if int(m.content["config"]["round"]) >= self.silent_from.get(node, 10**9):  # type: ignore[arg-type]
                 continue
-            content = train_from_message(self.exp, m.content, None)
+            content = encode_reply(train_message(self.exp, m.content, None))
             content = self.tamper.get(node, lambda c: c)(content)
             if content is not None:
                 replies.append(Reply(node, content))
@@ -378,12 +373,11 @@ def test_a_reply_is_a_few_flower_objects_however_many_tensors_it_carries() -> No
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
     from fedhello.engine.client import ClientResult
-    from fedhello.engine.flower import reply_content
     from fedhello.method.aggregation import ClientUpdate
 
     def objects(n: int) -> int:
         deltas = {f"layer.{i}.lora_A": torch.randn(4, 8) for i in range(n)}
         result = ClientResult(ClientUpdate(0, deltas, 10), (0,), 1.0, 0, 2, 0.5, [0.5, 0.5])
-        return len(get_all_nested_objects(reply_content(result)))
+        return len(get_all_nested_objects(encode_reply(result)))
 
     assert objects(2) == objects(40) <= 10

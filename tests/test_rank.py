@@ -81,6 +81,8 @@ def test_layer_baselines_allocations() -> None:
     profiles = {c: ClientProfile(budget=n, rank=n) for c, n in budgets.items()}
     for m in ("hetlora", "flexlora"):  # rank methods train every layer, at the group's rank
         method = build_method(m, MethodContext(6, [3, 4, 6], [1, 1, 1]))
-        plan = method.plan_round(RoundInputs(1, profiles, np.random.default_rng(0), lambda: np.zeros(6)))
+        plan = method.plan_round(
+            RoundInputs(1, profiles, np.random.default_rng(0), lambda _options: np.zeros(6))
+        )
         assert {a.layers for a in plan.assignments.values()} == {tuple(range(6))}
         assert {c: a.rank for c, a in plan.assignments.items()} == budgets

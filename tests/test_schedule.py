@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from helpers import build_strategy
 
-from fedhello.config import FisherConfig
 from fedhello.method.allocation import (
     FisherAllocation,
     FisherSchedule,
@@ -14,6 +13,7 @@ from fedhello.method.allocation import (
     pattern_prior,
     sample_layers,
 )
+from fedhello.method.fisher import FisherOptions
 from fedhello.method.importance import fisher_probabilities
 from fedhello.seeding import Stream, numpy_rng
 
@@ -133,7 +133,7 @@ def test_methods_by_name_and_defaults() -> None:
     f = build_strategy("fim", L, [3], [1], rounds=10, seed=0)
     assert (f.schedule.warmup_rounds, f.schedule.refresh_every) == (0, 1)  # type: ignore[attr-defined]
     custom = build_strategy(
-        "fedhello", L, [3], [1], rounds=10, seed=0, fisher=FisherConfig(warmup_rounds=4, refresh_every=3)
+        "fedhello", L, [3], [1], rounds=10, seed=0, fisher=FisherOptions(warmup_rounds=4, refresh_every=3)
     )
     assert (custom.schedule.warmup_rounds, custom.schedule.refresh_every) == (4, 3)  # type: ignore[attr-defined]
     with pytest.raises(Exception, match="unknown method"):

@@ -127,6 +127,98 @@ class MemoryMeter:
         self.peak = max(self.peak, activations + grads + states)
 
 
+@dataclass
+class TrainingSetup:
+    """What a client trains this round: the state it starts from, the tensors it trains (names
+    and parameters, with the optimizer over them) and the lowest block autograd must reach."""
+
+    start_state: State
+    keys: list[str]
+    params: dict[str, torch.nn.Parameter]
+    optimized: list[torch.nn.Parameter]  # what the optimizer holds (the trained tensors; lr0: all)
+    optimizer: torch.optim.Optimizer
+    lowest: int
+
+
+@dataclass
+class StepLog:
+    """What the step loop measured."""
+
+    losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def setup_training(
+    lm: LoraModel,
+    received: Mapping[str, torch.Tensor],
+    assignment: Assignment,
+    cfg: TrainConfig,
+    local: LocalTraining,
+    train_head: bool,
+) -> TrainingSetup:
+    """Load what the client received and make exactly its assigned tensors trainable (real
+    freezing), or, with `train.freezing=lr0`, every adapter with the untrained ones at learning
+    rate 0 (the released pseudo-freezing, kept for benchmarks)."""
+    layers = assignment.layers
+    start_state = local.start_state(received, {k: lm.parameter(k).shape for k in received})
+    lm.load_lora_state(start_state)
+    keys = lm.trained_names(layers, train_head)
+    params = dict(lm.model.named_parameters())
+    if cfg.freezing == "real":
+        requires = set(keys)
+        lowest = min(layers) if layers else lm.num_layers
+    else:
+        requires = set(lm.trained_names(range(lm.num_layers), train_head))
+        lowest = 0
+    for name, p in params.items():
+        p.requires_grad_(name in requires)
+    local.begin({k: params[k] for k in keys})
+    trained = [params[k] for k in keys]
+    groups: list[dict[str, object]] = [{"params": trained}]
+    frozen_at_lr0 = [params[k] for k in sorted(requires - set(keys))] if cfg.freezing == "lr0" else []
+    if cfg.freezing == "lr0":
+        groups.append({"params": frozen_at_lr0, "lr": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return TrainingSetup(start_state, keys, params, trained + frozen_at_lr0, optimizer, lowest)
+
+
+def run_steps(
+    lm: LoraModel,
+    task: Task,
+    batch_source: Iterable[dict[str, torch.Tensor]],
+    setup: TrainingSetup,
+    local: LocalTraining,
+    meter: MemoryMeter,
+    max_steps: int | None,
+    device: torch.device,
+) -> StepLog:
+    """The local step loop: loss (+ the method's penalty), backward, AdamW, at most `max_steps`."""
+    log = StepLog()
+    lm.model.train()
+    start = time.perf_counter()
+    with no_grad_below(lm.blocks, setup.lowest):
+        for batch in batch_source:
+            step_start = time.perf_counter()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with meter.step():
+                loss = task.loss(lm.model, batch)
+                penalty = local.penalty()
+                objective = loss if penalty is None else loss + penalty
+                objective.backward()
+            setup.optimizer.step()
+            meter.record(setup.optimized, setup.optimizer)
+            setup.optimizer.zero_grad(set_to_none=True)
+            log.losses.append(float(loss.detach()))  # also waits for the device
+            log.step_seconds.append(time.perf_counter() - step_start)
+            if max_steps is not None and len(log.losses) >= max_steps:
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    log.seconds = time.perf_counter() - start
+    return log
+
+
 def train_client(
     lm: LoraModel,
     task: Task,
@@ -151,76 +243,31 @@ def train_client(
     shuffled batches (calibration's probe steps train on one worst-case batch).
     """
     local = local or LocalTraining()
-    layers = assignment.layers
-    start_state = local.start_state(received, {k: lm.parameter(k).shape for k in received})
-    lm.load_lora_state(start_state)
-    keys = lm.trained_names(layers, train_head)
-    params = dict(lm.model.named_parameters())
-    if cfg.freezing == "real":
-        requires = set(keys)
-        lowest = min(layers) if layers else lm.num_layers
-    else:  # released pseudo-freezing: every adapter trains, untrained ones at learning rate 0
-        requires = set(lm.trained_names(range(lm.num_layers), train_head))
-        lowest = 0
-    for name, p in params.items():
-        p.requires_grad_(name in requires)
-    trainable = [params[k] for k in keys]
-    local.begin({k: params[k] for k in keys})
-    groups: list[dict[str, object]] = [{"params": trainable}]
-    if cfg.freezing == "lr0":
-        groups.append({"params": [params[k] for k in sorted(requires - set(keys))], "lr": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    meter = MemoryMeter(device, list(params.values()))
-
+    setup = setup_training(lm, received, assignment, cfg, local, train_head)
+    meter = MemoryMeter(device, list(setup.params.values()))
     order = seed_torch(seed, Stream.LOCAL_TRAINING, round_number, assignment.client)
-    lm.model.train()
-    losses: list[float] = []
-    step_seconds: list[float] = []
-    steps = 0
-    budget = cfg.local_steps
-    start = time.perf_counter()
     if batch_source is None:
         batch_source = (
             b for _ in range(cfg.local_epochs) for b in batches(task, data, indices, cfg.batch_size, order)
         )
-    with no_grad_below(lm.blocks, lowest):
-        for batch in batch_source:
-            step_start = time.perf_counter()
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with meter.step():
-                loss = task.loss(lm.model, batch)
-                penalty = local.penalty()
-                objective = loss if penalty is None else loss + penalty
-                objective.backward()
-            optimizer.step()
-            meter.record([p for g in groups for p in g["params"]], optimizer)  # type: ignore[attr-defined]
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))  # also waits for the device
-            step_seconds.append(time.perf_counter() - step_start)
-            steps += 1
-            if budget is not None and steps >= budget:
-                break
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    log = run_steps(lm, task, batch_source, setup, local, meter, cfg.local_steps, device)
     local.end()
-    for p in params.values():
+    for p in setup.params.values():
         p.requires_grad_(False)
     method_metrics = local.finish()
-    deltas = {k: (params[k].detach() - start_state[k].to(device)).cpu() for k in keys}
-    deltas = local.upload(deltas)
-    train_loss = float(np.mean(losses)) if losses else float("nan")
+    deltas = {k: (setup.params[k].detach() - setup.start_state[k].to(device)).cpu() for k in setup.keys}
+    train_loss = float(np.mean(log.losses)) if log.losses else float("nan")
     update = ClientUpdate(
-        assignment.client, deltas, len(indices), {"train_loss": train_loss} | method_metrics
+        assignment.client, local.upload(deltas), len(indices), {"train_loss": train_loss} | method_metrics
     )
     return ClientResult(
         update,
-        tuple(sorted(layers)),
-        seconds,
+        tuple(sorted(assignment.layers)),
+        log.seconds,
         meter.peak,
-        steps,
+        len(log.losses),
         train_loss,
-        step_seconds,
+        log.step_seconds,
         meter.activation_peak,
     )
 

@@ -20,7 +20,7 @@ from fedhello.errors import UserError
 from fedhello.method.base import ClientProfile, Method, MethodContext
 from fedhello.method.budgets import Cost, CostModel, LayerLimits, ceil_steps
 from fedhello.method.groups import ResourceGroup, assign_clients_to_groups, resolve_groups
-from fedhello.method.registry import build_method
+from fedhello.method.registry import build_method, parse_method_options
 from fedhello.models import LoraModel, add_lora
 from fedhello.seeding import Stream, numpy_rng
 from fedhello.tasks import Examples, Task, build_task
@@ -122,18 +122,21 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     )
 
 
-def method_context(cfg: ExperimentConfig, num_layers: int, groups: Sequence[ResourceGroup]) -> MethodContext:
-    """What any method is built from for this config (`fedhello plan` builds every method from it)."""
+def method_context(
+    cfg: ExperimentConfig, num_layers: int, groups: Sequence[ResourceGroup], method: str | None = None
+) -> MethodContext:
+    """What a method (the config's, or `method`) is built from for this config; a method other
+    than the config's gets its default options (`fedhello plan` builds every method)."""
+    name = cfg.method if method is None else method
     return MethodContext(
         num_layers=num_layers,
         budgets=[g.budget for g in groups],
         shares=[g.share for g in groups],
         rounds=cfg.federation.rounds,
         seed=cfg.seed,
-        fisher=cfg.fisher,
-        hetlora=cfg.hetlora,
         aggregation=cfg.federation.aggregation,
         trim_fraction=cfg.federation.trim_fraction,
+        options=parse_method_options(name, cfg.method_options if name == cfg.method else {}),
     )
 
 
@@ -141,16 +144,16 @@ def split_and_partition(
     cfg: ExperimentConfig, task: Task, examples: Examples
 ) -> tuple[Examples, dict[str, np.ndarray], list[np.ndarray]]:
     """Train / val / test / proxy splits and each client's training examples (indices into the
-    returned examples, which include a separate proxy file when `fisher.proxy_path` names one).
+    returned examples, which include a separate proxy file when `data.proxy_path` names one).
     `fedhello partition` shows exactly this."""
     splits = split_examples(
         examples.labels, cfg.data.val_size, cfg.data.test_size, cfg.seed, examples.domains
     )
-    if cfg.fisher.proxy_path is not None:
-        examples, splits["proxy"] = task.load_proxy_examples(examples, str(cfg.fisher.proxy_path))
+    if cfg.data.proxy_path is not None:
+        examples, splits["proxy"] = task.load_proxy_examples(examples, str(cfg.data.proxy_path))
     else:
         # held out for every method, so that all methods give clients the same data
-        splits["train"], splits["proxy"] = _hold_out(splits["train"], cfg.fisher.proxy_size, cfg.seed)
+        splits["train"], splits["proxy"] = _hold_out(splits["train"], cfg.data.proxy_size, cfg.seed)
     train = splits["train"]
     if len(train) < cfg.partition.num_clients:
         raise UserError(
@@ -164,7 +167,7 @@ def split_and_partition(
 def _hold_out(train: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if size >= len(train):
         raise UserError(
-            f"fisher.proxy_size: {size} proxy examples leave no training data ({len(train)} in all)"
+            f"data.proxy_size: {size} proxy examples leave no training data ({len(train)} in all)"
         )
     proxy = numpy_rng(seed, Stream.SPLIT, 2).choice(train, size=size, replace=False)
     return np.setdiff1d(train, proxy), np.sort(proxy)

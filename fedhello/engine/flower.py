@@ -20,26 +20,25 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import psutil
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedhello.config import ExperimentConfig, config_from_dict, load_config
+from fedhello.engine import wire
 from fedhello.engine.client import ClientResult, train_assignment
 from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.engine.identity import load_partition_keys, new_challenge, sign_claim, verify_claim
 from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
 from fedhello.method.aggregation import ClientUpdate
-from fedhello.method.base import Assignment, RoundPlan
+from fedhello.method.base import RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -50,63 +49,6 @@ SIMULATION = "simulation"  # set by `fedhello run engine=flower`: Flower's simul
 
 QUERY_POLL_SECONDS = 0.2  # how often discovery looks for answers to partition queries
 SLOW_NOTE_SECONDS = 10.0  # how often discovery names the nodes it is still waiting for
-
-
-# -- tensors on the wire ---------------------------------------------------------------------
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
-
-
-def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[ArrayRecord, ConfigRecord]:
-    """Tensors as one flat array per dtype, plus their layout (names, dtypes, shapes).
-
-    Flower sends every array of an ArrayRecord as objects of their own, one request each on
-    every hop (ServerApp, SuperLink, SuperNode, ClientApp); a message with 30 LoRA tensors was
-    about 60 requests per hop. Packed, it is a handful (docs/flower.md, "Cost")."""
-    layout: list[tuple[str, str, list[int]]] = []
-    groups: dict[str, list[torch.Tensor]] = {}
-    for name, t in tensors.items():
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in WIRE_DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be sent (one of {sorted(WIRE_DTYPES)})")
-        layout.append((name, dtype, list(t.shape)))
-        groups.setdefault(dtype, []).append(t.detach().reshape(-1).cpu())
-    flat = {dtype: torch.cat(parts) for dtype, parts in groups.items()}
-    return ArrayRecord(flat), ConfigRecord({"tensors": json.dumps(layout)})
-
-
-def unpack_tensors(arrays: ArrayRecord, layout: ConfigRecord) -> dict[str, torch.Tensor]:
-    """The tensors `pack_tensors` packed; ValueError naming what does not add up."""
-    entries = json.loads(str(layout["tensors"]))
-    if not isinstance(entries, list):
-        raise ValueError("layout: not a list of tensors")
-    flat = arrays.to_torch_state_dict()
-    used = dict.fromkeys(flat, 0)  # elements of each flat array handed out so far
-    out: dict[str, torch.Tensor] = {}
-    for entry in entries:
-        if not (
-            isinstance(entry, list)
-            and len(entry) == 3
-            and isinstance(entry[0], str)
-            and entry[1] in WIRE_DTYPES
-            and isinstance(entry[2], list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[2])
-        ):
-            raise ValueError(f"layout: {str(entry)[:80]} is not [name, dtype, shape]")
-        name, dtype, shape = entry
-        if name in out:
-            raise ValueError(f"layout: tensor {name!r} twice")
-        buffer = flat.get(dtype)
-        if buffer is None or buffer.dim() != 1 or buffer.dtype != WIRE_DTYPES[dtype]:
-            raise ValueError(f"tensor {name!r}: no flat {dtype} array")
-        start, size = used[dtype], math.prod(shape)
-        if start + size > buffer.numel():
-            raise ValueError(f"array {dtype!r}: shorter than the layout")
-        out[name] = buffer[start : start + size].reshape(shape).clone()  # its own storage
-        used[dtype] = start + size
-    unused = sorted(dtype for dtype, n in used.items() if n != flat[dtype].numel())
-    if unused:
-        raise ValueError(f"arrays {unused}: longer than the layout")
-    return out
 
 
 # -- server side -----------------------------------------------------------------------------
@@ -169,14 +111,24 @@ class FlowerTrainer:
             if not pending and not await_connections:
                 break  # every online node answered: the missing partitions have no node
             if now >= next_note:
-                log.warning(
-                    "waiting for partitions %s: nodes %s have not answered after %.0f s%s",
-                    missing,
-                    sorted(pending.values()),
-                    now - start,
-                    "" if deadline is None else f" (flower.connect_timeout={flower.connect_timeout:g} s)",
-                )
-                next_note = now + SLOW_NOTE_SECONDS
+                if self.simulated:  # node ids mean nothing here; the engine is still starting its actors
+                    log.warning(
+                        "waiting for partitions %s: %d simulated nodes have not answered after %.0f s "
+                        "(a busy machine; the simulation waits for them)",
+                        missing,
+                        len(pending),
+                        now - start,
+                    )
+                else:
+                    log.warning(
+                        "waiting for partitions %s: nodes %s have not answered after %.0f s "
+                        "(flower.connect_timeout=%g s)",
+                        missing,
+                        sorted(pending.values()),
+                        now - start,
+                        flower.connect_timeout,
+                    )
+                next_note = now + SLOW_NOTE_SECONDS * (3 if self.simulated else 1)
             time.sleep(QUERY_POLL_SECONDS)
         self.undiscovered = set(missing)
         if missing:
@@ -190,11 +142,7 @@ class FlowerTrainer:
         """Send each node a partition query with a fresh challenge; message id -> node."""
         self.challenges.update({n: new_challenge() for n in nodes})
         queries = [
-            Message(
-                RecordDict({"config": ConfigRecord({"challenge": self.challenges[n]})}),
-                dst_node_id=n,
-                message_type=MessageType.QUERY,
-            )
+            Message(wire.encode_query(self.challenges[n]), dst_node_id=n, message_type=MessageType.QUERY)
             for n in nodes
         ]
         pushed = set(self.grid.push_messages(queries))
@@ -210,7 +158,7 @@ class FlowerTrainer:
             log.warning("partition query failed: %s", problem)
             return problem
         try:
-            pid = int(reply.content["config"]["partition-id"])  # type: ignore[arg-type]
+            pid, public, signature = wire.decode_claim(reply.content)
         except (KeyError, TypeError, ValueError):
             problem = f"node {node}: no readable partition-id in its reply"
             log.warning("partition query: %s", problem)
@@ -222,7 +170,7 @@ class FlowerTrainer:
             log.warning("partition query: %s", problem)
             self.refused.add(node)
             return problem
-        unproven = None if self.keys is None else self._unproven(node, pid, reply.content["config"])
+        unproven = None if self.keys is None else self._unproven(node, pid, public, signature)
         if unproven is not None:
             log.warning("partition query: %s", unproven)
             self.refused.add(node)
@@ -236,12 +184,10 @@ class FlowerTrainer:
         self.nodes[pid] = node
         return None
 
-    def _unproven(self, node: int, pid: int, config: Any) -> str | None:
+    def _unproven(self, node: int, pid: int, public: str | None, signature: str | None) -> str | None:
         """Why a node's claim of `pid` is not proven by the key registered for it, or None."""
         assert self.keys is not None
-        try:
-            public, signature = str(config["public-key"]), str(config["signature"])
-        except KeyError:
+        if public is None or signature is None:
             return f"node {node} claims partition {pid} without signing the challenge (no auth-key in its node config?)"
         why = verify_claim(self.keys, pid, self.challenges.get(node, ""), public, signature)
         return None if why is None else f"node {node} claims partition {pid}, but {why}; refused"
@@ -258,15 +204,9 @@ class FlowerTrainer:
                 )
                 continue
             assignment = plan.assignments[c]
-            arrays = server.client_download(assignment)
-            config: dict[str, int | list[int]] = {
-                "client": c,
-                "round": plan.round_number,
-                "layers": list(assignment.layers),
-                "rank": assignment.rank or 0,
-            }
-            packed, layout = pack_tensors(arrays)
-            content = RecordDict({"arrays": packed, "layout": layout, "config": ConfigRecord(config)})  # type: ignore[arg-type]
+            content = wire.encode_train_request(
+                assignment, plan.round_number, server.client_download(assignment)
+            )
             messages.append(
                 Message(
                     content,
@@ -329,52 +269,12 @@ class FlowerTrainer:
         )
 
 
-def reply_content(result: ClientResult) -> RecordDict:
-    """A client's reply: its trained tensors, and the numbers the server records."""
-    metrics = {
-        "num-examples": result.update.num_samples,
-        "seconds": result.seconds,
-        "peak-memory-bytes": result.peak_memory_bytes,
-        "steps": result.steps,
-        "train-loss": result.train_loss,
-        "step-seconds": list(result.step_seconds),
-    }
-    packed, layout = pack_tensors(result.update.deltas)
-    return RecordDict(
-        {
-            "arrays": packed,
-            "layout": layout,
-            "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
-            "update-metrics": MetricRecord(dict(result.update.metrics)),
-            "config": ConfigRecord({"client": result.update.client_id, "layers": list(result.layers)}),
-        }
-    )
-
-
 def result_from_reply(content: RecordDict, client: int) -> ClientResult:
     """The ClientResult of a reply to the message sent to `client`'s node. The client is the one
     the message went to, never what the reply says; a reply that cannot be read becomes a result
     whose update carries the problem, so that screening rejects it with that reason."""
     try:
-        m, config = content["metrics"], content["config"]
-        claimed = int(config["client"])  # type: ignore[arg-type]
-        update = ClientUpdate(
-            client_id=client,
-            deltas=unpack_tensors(content["arrays"], content["layout"]),  # type: ignore[arg-type]
-            num_samples=m["num-examples"],  # type: ignore[arg-type]  # screened: a whole, finite count
-            metrics={k: float(v) for k, v in content["update-metrics"].items()},  # type: ignore[arg-type]
-        )
-        result = ClientResult(
-            update,
-            tuple(int(x) for x in config["layers"]),  # type: ignore[union-attr]
-            float(m["seconds"]),  # type: ignore[arg-type]
-            int(m["peak-memory-bytes"]),  # type: ignore[arg-type]
-            int(m["steps"]),  # type: ignore[arg-type]
-            float(m["train-loss"]),  # type: ignore[arg-type]
-            [float(x) for x in m["step-seconds"]],  # type: ignore[union-attr]
-        )
-        if "timings" in content:  # where the ClientApp's time went (reported, not trusted for anything)
-            result.timings = {k: float(v) for k, v in content["timings"].items()}  # type: ignore[arg-type]
+        claimed, result = wire.decode_reply(content, client)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         what = f"'{e.args[0]}' missing" if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
         return rejected_result(client, f"malformed reply: {what}")
@@ -396,33 +296,23 @@ def _client_experiment(config_json: str) -> Experiment:
     return prepare_experiment(config_from_dict(json.loads(config_json)))
 
 
-def train_from_message(exp: Experiment, content: RecordDict, partition_id: int | None) -> RecordDict:
-    """Train the client the message names, from the adapters it carries; the reply's content."""
-    return reply_content(train_message(exp, content, partition_id))
-
-
 def train_message(exp: Experiment, content: RecordDict, partition_id: int | None) -> ClientResult:
     """Train the client a TRAIN message names (it must be this node's partition)."""
-    config = content["config"]
-    c = int(config["client"])  # type: ignore[arg-type]
-    if partition_id is not None and partition_id != c:
-        raise ValueError(f"message for client {c} reached the SuperNode of partition {partition_id}")
-    rank = int(config["rank"]) or None  # type: ignore[arg-type]
-    state = unpack_tensors(content["arrays"], content["layout"])  # type: ignore[arg-type]
-    layers = tuple(int(x) for x in config["layers"])  # type: ignore[union-attr]
-    return train_assignment(exp, state, Assignment(c, layers, rank), int(config["round"]))  # type: ignore[arg-type]
+    assignment, round_number, state = wire.decode_train_request(content)
+    if partition_id is not None and partition_id != assignment.client:
+        raise ValueError(
+            f"message for client {assignment.client} reached the SuperNode of partition {partition_id}"
+        )
+    return train_assignment(exp, state, assignment, round_number)
 
 
 def query_reply(node_config: Mapping[str, Any], content: RecordDict) -> RecordDict:
     """The partition this node holds; with `auth-key` in its node config (the private key its
     SuperNode authenticates with), the server's challenge signed with it (identity.py)."""
     pid = int(node_config["partition-id"])
-    reply: dict[str, int | str] = {"partition-id": pid}
     key = node_config.get("auth-key")
-    challenge = content["config"].get("challenge") if "config" in content else None
-    if key and challenge:
-        reply["public-key"], reply["signature"] = sign_claim(str(key), str(challenge), pid)
-    return RecordDict({"config": ConfigRecord(reply)})  # type: ignore[arg-type]
+    challenge = wire.decode_challenge(content)
+    return wire.encode_claim(pid, sign_claim(str(key), challenge, pid) if key and challenge else None)
 
 
 # -- the apps --------------------------------------------------------------------------------
@@ -505,14 +395,14 @@ def client_train(msg: Message, context: Context, defaults: Mapping[str, Any]) ->
     pid = context.node_config.get("partition-id")
     result = train_message(exp, msg.content, None if pid is None else int(pid))
     start = time.perf_counter()
-    content = reply_content(result)
+    content = wire.encode_reply(result)
     timings = {
         "process-age": age,
         "setup": setup,
         "train": result.seconds,
         "serialise": time.perf_counter() - start,
     }
-    content["timings"] = MetricRecord(timings)
+    content[wire.TIMINGS] = wire.timings_record(timings)
     return content
 
 

@@ -26,9 +26,9 @@ from fedhello.seeding import Stream, numpy_rng
 
 def _round_one(exp: Experiment, name: str, profiles: Mapping[int, ClientProfile]) -> dict[int, Assignment]:
     """The assignments a freshly built method makes in round 1 (flat Fisher scores if it needs any)."""
-    method = build_method(name, method_context(exp.cfg, exp.num_layers, exp.groups))
+    method = build_method(name, method_context(exp.cfg, exp.num_layers, exp.groups, name))
     inputs = RoundInputs(
-        1, profiles, numpy_rng(exp.cfg.seed, Stream.ALLOCATION, 1), lambda: np.ones(exp.num_layers)
+        1, profiles, numpy_rng(exp.cfg.seed, Stream.ALLOCATION, 1), lambda _options: np.ones(exp.num_layers)
     )
     return method.plan_round(inputs).assignments
 

@@ -10,6 +10,11 @@ a field that was not part of the config at identity version 1 (`V1_FIELDS`, froz
 changes) is left out of the hash while it is at its default. A new field, or a whole new
 section, therefore needs nothing: at its default it changes no identity, and set to anything
 else it does. A field of version 1 is always part of the hash.
+
+Version 1 kept method options in the `fisher` and `hetlora` sections, and the proxy set in
+`fisher`; the identity tree writes them there still (`_legacy_layout`), so that moving them to
+`method_options` and `data` changed no identity. Options of other methods are hashed under
+`method_options`, each only where it differs from its default.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from fedhello.config import ExperimentConfig
+from fedhello.method.registry import legacy_sections, method_entries, parse_method_options
 
 NOT_RESULTS = ("threads", "quiet", "engine", "flower", "tracking")
 """Top-level settings that change how a run goes, not what it computes."""
@@ -56,12 +62,31 @@ def identity_tree(cfg: ExperimentConfig) -> dict[str, Any]:
     tree = _fields(cfg, "")
     for key in NOT_RESULTS:
         tree.pop(key, None)
-    return tree
+    return _legacy_layout(cfg, tree)
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
     """The identity of a config: 16 hex digits of the SHA-256 of its identity tree."""
     return hashlib.sha256(json.dumps(identity_tree(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _legacy_layout(cfg: ExperimentConfig, tree: dict[str, Any]) -> dict[str, Any]:
+    """Method options and the proxy set where version 1 kept them (see the module docstring)."""
+    tree.pop("method_options", None)
+    for key in ("proxy_size", "proxy_path"):
+        tree["data"].pop(key, None)
+    proxy = {"proxy_size": cfg.data.proxy_size, "proxy_path": cfg.data.proxy_path}
+    options = parse_method_options(cfg.method, cfg.method_options)
+    entry = method_entries()[cfg.method]
+    for section, model in legacy_sections().items():
+        mine = options if entry.legacy_section == section and options is not None else model()
+        tree[section] = mine.model_dump(mode="json") | (proxy if section == "fisher" else {})
+    if options is not None and entry.legacy_section is None:
+        defaults = type(options)().model_dump(mode="json")
+        changed = {k: v for k, v in options.model_dump(mode="json").items() if v != defaults.get(k)}
+        if changed:
+            tree["method_options"] = changed
+    return tree
 
 
 def _fields(model: BaseModel, section: str) -> dict[str, Any]:

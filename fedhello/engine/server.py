@@ -8,6 +8,7 @@ method's hooks (`fedhello/method/base.py`), and what differs between tasks behin
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -28,7 +29,7 @@ from fedhello.method.aggregation import (
 )
 from fedhello.method.base import Assignment, RoundInputs, RoundPlan
 from fedhello.method.budgets import Cost
-from fedhello.method.fisher import fisher_layer_scores
+from fedhello.method.fisher import FisherOptions, fisher_layer_scores
 from fedhello.method.groups import sample_clients
 from fedhello.records import ClientRecord, RoundRecord
 from fedhello.seeding import Stream, derived_seed, numpy_rng
@@ -62,12 +63,13 @@ class FederatedServer:
             round_number,
             profiles={c: self.exp.profile(c) for c in clients},
             rng=numpy_rng(cfg.seed, Stream.ALLOCATION, round_number),
-            layer_scores=lambda: self.fisher_scores(round_number),
+            layer_scores=functools.partial(self.fisher_scores, round_number),
         )
         return self.method.plan_round(inputs)
 
-    def fisher_scores(self, round_number: int) -> np.ndarray:
-        """Layer scores of the current global model on the proxy set (docs/method.md, "Fisher scores")."""
+    def fisher_scores(self, round_number: int, options: FisherOptions) -> np.ndarray:
+        """Layer scores of the current global model on the proxy set, as the method's Fisher
+        options say (docs/method.md, "Fisher scores")."""
         exp = self.exp
         exp.lm.load_lora_state(self.global_state)
         return fisher_layer_scores(
@@ -76,7 +78,7 @@ class FederatedServer:
             exp.data,
             exp.splits["proxy"],
             exp.device,
-            exp.cfg.fisher,
+            options,
             seed=derived_seed(exp.cfg.seed, Stream.FISHER, round_number),
         )
 

@@ -27,7 +27,7 @@ class ClientUpdate:
 
     client_id: int
     deltas: dict[str, torch.Tensor]
-    num_samples: int
+    num_samples: int | float  # as received; screening rejects a count that is not whole and in range
     metrics: dict[str, float] = field(default_factory=dict)
     problem: str | None = None  # set by an engine that could not read the reply (screening rejects it)
 

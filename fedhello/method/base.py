@@ -14,21 +14,22 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import Tensor, nn
 
-from fedhello.config import FisherConfig, HetLoRAConfig
 from fedhello.method.aggregation import ClientUpdate, Rule, State, aggregate_per_layer
 from fedhello.method.budgets import LayerLimits
 
 Weighting = Literal["samples", "uniform"]
 Updates = Sequence[ClientUpdate]
-LayerScores = Callable[[], np.ndarray]
-"""Computes the Fisher layer scores of the current global model on the proxy set (the server's)."""
+LayerScores = Callable[[Any], np.ndarray]
+"""Computes the Fisher layer scores of the current global model on the proxy set (the server's),
+with the method's Fisher options (`fedhello.method.fisher.FisherOptions`)."""
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,18 @@ class RoundPlan:
 
 @dataclass(frozen=True)
 class MethodContext:
-    """What a method is built from: the model's depth, the groups, the run's length and seed."""
+    """What a method is built from: the model's depth, the groups, the run's length and seed, how
+    the federation combines updates, and the method's own options (`method_options`, validated by
+    the model the method registered; None for a method without options)."""
 
     num_layers: int
     budgets: Sequence[int]  # layer budget of each resource group
     shares: Sequence[float]  # client share of each group
     rounds: int = 1
     seed: int = 0
-    fisher: FisherConfig = field(default_factory=FisherConfig)
-    hetlora: HetLoRAConfig = field(default_factory=HetLoRAConfig)
     aggregation: Rule = "mean"  # how each tensor's contributions combine (federation.aggregation)
     trim_fraction: float = 0.2
+    options: BaseModel | None = None
 
 
 class LocalTraining:

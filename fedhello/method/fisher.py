@@ -7,11 +7,11 @@ the frozen base weights are constants here.
 
 The per-example objective comes from the task (`Task.fisher_objective`); for classification:
 
-Objective (`FisherConfig.objective`):
+Objective (`FisherOptions.objective`):
 - "log_likelihood" (default): log p(y_n | x_n), the log-softmax of the true class;
 - "true_class_logit": the raw logit z_{y_n}(x_n), what the released code differentiated.
 
-Labels (`FisherConfig.labels`):
+Labels (`FisherOptions.labels`):
 - "empirical" (default): y_n from the data (the empirical Fisher);
 - "model": y_n sampled from the model's own predictive distribution (the true Fisher). The
   sampling uses one uniform draw per proxy example, all drawn up front from a `torch.Generator`
@@ -48,13 +48,74 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from fedhello.config import FisherConfig
+from fedhello.config import StrictModel
 from fedhello.models import LoraModel
 from fedhello.tasks import Task
 
 Reduction = Literal["sum", "frobenius"]
+
+
+def rounds_value(v: int | float | None, minimum: int) -> int | float | None:
+    if v is None or isinstance(v, bool):
+        return v
+    if isinstance(v, float) and not 0 < v <= 1:
+        raise ValueError("a fraction of the rounds must be in (0, 1]; use an int for a round count")
+    if isinstance(v, int) and v < minimum:
+        raise ValueError(f"a round count must be at least {minimum}")
+    return v
+
+
+class FisherOptions(StrictModel):
+    """The options of the Fisher-driven methods (`fedhello`, `fim`): their schedule, and how the
+    server scores layers on the proxy set (`data.proxy_size` / `data.proxy_path`). Also read from
+    the `fisher:` section of older configs."""
+
+    warmup_rounds: int | float | None = Field(
+        None,
+        description="W: rounds of prior sampling first (int, or fraction of rounds); null = method default.",
+    )
+    refresh_every: int | float | None = Field(
+        None,
+        description="E: recompute Fisher scores every E rounds (int, or fraction); null = method default.",
+    )
+    hold: Literal["persist_probs", "persist_allocation", "single_round"] = Field(
+        "persist_probs",
+        description="Between refreshes: keep the Fisher probabilities, keep the drawn layer sets, or use "
+        "Fisher on the refresh round only (released code).",
+    )
+    prior_product: bool = Field(False, description="Sample from prior x Fisher probabilities (renormalised).")
+    num_levels: int = Field(3, ge=1, description="Importance levels from 1-D k-means of the layer scores.")
+    levels: Literal["ordered", "released"] = Field(
+        "ordered", description="Levels by cluster centroid, or the released code's unordered k-means labels."
+    )
+    objective: Literal["log_likelihood", "true_class_logit"] = Field(
+        "log_likelihood", description="Differentiate log p(y|x), or the raw true-class logit (released)."
+    )
+    labels: Literal["empirical", "model"] = Field(
+        "empirical",
+        description="Labels from the data (empirical Fisher) or sampled from the model (true Fisher).",
+    )
+    reduction: Literal["sum", "frobenius"] = Field(
+        "sum",
+        description="Layer score: sum of the diagonal Fisher, or sum of per-tensor Frobenius norms (released).",
+    )
+    computation: Literal["vectorised", "loop"] = Field(
+        "vectorised", description="Batched per-sample gradients, or one backward pass per example (released)."
+    )
+    batch_size: int = Field(32, ge=1)
+
+    @field_validator("warmup_rounds")
+    @classmethod
+    def _warmup(cls, v: int | float | None) -> int | float | None:
+        return rounds_value(v, 0)
+
+    @field_validator("refresh_every")
+    @classmethod
+    def _refresh(cls, v: int | float | None) -> int | float | None:
+        return rounds_value(v, 1)
 
 
 class HasLayerParams(Protocol):
@@ -134,7 +195,7 @@ def fisher_diagonal(
     data: Any,
     indices: np.ndarray,
     device: torch.device,
-    options: FisherConfig | None = None,
+    options: FisherOptions | None = None,
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher of every LoRA tensor, vectorised per batch (see the module docstring).
@@ -142,7 +203,7 @@ def fisher_diagonal(
     Returns float64 CPU tensors shaped like the parameters, keyed by the names of
     `lm.model.named_parameters()` (exactly `lm.lora_params`).
     """
-    options = options or FisherConfig()
+    options = options or FisherOptions()
     idx = _check_indices(indices)
     u = _uniforms(len(idx), seed)
     linears = _lora_linears(lm)
@@ -205,14 +266,14 @@ def fisher_diagonal_loop(
     data: Any,
     indices: np.ndarray,
     device: torch.device,
-    options: FisherConfig | None = None,
+    options: FisherOptions | None = None,
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """Same as `fisher_diagonal`, one unpadded forward/backward pass per example (released approach).
 
     `options.batch_size` is unused (kept for the common signature).
     """
-    options = options or FisherConfig()
+    options = options or FisherOptions()
     idx = _check_indices(indices)
     u = _uniforms(len(idx), seed)
     with _fisher_mode(lm) as lora:
@@ -257,12 +318,12 @@ def fisher_layer_scores(
     data: Any,
     indices: np.ndarray,
     device: torch.device,
-    options: FisherConfig | None = None,
+    options: FisherOptions | None = None,
     seed: int = 0,
 ) -> np.ndarray:
     """Layer scores (length L) of the current model on the proxy examples `indices`;
     `options.computation` picks the vectorised or the per-example implementation."""
-    options = options or FisherConfig()
+    options = options or FisherOptions()
     if options.computation == "vectorised":
         fisher = fisher_diagonal(lm, task, data, indices, device, options, seed)
     elif options.computation == "loop":

@@ -16,9 +16,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
-from fedhello.config import HetLoRAConfig
+from fedhello.config import StrictModel
 from fedhello.method.aggregation import ClientUpdate, State
 from fedhello.method.base import Assignment, ClientProfile, LocalTraining, MethodContext, Updates, Weighting
 from fedhello.method.rank import (
@@ -31,6 +32,20 @@ from fedhello.method.rank import (
     tail_start,
 )
 from fedhello.method.registry import register_method
+
+
+class HetLoRAOptions(StrictModel):
+    """HetLoRA's optional local rank self-pruning (Cho et al. 2024); also read from the `hetlora:`
+    section of older configs."""
+
+    self_pruning: bool = Field(
+        False, description="Clients shrink their rank when the tail of their adapters fades."
+    )
+    gamma: float = Field(0.99, gt=0, lt=1, description="Decay: the tail is components floor(gamma r)..r-1.")
+    regularization: float = Field(
+        0.01, ge=0, description="lambda of the tail-norm penalty added to the loss."
+    )
+    min_rank: int = Field(1, ge=1, description="Never prune below this rank.")
 
 
 def product_norm(values: Mapping[str, torch.Tensor]) -> float:
@@ -58,7 +73,7 @@ def norm_weighted_mix(state: State, values: list[State], updates: Updates, weigh
 class SelfPruning(RankLocalTraining):
     """A HetLoRA client with self-pruning: tail penalty during training, tail cut if it faded."""
 
-    def __init__(self, rank: int, settings: HetLoRAConfig) -> None:
+    def __init__(self, rank: int, settings: HetLoRAOptions) -> None:
         super().__init__(rank)
         self.settings = settings
         self.tail_before = 0.0
@@ -93,8 +108,9 @@ class HetLoRA(RankHeterogeneous):
         return self.client_ranks.get(client, profile.rank)
 
     def local_training(self, assignment: Assignment) -> LocalTraining:
-        if self.ctx.hetlora.self_pruning:
-            return SelfPruning(int(assignment.rank or 0), self.ctx.hetlora)
+        options = self.ctx.options
+        if isinstance(options, HetLoRAOptions) and options.self_pruning:
+            return SelfPruning(int(assignment.rank or 0), options)
         return super().local_training(assignment)
 
     mix = staticmethod(norm_weighted_mix)
@@ -126,4 +142,6 @@ register_method(
     "hetlora",
     lambda ctx: HetLoRA("hetlora", ctx),
     "HetLoRA: all layers at group rank r_g, zero-padded norm-weighted aggregation",
+    options=HetLoRAOptions,
+    legacy_section="hetlora",
 )

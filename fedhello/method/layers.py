@@ -24,6 +24,7 @@ from fedhello.method.allocation import (
     pattern_prior,
 )
 from fedhello.method.base import Assignment, Method, MethodContext, RoundInputs, RoundPlan
+from fedhello.method.fisher import FisherOptions
 from fedhello.method.registry import register_method
 
 
@@ -36,7 +37,7 @@ class LayerAllocation(Method):
 
     def plan_round(self, inputs: RoundInputs) -> RoundPlan:
         r = inputs.round_number
-        fisher = self.strategy.prepare_round(r, inputs.layer_scores)
+        fisher = self.strategy.prepare_round(r, lambda: inputs.layer_scores(self.ctx.options))
         budgets = {c: p.budget for c, p in inputs.profiles.items()}
         limits = {c: p.limits for c, p in inputs.profiles.items() if p.limits is not None}
         allocation = self.strategy.allocate(r, budgets, inputs.rng, limits or None)
@@ -65,8 +66,8 @@ def resolve_rounds(value: int | float, total_rounds: int, minimum: int) -> int:
 def fisher_strategy(
     name: str, ctx: MethodContext, prior_pattern: str, warmup: int | float, refresh: int | float
 ) -> FisherAllocation:
-    """A Fisher-driven strategy; `fisher.warmup_rounds` / `refresh_every` override the defaults."""
-    f = ctx.fisher
+    """A Fisher-driven strategy; its options' `warmup_rounds` / `refresh_every` override the defaults."""
+    f = ctx.options if isinstance(ctx.options, FisherOptions) else FisherOptions()
     prior = pattern_prior(prior_pattern, ctx.budgets, ctx.shares, ctx.num_layers)
     w = resolve_rounds(f.warmup_rounds if f.warmup_rounds is not None else warmup, ctx.rounds, 0)
     e = resolve_rounds(f.refresh_every if f.refresh_every is not None else refresh, ctx.rounds, 1)
@@ -107,11 +108,15 @@ def _register() -> None:
         ),
         "Fed-HeLLo: RGD-HLA with a Bottleneck prior for the first 10% of rounds, then Fisher-driven "
         "probabilities refreshed every 10% of rounds (released: W=50, E=50 of 500)",
+        options=FisherOptions,
+        legacy_section="fisher",
     )
     register_method(
         "fim",
         lambda ctx: LayerAllocation("fim", ctx, fisher_strategy("fim", ctx, "uniform", 0, 1)),
         "FIM-HLA: Fisher-driven probabilities recomputed every round",
+        options=FisherOptions,
+        legacy_section="fisher",
     )
     fixed("full", summary="every client trains every layer, whatever its budget")
     fixed("fedit", summary="FedIT: homogeneous LoRA, all layers, FedAvg (ignores budgets)")

@@ -1,16 +1,23 @@
-"""Every method by name: one registration per method, with its one-line summary.
+"""Every method by name: one registration per method, with its one-line summary and, when it has
+any, the pydantic model of its options (the config's `method_options` section).
 
-    register_method("my-method", lambda ctx: MyMethod("my-method", ctx), "what it does")
+    class MyOptions(StrictModel):
+        alpha: float = 0.5
+    register_method("my-method", lambda ctx: MyMethod("my-method", ctx), "what it does", options=MyOptions)
 
-The built-in methods register themselves in `fedhello/method/layers.py`, `hetlora.py` and
-`flexlora.py`; they are imported the first time the registry is asked.
+The method reads its validated options as `self.ctx.options`. The built-in methods register
+themselves in `fedhello/method/layers.py`, `hetlora.py` and `flexlora.py`; they are imported the
+first time the registry is asked.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from fedhello.errors import UserError
 from fedhello.method.base import Method, MethodContext
@@ -23,17 +30,27 @@ class MethodEntry:
     name: str
     factory: MethodFactory
     summary: str
+    options: type[BaseModel] | None = None  # the model `method_options` is validated by
+    legacy_section: str | None = None  # the config section that held these options before method_options
 
 
 _METHODS: dict[str, MethodEntry] = {}
 DEFAULT_METHOD = "fedhello"
 
 
-def register_method(name: str, factory: MethodFactory, summary: str = "") -> None:
-    """Make `method: name` build `factory(ctx)`. Names are unique."""
+def register_method(
+    name: str,
+    factory: MethodFactory,
+    summary: str = "",
+    *,
+    options: type[BaseModel] | None = None,
+    legacy_section: str | None = None,
+) -> None:
+    """Make `method: name` build `factory(ctx)`, with `ctx.options` an instance of `options`
+    validated from the config's `method_options`. Names are unique."""
     if name in _METHODS and _METHODS[name].factory is not factory:
         raise ValueError(f"method '{name}' is already registered")
-    _METHODS[name] = MethodEntry(name, factory, summary)
+    _METHODS[name] = MethodEntry(name, factory, summary, options, legacy_section)
 
 
 def _builtins() -> None:
@@ -51,6 +68,36 @@ def check_method(name: str) -> None:
     entries = method_entries()
     if name not in entries:
         raise ValueError(f"unknown method '{name}' (choose from {', '.join(entries)})")
+
+
+def legacy_sections() -> dict[str, type[BaseModel]]:
+    """Config sections that held method options before `method_options` (`fisher`, `hetlora`),
+    with the options model each holds."""
+    return {e.legacy_section: e.options for e in method_entries().values() if e.legacy_section and e.options}
+
+
+def parse_method_options(
+    name: str, given: Mapping[str, Any], where: str = "method_options"
+) -> BaseModel | None:
+    """The options of method `name` validated from `given`; ValueError naming the key otherwise."""
+    entry = method_entries().get(name)
+    if entry is None:
+        return None  # the method name itself is reported
+    if entry.options is None:
+        if given:
+            raise ValueError(f"{where}: method '{name}' takes no options")
+        return None
+    try:
+        return entry.options.model_validate(dict(given))
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        msg = (
+            "unknown key"
+            if first["type"] == "extra_forbidden"
+            else first["msg"].removeprefix("Value error, ")
+        )
+        raise ValueError(f"{where}.{key}: {msg} (an option of method '{name}')") from None
 
 
 def build_method(name: str, ctx: MethodContext) -> Method:

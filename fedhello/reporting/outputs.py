@@ -15,7 +15,7 @@ from fedhello.reporting.plots import (
     plot_layer_heatmap,
     plot_metric,
 )
-from fedhello.reporting.summary import beats_baseline, summarize, summarize_budgets
+from fedhello.reporting.summary import SUMMARY_SCHEMA, Summary, beats_baseline, summarize, summarize_budgets
 
 if TYPE_CHECKING:
     from fedhello.engine.experiment import Experiment
@@ -86,6 +86,7 @@ def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wa
         sat_out = [g for g, b in summary["budgets"].items() if b["sat_out"]]
         if sat_out:
             summary["groups_sat_out"] = {g: summary["budgets"][g]["sat_out_reason"] for g in sat_out}
+    summary = Summary.from_json({"summary_schema": SUMMARY_SCHEMA, **summary}).to_json()  # typed: checked
     write_json_atomic(run_dir / "summary.json", summary)
     title = f"{exp.cfg.method} (seed {exp.cfg.seed})" + ("" if task.pretrained else ", not pretrained")
     label = task.trivial_baseline_name.replace("_", " ")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,31 +24,24 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fedhello.grid import git_commit, load_cells
-from fedhello.reporting.summary import baseline_name, baseline_score, beats_baseline
+from fedhello.method.registry import DEFAULT_METHOD
+from fedhello.reporting.summary import SCORE_LABELS, ScoreKind, Summary, beats_baseline
 
 MiB = 2**20
 FLAG = "†"  # marks a score that does not beat the trivial baseline
 
 
-def score_keys(metric: str) -> dict[str, str]:
-    """Summary keys of the three ways a primary metric is reported."""
-    return {
-        "final": f"final_test_{metric}",
-        "last-5": f"mean_last5_test_{metric}",
-        "at best val": f"test_{metric}_at_best_val",
-    }
-
-
 @dataclass
-class Grid:
-    """One grid's cells, grouped by (setting, roc, method)."""
+class GridResults:
+    """One grid's finished cells, grouped by (setting, roc, method); each cell's "summary" is a
+    `Summary`."""
 
     path: Path
     cells: list[dict[str, Any]]
     meta: dict[str, Any]
 
     @classmethod
-    def load(cls, path: Path) -> Grid:
+    def load(cls, path: Path) -> GridResults:
         meta_path = path / "grid.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         return cls(path, load_cells(path), meta)
@@ -76,28 +69,31 @@ class Grid:
         if not self.cells:
             return "?"
         name = str(self.cells[0].get("model", "?"))
-        if any(c["summary"].get("pretrained") is False for c in self.cells):
+        if any(c["summary"].pretrained is False for c in self.cells):
             name += " (not pretrained)"
         return name
 
     @property
     def metric(self) -> str:
         """The task's primary metric (cells written before typed records: accuracy)."""
-        return str(self.cells[0]["summary"].get("primary_metric", "accuracy")) if self.cells else "accuracy"
+        return self.summary.primary_metric if self.cells else "accuracy"
 
     @property
     def higher_is_better(self) -> bool:
-        return bool(self.cells[0]["summary"].get("higher_is_better", True)) if self.cells else True
+        return self.summary.higher_is_better if self.cells else True
+
+    @property
+    def summary(self) -> Summary:
+        """The first cell's summary (what every cell of the grid shares: task, groups, layers)."""
+        summary = self.cells[0]["summary"]
+        assert isinstance(summary, Summary)
+        return summary
 
     @property
     def extra_metrics(self) -> list[str]:
         """Other final test metrics the cells report (e.g. macro_f1), in first-seen order."""
-        names: dict[str, None] = {}
-        for c in self.cells:
-            for key in c["summary"]:
-                if key.startswith("final_test_") and key != f"final_test_{self.metric}":
-                    names[key.removeprefix("final_test_")] = None
-        return [n for n in names if n != "loss"]
+        names = dict.fromkeys(n for c in self.cells for n in c["summary"].final_metrics())
+        return [n for n in names if n not in (self.metric, "loss")]
 
     def baseline(self, setting: str, metric: str | None = None) -> float:
         """The trivial baseline's test score in a setting (mean over its cells; NaN if unknown)."""
@@ -106,13 +102,13 @@ class Grid:
         for c in self.cells:
             if c["cell"]["setting"] != setting:
                 continue
-            value = baseline_score(c["summary"], metric)
+            value = c["summary"].baseline_score(metric)
             if value is not None:
                 values.append(value)
         return float(np.mean(values)) if values else float("nan")
 
     def baseline_name(self) -> str:
-        return baseline_name(self.cells[0]["summary"]).replace("_", " ")
+        return self.summary.baseline_name.replace("_", " ")
 
     def beats(self, value: float, setting: str, metric: str | None = None) -> bool:
         """Whether a score beats the setting's trivial baseline (True when either is unknown)."""
@@ -122,13 +118,29 @@ class Grid:
         return bool(beats_baseline(value, base, self.higher_is_better))
 
 
-def _budget(group: dict[str, Any]) -> int:
-    """A group's layer budget (cells written before the rename call it num_layers)."""
-    return int(group.get("budget", group.get("num_layers", 0)))
+SummaryValue = Callable[[Summary], float | None]
 
 
-def _values(cells: Sequence[dict[str, Any]], key: str) -> list[float]:
-    return [float(c["summary"][key]) for c in cells if c["summary"].get(key) is not None]
+def _values(cells: Sequence[dict[str, Any]], get: SummaryValue) -> list[float]:
+    """`get` of every cell's summary, where it has a value."""
+    values = [get(c["summary"]) for c in cells]
+    return [float(v) for v in values if v is not None]
+
+
+def _scores(cells: Sequence[dict[str, Any]], kind: ScoreKind, metric: str) -> list[float]:
+    return _values(cells, lambda s: s.score(kind, metric))
+
+
+def _uploaded(s: Summary) -> float:
+    return s.bytes_uploaded_total
+
+
+def _downloaded(s: Summary) -> float:
+    return s.bytes_downloaded_total
+
+
+def _client_seconds(s: Summary) -> float:
+    return s.client_train_seconds
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -146,13 +158,13 @@ def _fmt(values: Sequence[float]) -> str:
 
 
 def _peak_mib(cells: Sequence[dict[str, Any]], group: str) -> float:
-    vals = [c["summary"]["peak_memory_bytes_by_group"].get(group, 0) for c in cells]
+    vals = [c["summary"].peak_memory_bytes_by_group.get(group, 0) for c in cells]
     vals = [v for v in vals if v]
     return float(np.median(vals)) / MiB if vals else float("nan")
 
 
 def _step_s(cells: Sequence[dict[str, Any]], group: str) -> float:
-    vals = [c["summary"]["step_seconds_median_by_group"].get(group) for c in cells]
+    vals = [c["summary"].step_seconds_median_by_group.get(group) for c in cells]
     vals = [v for v in vals if v is not None]
     return float(np.median(vals)) if vals else float("nan")
 
@@ -164,28 +176,26 @@ def _mean_client_peak(cells: Sequence[dict[str, Any]]) -> float:
 
 
 # -- tables --------------------------------------------------------------------------------
-def accuracy_table(grid: Grid, roc: str) -> str:
+def accuracy_table(grid: GridResults, roc: str) -> str:
     """Methods x (setting, way of reporting) of the primary metric, the other final metrics, and a
     last row with the trivial baseline; a score that does not beat it carries the FLAG."""
     settings, methods = grid.ordered("setting"), grid.ordered("method")
-    keys = score_keys(grid.metric)
     extra = grid.extra_metrics
-    columns = [(a, key, grid.metric) for a, key in keys.items()] + [
-        (f"final {e}", f"final_test_{e}", e) for e in extra
-    ]
+    columns: list[tuple[str, ScoreKind, str]] = [(a, kind, grid.metric) for kind, a in SCORE_LABELS.items()]
+    columns += [(f"final {e}", "final", e) for e in extra]
     head = "| method | " + " | ".join(f"{s}: {a}" for s in settings for a, _, _ in columns) + " |"
     lines = [head, "|---" * (1 + len(settings) * len(columns)) + "|"]
     best: dict[tuple[str, str], float] = {}
     for s in settings:
-        for a, key, _ in columns:
-            means = [_mean_std(_values(grid.group(s, roc, m), key))[0] for m in methods]
+        for a, kind, metric in columns:
+            means = [_mean_std(_scores(grid.group(s, roc, m), kind, metric))[0] for m in methods]
             pick = np.nanmax if grid.higher_is_better else np.nanmin
             best[(s, a)] = pick(means) if not all(np.isnan(means)) else float("nan")
     for m in methods:
         row = []
         for s in settings:
-            for a, key, metric in columns:
-                vals = _values(grid.group(s, roc, m), key)
+            for a, kind, metric in columns:
+                vals = _scores(grid.group(s, roc, m), kind, metric)
                 text = _fmt(vals)
                 if vals and abs(_mean_std(vals)[0] - best[(s, a)]) < 1e-12:
                     text = f"**{text}**"
@@ -203,14 +213,14 @@ def accuracy_table(grid: Grid, roc: str) -> str:
     return "\n".join(lines)
 
 
-def not_beating_baseline(grid: Grid) -> list[str]:
+def not_beating_baseline(grid: GridResults) -> list[str]:
     """Every (setting, ratio, method, seed) cell whose final primary metric does not beat the
     trivial baseline of its own test split."""
     out = []
     m = grid.metric
     for c in grid.cells:
         s = c["summary"]
-        value, base = s.get(f"final_test_{m}"), baseline_score(s, m)
+        value, base = s.score("final"), s.baseline_score()
         if beats_baseline(value, base, grid.higher_is_better) is False:
             cell = c["cell"]
             out.append(
@@ -220,16 +230,14 @@ def not_beating_baseline(grid: Grid) -> list[str]:
     return out
 
 
-def cost_table(grid: Grid, roc: str) -> str:
+def cost_table(grid: GridResults, roc: str) -> str:
     """Per method, pooled over settings and seeds: memory and step time per group, bytes, compute."""
     methods = grid.ordered("method")
-    cells0 = grid.cells[0]
-    groups = list(cells0["summary"]["groups"])
+    summary = grid.summary
+    groups = list(summary.groups)
     head = (
         "| method | "
-        + " | ".join(
-            f"{g} ({_budget(cells0['summary']['groups'][g])} layers): peak MiB, step s" for g in groups
-        )
+        + " | ".join(f"{g} ({summary.layer_budget(g)} layers): peak MiB, step s" for g in groups)
         + " | upload MB/round | download MB/round | upload MB total | download MB total | client compute s total |"
     )
     lines = [head, "|---" * (6 + len(groups)) + "|"]
@@ -246,16 +254,16 @@ def cost_table(grid: Grid, roc: str) -> str:
         rounds = [r for c in cells for r in c["rounds"]]
         up = np.mean([r.bytes_up for r in rounds]) / 1e6
         down = np.mean([r.bytes_down for r in rounds]) / 1e6
-        up_total = np.mean(_values(cells, "bytes_uploaded_total")) / 1e6
-        down_total = np.mean(_values(cells, "bytes_downloaded_total")) / 1e6
-        compute = np.mean(_values(cells, "client_train_seconds"))
+        up_total = np.mean(_values(cells, _uploaded)) / 1e6
+        down_total = np.mean(_values(cells, _downloaded)) / 1e6
+        compute = np.mean(_values(cells, _client_seconds))
         lines.append(
             f"| {m} | {per_group} | {up:.2f} | {down:.2f} | {up_total:.1f} | {down_total:.1f} | {compute:.0f} |"
         )
     return "\n".join(lines)
 
 
-def budget_table(grid: Grid) -> str | None:
+def budget_table(grid: GridResults) -> str | None:
     """For methods run with device budgets (docs/budgets.md): per group, the memory budget, the
     worst predicted and measured peak memory over every client-round (frozen model included),
     the clients over budget and the client-rounds that sat out, pooled over settings, ratios and
@@ -266,11 +274,11 @@ def budget_table(grid: Grid) -> str | None:
         "|---" * 9 + "|",
     ]
     for m in grid.ordered("method"):
-        cells = [c for c in grid.cells if c["cell"]["method"] == m and "budgets" in c["summary"]]
+        cells = [c for c in grid.cells if c["cell"]["method"] == m and c["summary"].budgets is not None]
         if not cells:
             continue
-        for g in cells[0]["summary"]["budgets"]:
-            rows = [c["summary"]["budgets"][g] for c in cells]
+        for g in cells[0]["summary"].budgets:
+            rows = [c["summary"].budgets[g] for c in cells]
             budget = rows[0]["memory"]
 
             def worst(key: str, rows: list[dict[str, Any]] = rows) -> str:
@@ -287,46 +295,49 @@ def budget_table(grid: Grid) -> str | None:
     return "\n".join(lines) if len(lines) > 2 else None
 
 
-def fedit_fraction_table(grid: Grid, method: str = "fedhello", reference: str = "fedit") -> str:
-    """What fraction of FedIT's accuracy `method` reaches, at what fraction of its costs."""
+def fraction_table(grid: GridResults, method: str, reference: str) -> str:
+    """What fraction of the reference method's score `method` reaches, at what fraction of its costs."""
     lines = [
         f"| setting | client ratio | {method} final acc | {reference} final acc | accuracy fraction (final) "
         "| accuracy fraction (last-5) | upload bytes fraction | mean client peak memory fraction "
         "| low group peak memory fraction |",
         "|---" * 9 + "|",
     ]
-    low = next(iter(grid.cells[0]["summary"]["groups"])) if grid.cells else ""
+    low = next(iter(grid.summary.groups)) if grid.cells else ""
     for s in grid.ordered("setting"):
         for roc in grid.ordered("roc"):
             a, b = grid.group(s, roc, method), grid.group(s, roc, reference)
             if not a or not b:
                 continue
-            keys = score_keys(grid.metric)
-            fa, fb = _mean_std(_values(a, keys["final"]))[0], _mean_std(_values(b, keys["final"]))[0]
-            la, lb = (
-                _mean_std(_values(a, keys["last-5"]))[0],
-                _mean_std(_values(b, keys["last-5"]))[0],
-            )
-            up = np.mean(_values(a, "bytes_uploaded_total")) / np.mean(_values(b, "bytes_uploaded_total"))
+            m = grid.metric
+            fa, fb = _mean_std(_scores(a, "final", m))[0], _mean_std(_scores(b, "final", m))[0]
+            la, lb = _mean_std(_scores(a, "last5", m))[0], _mean_std(_scores(b, "last5", m))[0]
+            up = np.mean(_values(a, _uploaded)) / np.mean(_values(b, _uploaded))
             mem = _mean_client_peak(a) / _mean_client_peak(b)
             low_mem = _peak_mib(a, low) / _peak_mib(b, low)
             lines.append(
-                f"| {s} | {roc} | {fa:.3f} | {fb:.3f} | {fa / fb:.2f} | {la / lb:.2f} | {up:.2f} | {mem:.2f} | {low_mem:.2f} |"
+                f"| {s} | {roc} | {fa:.3f} | {fb:.3f} | {_ratio(fa, fb)} | {_ratio(la, lb)} | {up:.2f} | {mem:.2f} "
+                f"| {low_mem:.2f} |"
             )
     return "\n".join(lines)
 
 
-def losses_against(grid: Grid, method: str = "fedhello") -> list[str]:
+def _ratio(a: float, b: float) -> str:
+    """a / b to two decimals; n/a where b is zero or either is unknown (a reference that scored 0)."""
+    return "n/a" if b == 0 or np.isnan(a) or np.isnan(b) else f"{a / b:.2f}"
+
+
+def losses_against(grid: GridResults, method: str) -> list[str]:
     """Every (setting, ratio, baseline) where `method` does not have the higher mean final accuracy."""
     out = []
     for s in grid.ordered("setting"):
         for roc in grid.ordered("roc"):
-            mine = _values(grid.group(s, roc, method), score_keys(grid.metric)["final"])
+            mine = _scores(grid.group(s, roc, method), "final", grid.metric)
             if not mine:
                 continue
             m_mean, m_std = _mean_std(mine)
             for other in grid.ordered("method"):
-                theirs = _values(grid.group(s, roc, other), score_keys(grid.metric)["final"])
+                theirs = _scores(grid.group(s, roc, other), "final", grid.metric)
                 if other == method or not theirs:
                     continue
                 o_mean, o_std = _mean_std(theirs)
@@ -343,7 +354,7 @@ def losses_against(grid: Grid, method: str = "fedhello") -> list[str]:
     return out
 
 
-def write_csv(grids: Sequence[Grid], path: Path) -> None:
+def write_csv(grids: Sequence[GridResults], path: Path) -> None:
     """One row per (grid, setting, ratio, method): accuracies over seeds and costs."""
     import csv
 
@@ -351,7 +362,7 @@ def write_csv(grids: Sequence[Grid], path: Path) -> None:
         w = csv.writer(f)
         head = ["model", "grid", "setting", "roc", "method", "seeds"]
         head += ["metric"]
-        for a in score_keys("accuracy"):
+        for a in SCORE_LABELS.values():
             head += [f"{a} mean", f"{a} std"]
         head += ["trivial baseline"]
         head += ["upload MB total", "download MB total", "client train s total", "mean client peak MiB"]
@@ -365,13 +376,13 @@ def write_csv(grids: Sequence[Grid], path: Path) -> None:
                             continue
                         row: list[Any] = [g.model, g.path.name, s, roc, m, len(cells)]
                         row += [g.metric]
-                        for key in score_keys(g.metric).values():
-                            row += [f"{x:.4f}" for x in _mean_std(_values(cells, key))]
+                        for kind in SCORE_LABELS:
+                            row += [f"{x:.4f}" for x in _mean_std(_scores(cells, kind, g.metric))]
                         row += [f"{g.baseline(s):.4f}"]
                         row += [
-                            f"{np.mean(_values(cells, 'bytes_uploaded_total')) / 1e6:.3f}",
-                            f"{np.mean(_values(cells, 'bytes_downloaded_total')) / 1e6:.3f}",
-                            f"{np.mean(_values(cells, 'client_train_seconds')):.2f}",
+                            f"{np.mean(_values(cells, _uploaded)) / 1e6:.3f}",
+                            f"{np.mean(_values(cells, _downloaded)) / 1e6:.3f}",
+                            f"{np.mean(_values(cells, _client_seconds)):.2f}",
                             f"{_mean_client_peak(cells) / MiB:.1f}",
                         ]
                         w.writerow(row)
@@ -401,7 +412,7 @@ def _colors(methods: Sequence[str]) -> dict[str, Any]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
 
-def plot_curves(grid: Grid, roc: str, path: Path) -> None:
+def plot_curves(grid: GridResults, roc: str, path: Path) -> None:
     settings, methods = grid.ordered("setting"), grid.ordered("method")
     colors = _colors(methods)
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
@@ -418,7 +429,9 @@ def plot_curves(grid: Grid, roc: str, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_accuracy_vs_cost(grid: Grid, key: str, label: str, scale: float, path: Path) -> None:
+def plot_accuracy_vs_cost(
+    grid: GridResults, cost: SummaryValue, label: str, scale: float, path: Path
+) -> None:
     settings, methods = grid.ordered("setting"), grid.ordered("method")
     colors = _colors(methods)
     markers = dict(zip(grid.ordered("roc"), "os^Dv", strict=False))
@@ -429,8 +442,8 @@ def plot_accuracy_vs_cost(grid: Grid, key: str, label: str, scale: float, path: 
                 cells = grid.group(s, roc, m)
                 if not cells:
                     continue
-                x = np.mean(_values(cells, key)) / scale
-                y = np.mean(_values(cells, score_keys(grid.metric)["final"]))
+                x = np.mean(_values(cells, cost)) / scale
+                y = np.mean(_scores(cells, "final", grid.metric))
                 ax.scatter(x, y, color=colors[m], marker=marker, s=36, label=f"{m} ({roc})")
         ax.set_title(s)
         ax.set_xlabel(label)
@@ -440,9 +453,9 @@ def plot_accuracy_vs_cost(grid: Grid, key: str, label: str, scale: float, path: 
     _save(fig, path)
 
 
-def plot_group_costs(grid: Grid, roc: str, path: Path) -> None:
+def plot_group_costs(grid: GridResults, roc: str, path: Path) -> None:
     methods = grid.ordered("method")
-    groups = list(grid.cells[0]["summary"]["groups"])
+    groups = list(grid.summary.groups)
     fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(11, 3.8))
     width = 0.8 / len(groups)
     x = np.arange(len(methods))
@@ -458,10 +471,10 @@ def plot_group_costs(grid: Grid, roc: str, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_allocation(grid: Grid, roc: str, path: Path) -> None:
+def plot_allocation(grid: GridResults, roc: str, path: Path) -> None:
     """Realised fraction of client-rounds that trained each layer, per group and method."""
     methods = grid.ordered("method")
-    groups = list(grid.cells[0]["summary"]["groups"])
+    groups = list(grid.summary.groups)
     fig, axes = plt.subplots(
         1, len(groups), figsize=(3.6 * len(groups), 0.35 * len(methods) + 1.6), squeeze=False
     )
@@ -470,7 +483,7 @@ def plot_allocation(grid: Grid, roc: str, path: Path) -> None:
         for m in methods:
             cells = grid.pooled(m, roc)
             if not cells:
-                rows.append(np.full(grid.cells[0]["summary"]["num_layers"], np.nan))
+                rows.append(np.full(grid.summary.num_layers, np.nan))
                 continue
             rows.append(np.mean([c["layer_frequency"][g] for c in cells], axis=0))
         im = ax.imshow(np.array(rows), vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -483,15 +496,15 @@ def plot_allocation(grid: Grid, roc: str, path: Path) -> None:
 
 
 # -- the report ----------------------------------------------------------------------------
-def _describe(grid: Grid) -> str:
-    c = grid.cells[0]["summary"]
-    groups = ", ".join(f"{g} {_budget(v)} of {c['num_layers']} blocks" for g, v in c["groups"].items())
+def _describe(grid: GridResults) -> str:
+    c = grid.summary
+    groups = ", ".join(f"{g} {c.layer_budget(g)} of {c.num_layers} blocks" for g in c.groups)
     base = grid.meta.get("base_config", {})
     fed, train, data = base.get("federation", {}), base.get("train", {}), base.get("data", {})
-    aggregation = c.get("aggregation", {})
+    aggregation = c.aggregation
     robust = [f"{k.replace('_', ' ')} {v}" for k, v in aggregation.items() if k != "rejected_updates"]
     parts = [
-        f"model {grid.model} ({c['num_layers']} blocks)",
+        f"model {grid.model} ({c.num_layers} blocks)",
         *(
             ["aggregation: " + ", ".join(robust)]
             if aggregation and robust != ["rule mean", "norm bound none"]
@@ -515,12 +528,19 @@ def _describe(grid: Grid) -> str:
 
 
 def write_report(
-    grids: Sequence[Path], out: Path, *, command: str | None = None, notes: Path | None = None
+    grids: Sequence[Path],
+    out: Path,
+    *,
+    command: str | None = None,
+    notes: Path | None = None,
+    method: str = DEFAULT_METHOD,
+    reference: str = "fedit",
 ) -> None:
-    """Write the Markdown report and its PNG plots (into a folder named after the report)."""
+    """Write the Markdown report and its PNG plots (into a folder named after the report);
+    `method` is compared with every other method, and with `reference` in costs too."""
     figures = out.parent / (out.stem + "-plots")
     figures.mkdir(parents=True, exist_ok=True)
-    loaded = [g for g in (Grid.load(p) for p in grids) if g.cells]
+    loaded = [g for g in (GridResults.load(p) for p in grids) if g.cells]
     commits = sorted({c["commit"] for g in loaded for c in g.cells})
     lines = [
         "# Results: Fed-HeLLo against its baselines",
@@ -556,18 +576,21 @@ def write_report(
         below = not_beating_baseline(grid)
         lines += [f"### Cells that do not beat the {grid.baseline_name()}", ""]
         lines += (below or ["- none: every cell's final score beats it"]) + [""]
-        if "fedhello" in methods and "fedit" in methods:
+        if method in methods and reference in methods:
             lines += [
-                "### Fed-HeLLo against FedIT (all layers)",
+                f"### {method} against {reference}",
                 "",
-                "Fractions are Fed-HeLLo's value over FedIT's in the same setting and ratio (means over seeds).",
+                f"Fractions are {method}'s value over {reference}'s in the same setting and ratio (means over seeds).",
                 "",
-                fedit_fraction_table(grid),
+                fraction_table(grid, method, reference),
                 "",
             ]
-        if "fedhello" in methods:
-            losses = losses_against(grid)
-            lines += ["### Where Fed-HeLLo does not have the best mean final accuracy", ""]
+        if method in methods:
+            losses = losses_against(grid, method)
+            lines += [
+                f"### Where {method} does not have the best mean final {grid.metric.replace('_', ' ')}",
+                "",
+            ]
             lines += (losses or ["- nowhere in this grid"]) + [""]
         budgets = budget_table(grid)
         if budgets is not None:
@@ -596,16 +619,14 @@ def write_report(
                 "",
             ]
         name = f"{tag}-accuracy-vs-upload.png"
-        plot_accuracy_vs_cost(grid, "bytes_uploaded_total", "total upload (MB)", 1e6, figures / name)
+        plot_accuracy_vs_cost(grid, _uploaded, "total upload (MB)", 1e6, figures / name)
         lines += [
             "### Accuracy against communication and compute",
             "",
             f"![accuracy vs upload]({figures.name}/{name})",
         ]
         name = f"{tag}-accuracy-vs-compute.png"
-        plot_accuracy_vs_cost(
-            grid, "client_train_seconds", "total client training time (s)", 1.0, figures / name
-        )
+        plot_accuracy_vs_cost(grid, _client_seconds, "total client training time (s)", 1.0, figures / name)
         lines += ["", f"![accuracy vs client compute]({figures.name}/{name})", ""]
     out.write_text("\n".join(lines) + "\n")
     write_csv(loaded, out.with_suffix(".csv"))

@@ -9,12 +9,106 @@ classification run keeps the keys users already read (`final_test_accuracy`) and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedhello.errors import UserError
 from fedhello.records import RoundRecord
+
+SUMMARY_SCHEMA = 2  # 1: files written before the typed Summary (no "summary_schema" key)
+ScoreKind = Literal["final", "last5", "at_best_val"]
+SCORE_LABELS: dict[ScoreKind, str] = {"final": "final", "last5": "last-5", "at_best_val": "at best val"}
+
+
+class Summary(BaseModel):
+    """A run's `summary.json`, typed: what `fedhello run` returns and writes, and what grids,
+    reports and the CLI read.
+
+    The file keeps its flat keys, named after the task's metrics (`final_test_accuracy`,
+    `mean_last5_test_accuracy`, ...: see the module docstring); read those through `score` and
+    `baseline_score`, which know the names, never by building keys. Fields added later have
+    defaults, so older files read; keys this version does not know are kept as they are."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    schema_version: int = Field(1, alias="summary_schema")
+    method: str
+    task: str = "text-classification"
+    primary_metric: str = "accuracy"
+    higher_is_better: bool = True
+    rounds_completed: int = 0
+    wall_seconds: float = 0.0
+    pretrained: bool | None = None
+    num_layers: int = 0
+    groups: dict[str, dict[str, int | float]] = Field(default_factory=dict)  # name -> share, budget
+    peak_memory_bytes_by_group: dict[str, int] = Field(default_factory=dict)
+    step_seconds_median_by_group: dict[str, float | None] = Field(default_factory=dict)
+    bytes_uploaded_total: int = 0
+    bytes_downloaded_total: int = 0
+    client_train_seconds: float = 0.0
+    aggregation: dict[str, Any] = Field(default_factory=dict)
+    budgets: dict[str, dict[str, Any]] | None = None
+    trivial_baseline: dict[str, Any] = Field(default_factory=dict)  # {name, test: {metric: value}}
+    beats_trivial_baseline: bool | None = None
+
+    def _number(self, key: str) -> float | None:
+        value = (self.model_extra or {}).get(key)
+        return None if value is None else float(value)
+
+    def score(self, kind: ScoreKind = "final", metric: str | None = None) -> float | None:
+        """A test score of `metric` (the primary one by default): at the final round, the mean of
+        the last five rounds' evaluations, or at the round of best validation score."""
+        m = metric or self.primary_metric
+        key = {
+            "final": f"final_test_{m}",
+            "last5": f"mean_last5_test_{m}",
+            "at_best_val": f"test_{m}_at_best_val",
+        }
+        return self._number(key[kind])
+
+    def final_metrics(self) -> list[str]:
+        """Every metric with a final test score, the primary one first."""
+        names = [k.removeprefix("final_test_") for k in self.model_extra or {} if k.startswith("final_test_")]
+        return sorted(names, key=lambda n: n != self.primary_metric)
+
+    @property
+    def baseline_name(self) -> str:
+        """The trivial baseline's name (summaries written before tasks: majority_class)."""
+        return str(self.trivial_baseline.get("name", "majority_class"))
+
+    def baseline_score(self, metric: str | None = None) -> float | None:
+        """The trivial baseline's test score of `metric` (the primary one by default)."""
+        return self._number(f"{self.baseline_name}_test_{metric or self.primary_metric}")
+
+    def layer_budget(self, group: str) -> int:
+        """A group's layer budget (summaries written before the rename call it num_layers)."""
+        entry = self.groups[group]
+        return int(entry.get("budget", entry.get("num_layers", 0)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as written: the keys it was made with (absent ones stay absent)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], where: str = "summary") -> Summary:
+        """A summary of any version; one line naming the file and field when it is not one."""
+        try:
+            return cls.model_validate(dict(obj))
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise UserError(f"{where}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+    @classmethod
+    def read(cls, path: Path) -> Summary:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()), str(path))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable summary ({e.__class__.__name__})") from None
 
 
 def summarize(
@@ -184,14 +278,3 @@ def beats_baseline(value: float | None, baseline: float | None, higher_is_better
     if value is None or baseline is None:
         return None
     return value > baseline if higher_is_better else value < baseline
-
-
-def baseline_name(summary: dict[str, Any]) -> str:
-    """The name of the run's trivial baseline (summaries written before tasks: majority_class)."""
-    return str(summary.get("trivial_baseline", {}).get("name", "majority_class"))
-
-
-def baseline_score(summary: dict[str, Any], metric: str) -> float | None:
-    """The trivial baseline's test score of `metric` in a summary, if it has one."""
-    value = summary.get(f"{baseline_name(summary)}_test_{metric}")
-    return None if value is None else float(value)

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from fedhello.errors import UserError
 
 if TYPE_CHECKING:
-    from fedhello.config import ExperimentConfig, FisherConfig
+    from fedhello.config import ExperimentConfig
+    from fedhello.method.fisher import FisherOptions
 
 
 class Examples(Protocol):
@@ -89,7 +90,7 @@ class Task(ABC):
     def load_proxy_examples(self, examples: Examples, path: str) -> tuple[Examples, np.ndarray]:
         """`examples` plus a separate proxy file appended; returns (merged, indices of the proxy).
         Tasks that cannot read one keep this default: a one-line error naming the setting."""
-        raise UserError(f"fisher.proxy_path: task {self.name} cannot read a separate proxy file")
+        raise UserError(f"data.proxy_path: task {self.name} cannot read a separate proxy file")
 
     @abstractmethod
     def load_model(self, examples: Examples) -> nn.Module:
@@ -135,7 +136,7 @@ class Task(ABC):
 
     @abstractmethod
     def fisher_objective(
-        self, model: nn.Module, batch: dict[str, Tensor], options: FisherConfig, uniforms: Tensor
+        self, model: nn.Module, batch: dict[str, Tensor], options: FisherOptions, uniforms: Tensor
     ) -> Tensor:
         """Per-example objective (shape [batch]) whose squared gradients make the diagonal Fisher:
         the log-likelihood of the target under `options` (see docs/method.md). `uniforms` holds one

@@ -31,18 +31,21 @@ import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedhello.config import ExperimentConfig, FisherConfig
+from fedhello.config import ExperimentConfig
 from fedhello.data.instructions import InstructionExamples, load_instruction_examples
 from fedhello.data.tokenize import pad_to_length
 from fedhello.errors import UserError
 from fedhello.models.blocks import unwrap
 from fedhello.seeding import Stream, numpy_rng
+
+if TYPE_CHECKING:
+    from fedhello.method.fisher import FisherOptions
 from fedhello.tasks.base import Examples, Task, batches
 
 log = logging.getLogger(__name__)
@@ -270,7 +273,7 @@ class CausalLM(Task):
         return -log_probs.mean()
 
     def fisher_objective(
-        self, model: nn.Module, batch: dict[str, Tensor], options: FisherConfig, uniforms: Tensor
+        self, model: nn.Module, batch: dict[str, Tensor], options: FisherOptions, uniforms: Tensor
     ) -> Tensor:
         """log p(response | prompt) of each example: the sum over its target tokens."""
         if options.labels != "empirical" or options.objective != "log_likelihood":

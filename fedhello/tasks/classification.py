@@ -7,15 +7,17 @@ cross-entropy), the majority-class baseline and the Fisher objective log p(y|x).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedhello.config import FisherConfig
 from fedhello.tasks.base import Examples, Task, batches
 from fedhello.tasks.metrics import macro_f1, majority_class_metrics
+
+if TYPE_CHECKING:
+    from fedhello.method.fisher import FisherOptions
 
 
 class Classification(Task):
@@ -57,7 +59,7 @@ class Classification(Task):
         return majority_class_metrics(examples.labels[indices])
 
     def fisher_objective(
-        self, model: nn.Module, batch: dict[str, Tensor], options: FisherConfig, uniforms: Tensor
+        self, model: nn.Module, batch: dict[str, Tensor], options: FisherOptions, uniforms: Tensor
     ) -> Tensor:
         """log p(y|x) (or the raw true-class logit), with y from the data (empirical Fisher) or
         sampled from the model by inverting its predictive CDF with `uniforms` (true Fisher)."""

@@ -47,7 +47,7 @@ class TextClassification(Classification):
         unknown = sorted(set(extra.label_names) - set(ids))
         if unknown:
             raise UserError(
-                f"fisher.proxy_path: {path}: labels not in the training data: {', '.join(unknown[:5])}"
+                f"data.proxy_path: {path}: labels not in the training data: {', '.join(unknown[:5])}"
             )
         labels = np.array([ids[extra.label_names[y]] for y in extra.labels], dtype=np.int64)
         # proxy examples belong to no domain (-1); they never go to a client
