@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fedhello.method.allocation import AllocationStrategy
@@ -66,4 +69,14 @@ def train_first_client(exp: Any, layers: tuple[int, ...], **train: Any) -> Any:
         seed=0,
         round_number=1,
         device=exp.device,
+    )
+
+
+def run_simulated(overrides: list[str], out: Path) -> subprocess.CompletedProcess[str]:
+    """`fedhello run ... engine=flower --out OUT` in a process of its own (Flower's simulation)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedhello", "run", *overrides, "engine=flower", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )

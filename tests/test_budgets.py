@@ -15,7 +15,7 @@ from fedhello.config import load_config
 from fedhello.errors import UserError
 from fedhello.method.allocation import FixedAllocation, sample_layers, sample_layers_within
 from fedhello.method.base import ClientProfile, MethodContext, RoundInputs
-from fedhello.method.budgets import Budget, CostModel, LayerLimits, check_budget_fits
+from fedhello.method.budgets import CostModel, DeviceBudget, LayerLimits, check_budget_fits
 from fedhello.method.registry import build_method, method_entries
 from fedhello.records import read_records
 
@@ -74,23 +74,23 @@ def test_malformed_budget_is_one_line_naming_the_field(
 def test_limits_give_the_lowest_block_per_layer_count() -> None:
     costs = synthetic_costs()
     # a set from block m of n layers: 100 + 10 (6 - m) + 3 n MiB
-    limits = costs.limits(Budget(memory=100 * MiB + 30 * MiB + 9 * MiB), steps=1)
+    limits = costs.limits(DeviceBudget(memory=100 * MiB + 30 * MiB + 9 * MiB), steps=1)
     assert limits.lowest == (3, 3, 3, None, None, None)  # 3 layers from block 3: 139 MiB fits
     assert limits.fits((3, 4, 5)) and not limits.fits((2, 4, 5)) and not limits.fits((2, 3, 4, 5))
     assert limits.max_rank is None  # all layers never fit: rank methods sit out
     assert limits.describe() == "up to 3 layers: 3 from block 3, 2 from block 3, 1 from block 3"
     # time: 1 + 0.1 (6 - m) s per step, 10 steps, on a device half as fast
-    slow = costs.limits(Budget(seconds_per_round=2 * 10 * 1.3, speed=0.5), steps=10)
+    slow = costs.limits(DeviceBudget(seconds_per_round=2 * 10 * 1.3, speed=0.5), steps=10)
     assert slow.lowest[0] == 3 and slow.lowest[2] == 3
     # upload: 1 MiB per layer at rank 8; at most 2.5 MiB -> 2 layers at full rank, rank 3 on all 6
-    up = costs.limits(Budget(upload=int(2.5 * MiB)), steps=1)
+    up = costs.limits(DeviceBudget(upload=int(2.5 * MiB)), steps=1)
     assert up.counts() == [1, 2] and up.lowest[1] == 0
     assert up.max_rank == 3
 
 
 def test_a_budget_nothing_fits_is_one_line_with_what_is_needed() -> None:
     costs = synthetic_costs()
-    budget = Budget(memory=105 * MiB)
+    budget = DeviceBudget(memory=105 * MiB)
     limits = costs.limits(budget, steps=1)
     with pytest.raises(
         UserError, match=r"groups.0: memory 105 MiB is below the least a client needs, 113 MiB"
@@ -266,12 +266,12 @@ def test_clients_over_budget_are_counted_and_groups_that_never_train_are_named()
     from fedhello.reporting.summary import summarize_budgets
 
     over = Cost(100 * MiB, 50 * MiB, 0.5, 4, 3 * MiB, speed=0.5)
-    assert over.over(Budget(memory=140 * MiB, seconds_per_round=3.0, upload=2 * MiB)) == [
+    assert over.over(DeviceBudget(memory=140 * MiB, seconds_per_round=3.0, upload=2 * MiB)) == [
         "memory",
         "time",
         "upload",
     ]
-    assert over.over(Budget(memory=150 * MiB, seconds_per_round=4.0, upload=3 * MiB)) == []
+    assert over.over(DeviceBudget(memory=150 * MiB, seconds_per_round=4.0, upload=3 * MiB)) == []
     trained = ClientRecord(
         client=0, group="low", layers=[5], model_memory_bytes=100 * MiB, peak_memory_bytes=50 * MiB,
         predicted_memory_bytes=140 * MiB, predicted_seconds=1.0, seconds=2.0, over_budget=["memory"],

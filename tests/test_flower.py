@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import pytest
 import torch
 import yaml
 from flower_deployment import TestDeployment
+from helpers import run_simulated
 from safetensors.torch import load_file
 
 from fedhello import load_config, run_experiment
@@ -112,21 +112,7 @@ def test_simulation_engine_equals_in_process(
 ) -> None:
     overrides = _base(tiny_overrides, f"method={method}", "hetlora.self_pruning=true")
     run_experiment(load_config(overrides=overrides), tmp_path / "local")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedhello",
-            "run",
-            *overrides,
-            "engine=flower",
-            "--out",
-            str(tmp_path / "sim"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_simulated(overrides, tmp_path / "sim")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(tmp_path / "local", tmp_path / "sim")
     summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
@@ -137,21 +123,8 @@ def test_a_simulated_round_without_replies_ends_in_one_line_exit_2(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
     # replies cannot arrive within 1 ms; discovery still waits for its nodes (connect_timeout=1)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedhello",
-            "run",
-            *_base(tiny_overrides, "flower.round_timeout=0.001", "flower.connect_timeout=1"),
-            "engine=flower",
-            "--out",
-            str(tmp_path / "sim"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    overrides = _base(tiny_overrides, "flower.round_timeout=0.001", "flower.connect_timeout=1")
+    proc = run_simulated(overrides, tmp_path / "sim")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

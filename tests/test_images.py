@@ -338,28 +338,13 @@ def test_vit_run_resumes_exactly_and_is_reproducible(
 def test_vit_flower_simulation_round_equals_in_process(
     image_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
-    import subprocess
-    import sys
+    from helpers import run_simulated
 
     overrides = image_overrides(
         "federation.rounds=1", "partition.num_clients=3", "federation.clients_per_round=3"
     )
     run_experiment(load_config(overrides=overrides), tmp_path / "local")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedhello",
-            "run",
-            *overrides,
-            "engine=flower",
-            "--out",
-            str(tmp_path / "sim"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_simulated(overrides, tmp_path / "sim")
     assert proc.returncode == 0, proc.stderr[-3000:]
     local, sim = _records(tmp_path / "local"), _records(tmp_path / "sim")
     assert len(sim) == 1

@@ -277,14 +277,14 @@ def recheck(exp: Experiment, costs: CostModel) -> str | None:
 def attach_costs(exp: Experiment, run_dir: Path | None = None) -> None:
     """Calibrate when any group states a device budget (a run without budgets is untouched),
     and refuse budgets nothing fits before any training."""
-    if not any(g.device.constrained for g in exp.groups):
+    if not any(g.device_budget.constrained for g in exp.groups):
         return
     exp.costs = calibrated(exp, run_dir)
     quality = exp.costs.quality
     if (
         quality is not None
         and quality.noisy
-        and any(g.device.seconds_per_round is not None for g in exp.groups)
+        and any(g.device_budget.seconds_per_round is not None for g in exp.groups)
     ):
         log.warning(
             "cost model: time budgets are planned with a noisy calibration, %s; "
@@ -298,8 +298,8 @@ def check_budgets(exp: Experiment) -> None:
     """A one-line error naming the group for a budget that not even the top block alone fits."""
     assert exp.costs is not None
     for i, group in enumerate(exp.groups):
-        if group.device.constrained:
+        if group.device_budget.constrained:
             steps = exp.group_steps(i)
-            limits = exp.costs.limits(group.device, steps)
-            need = exp.costs.smallest_need(steps, group.device.speed)
-            check_budget_fits(limits, need, group.device, f"groups.{i} ({group.name})")
+            limits = exp.costs.limits(group.device_budget, steps)
+            need = exp.costs.smallest_need(steps, group.device_budget.speed)
+            check_budget_fits(limits, need, group.device_budget, f"groups.{i} ({group.name})")

@@ -72,15 +72,17 @@ class Experiment:
     def limits(self, client: int) -> LayerLimits | None:
         """The layer sets this client's device budgets allow (None: its group states none)."""
         group = self.group_of(client)
-        if self.costs is None or not group.device.constrained:
+        if self.costs is None or not group.device_budget.constrained:
             return None
-        return self.costs.limits(group.device, self.client_steps(client))
+        return self.costs.limits(group.device_budget, self.client_steps(client))
 
     def predicted_cost(self, client: int, layers: Sequence[int], rank: int | None) -> Cost | None:
         """The cost model's prediction for a client's assignment (None without a cost model)."""
         if self.costs is None or not layers:
             return None
-        return self.costs.predict(layers, self.client_steps(client), rank, self.group_of(client).device.speed)
+        return self.costs.predict(
+            layers, self.client_steps(client), rank, self.group_of(client).device_budget.speed
+        )
 
     def trivial_baseline(self, split: str = "test") -> dict[str, float]:
         """The task's trivial predictor on a split (e.g. always the largest class)."""

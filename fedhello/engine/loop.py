@@ -129,7 +129,7 @@ def run_federation(
             if record.missing:
                 log.warning("round %d: no reply from clients %s; aggregated the others", r, record.missing)
             for group in exp.groups if exp.costs is not None else ():
-                drift = new_drift_warning([*records, record], group.name, group.device.speed)
+                drift = new_drift_warning([*records, record], group.name, group.device_budget.speed)
                 if drift is not None:
                     log.warning("round %d: %s", r, drift)
             if server.should_evaluate(r):

@@ -78,21 +78,21 @@ def plan_budgets(exp: Experiment, methods: Sequence[str] | None = None) -> dict[
     groups = []
     for i, g in enumerate(exp.groups):
         steps = exp.group_steps(i)
-        limits = costs.limits(g.device, steps)
-        need = costs.smallest_need(steps, g.device.speed)
+        limits = costs.limits(g.device_budget, steps)
+        need = costs.smallest_need(steps, g.device_budget.speed)
         groups.append(
             {
                 "group": g.name,
                 "layer_budget": g.budget,
                 "rank": g.rank,
-                "memory": g.device.memory,
-                "seconds_per_round": g.device.seconds_per_round,
-                "upload": g.device.upload,
-                "speed": g.device.speed,
+                "memory": g.device_budget.memory,
+                "seconds_per_round": g.device_budget.seconds_per_round,
+                "upload": g.device_budget.upload,
+                "speed": g.device_budget.speed,
                 "steps_per_round": steps,
                 "lowest_block_by_count": list(limits.lowest),
                 "max_rank_all_layers": limits.max_rank,
-                "allowed": limits.describe() if g.device.constrained else "no device budget",
+                "allowed": limits.describe() if g.device_budget.constrained else "no device budget",
                 "least_peak_memory_bytes": need.memory_bytes,
             }
         )
@@ -105,13 +105,13 @@ def plan_budgets(exp: Experiment, methods: Sequence[str] | None = None) -> dict[
             given = [fitted[c] for c in members]
             trained = [a for a in given if a.layers]
             warning = None
-            if g.device.constrained:
+            if g.device_budget.constrained:
                 misfits = []
                 for c in members:
                     a = free[c]
                     cost = exp.predicted_cost(c, a.layers, a.rank)
-                    if cost is not None and cost.over(g.device):
-                        misfits.append((a.layers, cost.over(g.device)))
+                    if cost is not None and cost.over(g.device_budget):
+                        misfits.append((a.layers, cost.over(g.device_budget)))
                 if misfits:
                     layers, over = misfits[0]
                     n_idle = len(given) - len(trained)

@@ -193,7 +193,7 @@ class FederatedServer:
         predicted = exp.predicted_cost(client, result.layers, a.rank)
         if exp.costs is None or predicted is None:
             return {}
-        device = exp.group_of(client).device
+        device = exp.group_of(client).device_budget
         measured = Cost(
             exp.costs.model_bytes,
             result.peak_memory_bytes,

@@ -34,7 +34,7 @@ OPTIMIZER_COPIES = 3  # a gradient and AdamW's two moments per trained value
 
 
 @dataclass(frozen=True)
-class Budget:
+class DeviceBudget:
     """A group's device budgets (None: unconstrained) and its speed relative to the calibration."""
 
     memory: int | None = None
@@ -67,7 +67,7 @@ class Cost:
         """Training seconds per round on the group's device."""
         return self.steps * self.seconds_per_step / self.speed
 
-    def over(self, budget: Budget) -> list[str]:
+    def over(self, budget: DeviceBudget) -> list[str]:
         """Which budgets this cost exceeds ("memory", "time", "upload")."""
         out = []
         if budget.memory is not None and self.memory_bytes > budget.memory:
@@ -179,7 +179,7 @@ class CostModel:
         )
 
     # -- what fits --------------------------------------------------------------------------
-    def limits(self, budget: Budget, steps: int, rank: int | None = None) -> LayerLimits:
+    def limits(self, budget: DeviceBudget, steps: int, rank: int | None = None) -> LayerLimits:
         """For each layer count, the lowest block a set may start at within `budget`.
 
         Blocks may differ in LoRA bytes; a count is judged by its costliest sets (the largest
@@ -195,7 +195,7 @@ class CostModel:
             lowest.append(allowed)
         every = tuple(range(L))
         full_fits = not self.predict(every, steps, None, budget.speed).over(
-            Budget(budget.memory, budget.seconds_per_round, None, budget.speed)
+            DeviceBudget(budget.memory, budget.seconds_per_round, None, budget.speed)
         )
         max_rank = None
         if full_fits:
@@ -262,7 +262,7 @@ class CostModel:
         return model, quality
 
 
-def _over_upload(model: CostModel, layers: Sequence[int], rank: int, budget: Budget) -> bool:
+def _over_upload(model: CostModel, layers: Sequence[int], rank: int, budget: DeviceBudget) -> bool:
     return budget.upload is not None and model.upload_bytes(layers, rank) > budget.upload
 
 
@@ -315,7 +315,7 @@ def probe_sets(num_layers: int) -> list[tuple[int, ...]]:
     return list(dict.fromkeys(sets))
 
 
-def check_budget_fits(limits: LayerLimits, need: Cost, budget: Budget, where: str) -> None:
+def check_budget_fits(limits: LayerLimits, need: Cost, budget: DeviceBudget, where: str) -> None:
     """A one-line error, before training, for a budget nothing fits (not even the top block)."""
     if limits.counts():
         return

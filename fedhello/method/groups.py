@@ -10,7 +10,7 @@ import numpy as np
 
 from fedhello.config import GroupConfig
 from fedhello.errors import UserError
-from fedhello.method.budgets import Budget
+from fedhello.method.budgets import DeviceBudget
 from fedhello.seeding import Stream, numpy_rng
 
 
@@ -22,7 +22,9 @@ class ResourceGroup:
     share: float
     budget: int  # how many LoRA layers a client of this group may train
     rank: int
-    device: Budget = field(default_factory=Budget)  # memory / seconds / upload budgets (none: unconstrained)
+    device_budget: DeviceBudget = field(
+        default_factory=DeviceBudget
+    )  # memory / seconds / upload budgets (none: unconstrained)
 
 
 def resolve_budget(budget: int | float, num_layers: int, where: str = "budget") -> int:
@@ -44,7 +46,7 @@ def resolve_groups(groups: Sequence[GroupConfig], num_layers: int, lora_rank: in
         rank = g.rank if g.rank is not None else max(1, round(lora_rank * n / num_layers))
         if rank > lora_rank:
             raise UserError(f"groups.{i}.rank: {rank} exceeds the global LoRA rank lora.r={lora_rank}")
-        device = Budget(
+        device = DeviceBudget(
             None if g.memory is None else int(g.memory),
             g.seconds_per_round,
             None if g.upload is None else int(g.upload),

@@ -28,14 +28,14 @@ def group_budgets(exp: Experiment) -> dict[str, dict[str, Any]]:
     assert exp.costs is not None
     out = {}
     for i, g in enumerate(exp.groups):
-        if not g.device.constrained:
+        if not g.device_budget.constrained:
             continue
-        limits = exp.costs.limits(g.device, exp.group_steps(i))
+        limits = exp.costs.limits(g.device_budget, exp.group_steps(i))
         out[g.name] = {
-            "memory": g.device.memory,
-            "seconds_per_round": g.device.seconds_per_round,
-            "upload": g.device.upload,
-            "speed": g.device.speed,
+            "memory": g.device_budget.memory,
+            "seconds_per_round": g.device_budget.seconds_per_round,
+            "upload": g.device_budget.upload,
+            "speed": g.device_budget.speed,
             "allowed": limits.describe(),
             "members": [int(c) for c in (exp.client_group == i).nonzero()[0]],
         }

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fedhello.errors import UserError
 from fedhello.records import RoundRecord
 
+LATE_ROUNDS = 5  # "mean of the last rounds": the evaluations of the last five rounds
 SUMMARY_SCHEMA = 2  # 1: files written before the typed Summary (no "summary_schema" key)
 ScoreKind = Literal["final", "last5", "at_best_val"]
 SCORE_LABELS: dict[ScoreKind, str] = {"final": "final", "last5": "last-5", "at_best_val": "at best val"}
@@ -122,11 +123,12 @@ def summarize(
 ) -> dict[str, Any]:
     """The run's headline numbers. Model selection uses validation, never test."""
     m = primary_metric
-    evaluated = [r for r in records if r.metric("test", m) is not None]
-    tests = [float(r.metric("test", m)) for r in evaluated]  # type: ignore[arg-type]
+    scored = [(r, float(value)) for r in records if (value := r.metric("test", m)) is not None]
+    evaluated = [r for r, _ in scored]
+    tests = [value for _, value in scored]
     last_round = records[-1].round if records else 0
     # the evaluations of the last five rounds (all five when evaluating every round)
-    late = [float(r.metric("test", m)) for r in evaluated if r.round > last_round - 5] or tests[-1:]  # type: ignore[arg-type]
+    late = [value for r, value in scored if r.round > last_round - LATE_ROUNDS] or tests[-1:]
     sign = 1.0 if higher_is_better else -1.0
     best = max(evaluated, key=lambda r: (sign * float(r.metric("val", m) or 0.0), -r.round), default=None)
     peak: dict[str, int] = {g: 0 for g in group_names}
