@@ -251,13 +251,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedhello", description="Federated LoRA fine-tuning with heterogeneous LoRA allocation."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run_command(sub: argparse._SubParsersAction) -> None:
+    """`fedhello run`: run or resume one experiment."""
     run = sub.add_parser("run", help="run (or resume) a federated fine-tuning experiment")
     run.add_argument("config", nargs="?", help="YAML config file (optional)")
     run.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. train.lr=0.01")
@@ -271,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
+
+def _add_allocate_command(sub: argparse._SubParsersAction) -> None:
+    """`fedhello allocate`: the layer sets a strategy gives each group."""
     alloc = sub.add_parser("allocate", help="print the layer sets a strategy gives each group")
     alloc.add_argument(
         "--strategy",
@@ -287,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     alloc.add_argument("--json", action="store_true")
     alloc.set_defaults(func=cmd_allocate)
 
+
+def _add_partition_command(sub: argparse._SubParsersAction) -> None:
+    """`fedhello partition`: per-client sizes and classes."""
     part = sub.add_parser("partition", help="print per-client sizes and class histograms")
     part.add_argument("config", nargs="?", help="YAML config file (optional)")
     part.add_argument(
@@ -295,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--json", action="store_true")
     part.set_defaults(func=cmd_partition)
 
+
+def _add_plan_command(sub: argparse._SubParsersAction) -> None:
+    """`fedhello plan`: what device budgets allow."""
     plan = sub.add_parser(
         "plan", help="what each group's memory / time / upload budgets allow, and what each method sends it"
     )
@@ -312,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
 
+
+def _add_compare_command(sub: argparse._SubParsersAction) -> None:
+    """`fedhello compare`: a comparison grid."""
     comp = sub.add_parser("compare", help="run a grid of methods x data settings x client ratios x seeds")
     comp.add_argument("config", nargs="?", help="YAML config file for every cell (optional)")
     comp.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every cell")
@@ -334,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-report", action="store_true", help="only run the cells")
     comp.set_defaults(func=cmd_compare)
 
+
+def _add_report_command(sub: argparse._SubParsersAction) -> None:
+    """`fedhello report`: the report of finished grids."""
     rep = sub.add_parser("report", help="write the Markdown report (tables, plots) of finished grids")
     rep.add_argument("grids", nargs="+", help="grid directories made by `fedhello compare`")
     rep.add_argument("--to", required=True, help="Markdown file; plots go to a folder beside it")
@@ -344,6 +354,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", default="fedit", help="the method whose costs --method is measured against"
     )
     rep.set_defaults(func=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedhello", description="Federated LoRA fine-tuning with heterogeneous LoRA allocation."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_run_command(sub)
+    _add_allocate_command(sub)
+    _add_partition_command(sub)
+    _add_plan_command(sub)
+    _add_compare_command(sub)
+    _add_report_command(sub)
 
     from fedhello.deploy import add_deploy_commands
     from fedhello.export import add_export_command

@@ -527,6 +527,77 @@ def _describe(grid: GridResults) -> str:
     return "; ".join(parts) + "."
 
 
+def _grid_section(grid: GridResults, tag: str, figures: Path, method: str, reference: str) -> list[str]:
+    """One grid's part of the report: its tables, with the plots written into `figures`."""
+    lines: list[str] = []
+    lines += [f"## {grid.model}: {grid.path.name}", "", _describe(grid), ""]
+    if grid.meta.get("command"):
+        lines += [f"Grid command: `{grid.meta['command']}`", ""]
+    methods = grid.ordered("method")
+    for roc in grid.ordered("roc"):
+        lines += [f"### {grid.metric.replace('_', ' ').capitalize()}, clients {roc} (low:mid:high)", ""]
+        lines += [accuracy_table(grid, roc), ""]
+        name = f"{tag}-curves-{roc.replace(':', '-')}.png"
+        plot_curves(grid, roc, figures / name)
+        lines += [f"![accuracy per round, {roc}]({figures.name}/{name})", ""]
+    below = not_beating_baseline(grid)
+    lines += [f"### Cells that do not beat the {grid.baseline_name()}", ""]
+    lines += (below or ["- none: every cell's final score beats it"]) + [""]
+    if method in methods and reference in methods:
+        lines += [
+            f"### {method} against {reference}",
+            "",
+            f"Fractions are {method}'s value over {reference}'s in the same setting and ratio (means over seeds).",
+            "",
+            fraction_table(grid, method, reference),
+            "",
+        ]
+    if method in methods:
+        losses = losses_against(grid, method)
+        lines += [
+            f"### Where {method} does not have the best mean final {grid.metric.replace('_', ' ')}",
+            "",
+        ]
+        lines += (losses or ["- nowhere in this grid"]) + [""]
+    budgets = budget_table(grid)
+    if budgets is not None:
+        lines += [
+            "### Device budgets (predicted and measured)",
+            "",
+            "Methods run with device budgets per group; clients that exceeded their budget are "
+            "counted and marked **over budget**.",
+            "",
+            budgets,
+            "",
+        ]
+    for roc in grid.ordered("roc"):
+        lines += [f"### Costs per client group, clients {roc} (pooled over settings and seeds)", ""]
+        lines += [cost_table(grid, roc), ""]
+        name = f"{tag}-group-costs-{roc.replace(':', '-')}.png"
+        plot_group_costs(grid, roc, figures / name)
+        lines += [f"![peak memory and step time per group]({figures.name}/{name})", ""]
+        name = f"{tag}-allocation-{roc.replace(':', '-')}.png"
+        plot_allocation(grid, roc, figures / name)
+        lines += [
+            f"Realised per-layer training frequencies (fraction of a group's client-rounds that trained "
+            f"each layer, pooled over settings and seeds), clients {roc}:",
+            "",
+            f"![allocation frequencies]({figures.name}/{name})",
+            "",
+        ]
+    name = f"{tag}-accuracy-vs-upload.png"
+    plot_accuracy_vs_cost(grid, _uploaded, "total upload (MB)", 1e6, figures / name)
+    lines += [
+        "### Accuracy against communication and compute",
+        "",
+        f"![accuracy vs upload]({figures.name}/{name})",
+    ]
+    name = f"{tag}-accuracy-vs-compute.png"
+    plot_accuracy_vs_cost(grid, _client_seconds, "total client training time (s)", 1.0, figures / name)
+    lines += ["", f"![accuracy vs client compute]({figures.name}/{name})", ""]
+    return lines
+
+
 def write_report(
     grids: Sequence[Path],
     out: Path,
@@ -562,71 +633,6 @@ def write_report(
     if notes is not None and notes.is_file():
         lines += [notes.read_text().strip(), ""]
     for gi, grid in enumerate(loaded):
-        tag = f"g{gi}"
-        lines += [f"## {grid.model}: {grid.path.name}", "", _describe(grid), ""]
-        if grid.meta.get("command"):
-            lines += [f"Grid command: `{grid.meta['command']}`", ""]
-        methods = grid.ordered("method")
-        for roc in grid.ordered("roc"):
-            lines += [f"### {grid.metric.replace('_', ' ').capitalize()}, clients {roc} (low:mid:high)", ""]
-            lines += [accuracy_table(grid, roc), ""]
-            name = f"{tag}-curves-{roc.replace(':', '-')}.png"
-            plot_curves(grid, roc, figures / name)
-            lines += [f"![accuracy per round, {roc}]({figures.name}/{name})", ""]
-        below = not_beating_baseline(grid)
-        lines += [f"### Cells that do not beat the {grid.baseline_name()}", ""]
-        lines += (below or ["- none: every cell's final score beats it"]) + [""]
-        if method in methods and reference in methods:
-            lines += [
-                f"### {method} against {reference}",
-                "",
-                f"Fractions are {method}'s value over {reference}'s in the same setting and ratio (means over seeds).",
-                "",
-                fraction_table(grid, method, reference),
-                "",
-            ]
-        if method in methods:
-            losses = losses_against(grid, method)
-            lines += [
-                f"### Where {method} does not have the best mean final {grid.metric.replace('_', ' ')}",
-                "",
-            ]
-            lines += (losses or ["- nowhere in this grid"]) + [""]
-        budgets = budget_table(grid)
-        if budgets is not None:
-            lines += [
-                "### Device budgets (predicted and measured)",
-                "",
-                "Methods run with device budgets per group; clients that exceeded their budget are "
-                "counted and marked **over budget**.",
-                "",
-                budgets,
-                "",
-            ]
-        for roc in grid.ordered("roc"):
-            lines += [f"### Costs per client group, clients {roc} (pooled over settings and seeds)", ""]
-            lines += [cost_table(grid, roc), ""]
-            name = f"{tag}-group-costs-{roc.replace(':', '-')}.png"
-            plot_group_costs(grid, roc, figures / name)
-            lines += [f"![peak memory and step time per group]({figures.name}/{name})", ""]
-            name = f"{tag}-allocation-{roc.replace(':', '-')}.png"
-            plot_allocation(grid, roc, figures / name)
-            lines += [
-                f"Realised per-layer training frequencies (fraction of a group's client-rounds that trained "
-                f"each layer, pooled over settings and seeds), clients {roc}:",
-                "",
-                f"![allocation frequencies]({figures.name}/{name})",
-                "",
-            ]
-        name = f"{tag}-accuracy-vs-upload.png"
-        plot_accuracy_vs_cost(grid, _uploaded, "total upload (MB)", 1e6, figures / name)
-        lines += [
-            "### Accuracy against communication and compute",
-            "",
-            f"![accuracy vs upload]({figures.name}/{name})",
-        ]
-        name = f"{tag}-accuracy-vs-compute.png"
-        plot_accuracy_vs_cost(grid, _client_seconds, "total client training time (s)", 1.0, figures / name)
-        lines += ["", f"![accuracy vs client compute]({figures.name}/{name})", ""]
+        lines += _grid_section(grid, f"g{gi}", figures, method, reference)
     out.write_text("\n".join(lines) + "\n")
     write_csv(loaded, out.with_suffix(".csv"))
