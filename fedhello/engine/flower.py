@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -417,6 +418,10 @@ def run_simulation_engine(
     """`engine: flower` from `fedhello run`: Flower's simulation engine, one SuperNode per client."""
     from flwr.simulation import run_simulation
 
+    # Ray starts its workers, the ClientApps, at nice 15: beside any CPU-bound process they starve
+    # (on a busy machine simulated nodes took over ten minutes to answer a query). Same priority
+    # as the server, as Ray's own job manager does for its drivers.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     run_dir = run_dir.resolve()
     defaults = {
         "config": cfg,
