@@ -66,7 +66,7 @@ def rss_probe(model: str, layers: tuple[int, ...], steps: int) -> dict[str, int]
     exp = prepare_experiment(load_config(None, [f"model.name={model}"]))
     batch = worst_case_batch(exp)
     with torch.no_grad():  # page the memory-mapped weights in: what RSS then gains is training's
-        exp.task.loss(exp.lm.model, batch)
+        exp.task.loss(exp.adapted.model, batch)
     before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     probe = measure(exp, layers, steps, batch)

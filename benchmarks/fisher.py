@@ -24,7 +24,7 @@ def measure(model: str, proxy: int, seq_len: int, repeats: int, loop_repeats: in
     import numpy as np
     import torch
 
-    from fedhello.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig
+    from fedhello.config import DataConfig, ExperimentConfig, LoraSettings, ModelConfig
     from fedhello.data import load_examples, tokenize_examples
     from fedhello.method.fisher import FisherOptions, fisher_layer_scores
     from fedhello.models import add_lora, load_classifier
@@ -34,7 +34,7 @@ def measure(model: str, proxy: int, seq_len: int, repeats: int, loop_repeats: in
     base, tokenizer = load_classifier(
         ModelConfig(name=model, max_length=seq_len), len(examples.label_names), 0
     )
-    lm = add_lora(base, LoraConfig(), seed=0)
+    lm = add_lora(base, LoraSettings(), seed=0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name in lm.lora_params:

@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from fedhello import load_config
-from fedhello.deploy import DEFAULT_POLL_INTERVAL, LocalDeployment
+from fedhello.deploy.federation import DEFAULT_POLL_INTERVAL, LocalDeployment
 from fedhello.records import read_records
 
 NOOP_APP = Path(__file__).with_name("flower_noop")
@@ -60,7 +60,7 @@ def rounds_of(name: str, run_dir: Path, total: float, infrastructure: float = 0.
     records = read_records(run_dir / "metrics.jsonl")
     rounds = [r.round_seconds or 0.0 for r in records]
     slowest = [max((c.seconds for c in r.clients), default=0.0) for r in records]
-    fixed = [(r.eval_seconds or 0.0) + (r.fisher["seconds"] if r.fisher else 0.0) for r in records]
+    fixed = [(r.eval_seconds or 0.0) + r.extra_seconds for r in records]
     overhead = [w - s - f for w, s, f in zip(rounds, slowest, fixed, strict=True)]
     out: dict[str, Any] = {
         "engine": name,

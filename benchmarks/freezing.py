@@ -61,6 +61,29 @@ def layers_for(allocation: str, num_layers: int) -> tuple[list[int], str]:
     return table[allocation]
 
 
+def pseudo_freezing(lm: Any, received: Any, assignment: Any, cfg: Any, local: Any, train_head: bool) -> Any:
+    """The released code's "freezing" (`train_client(setup_fn=pseudo_freezing)`): every adapter
+    requires grad and sits in the optimizer, the untrained ones at learning rate 0, so autograd
+    reaches block 0 and every adapter gets a gradient and AdamW state. Not a mode of fedhello
+    runs: it exists to measure what real freezing saves."""
+    import torch
+
+    from fedhello.engine.client import setup_training
+
+    setup = setup_training(lm, received, assignment, cfg, local, train_head)
+    every = lm.trained_names(range(lm.num_layers), train_head)
+    untrained = [setup.params[k] for k in every if k not in set(setup.keys)]
+    for p in untrained:
+        p.requires_grad_(True)
+    trained = [setup.params[k] for k in setup.keys]
+    setup.optimizer = torch.optim.AdamW(
+        [{"params": trained}, {"params": untrained, "lr": 0.0}], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    setup.optimized = trained + untrained
+    setup.lowest = 0
+    return setup
+
+
 def lm_setup(seq_len: int) -> tuple[Any, Any, Any, Any]:
     """SmolLM2-135M-Instruct (30 blocks, GGUF) with LoRA, and Wikipedia topic questions as
     instruction examples cut to `seq_len` tokens (the prompt is cut, the answer kept)."""
@@ -86,7 +109,7 @@ def vision_setup(batch_size: int, steps: int, warmup: int) -> tuple[Any, Any, An
     32x32 RGB images that the task resizes per batch to 224x224."""
     import numpy as np
 
-    from fedhello.config import ExperimentConfig, LoraConfig
+    from fedhello.config import ExperimentConfig, LoraSettings
     from fedhello.data.images import ImageExamples, ImageStore
     from fedhello.models import add_lora
     from fedhello.tasks.image_classification import ImageClassification
@@ -100,7 +123,7 @@ def vision_setup(batch_size: int, steps: int, warmup: int) -> tuple[Any, Any, An
         {"task": "image-classification", "model": {"name": "vit-b16", "architecture": {"model_type": "vit"}}}
     )
     task = ImageClassification(cfg)
-    lm = add_lora(task.load_model(examples), LoraConfig(), seed=0)
+    lm = add_lora(task.load_model(examples), LoraSettings(), seed=0)
     return lm, task, examples, n
 
 
@@ -126,9 +149,9 @@ def worker(
     import numpy as np
     import torch
 
-    from fedhello.config import DataConfig, ExperimentConfig, LoraConfig, ModelConfig, TrainConfig
+    from fedhello.config import DataConfig, ExperimentConfig, LoraSettings, ModelConfig, TrainConfig
     from fedhello.data import load_examples, tokenize_examples
-    from fedhello.engine.client import train_client
+    from fedhello.engine.client import setup_training, train_client
     from fedhello.method.aggregation import payload_bytes
     from fedhello.method.base import Assignment
     from fedhello.models import add_lora, load_classifier
@@ -150,7 +173,7 @@ def worker(
         base, tokenizer = load_classifier(
             ModelConfig(name=model, max_length=seq_len), len(examples.label_names), 0
         )
-        lm = add_lora(base, LoraConfig(), seed=0)
+        lm = add_lora(base, LoraSettings(), seed=0)
         n = batch_size * (steps + warmup)
         rng = np.random.default_rng(0)
         pick = rng.choice(len(examples.texts), size=n, replace=False)
@@ -161,7 +184,7 @@ def worker(
         task = TextClassification(ExperimentConfig())
         task.pad_id = int(tokenizer.pad_token_id or 0)
     layers, freezing = layers_for(allocation, lm.num_layers)
-    cfg = TrainConfig(local_steps=steps + warmup, batch_size=batch_size, freezing=freezing)  # type: ignore[arg-type]
+    cfg = TrainConfig(local_steps=steps + warmup, batch_size=batch_size)
     device = torch.device("cpu")
     state = lm.lora_state()
     rss_before = _proc_status_kib("VmRSS")
@@ -178,6 +201,7 @@ def worker(
         seed=0,
         round_number=1,
         device=device,
+        setup_fn=pseudo_freezing if freezing == "lr0" else setup_training,
     )
     peak_rss = _proc_status_kib("VmHWM")
     measured = result.step_seconds[warmup:]
@@ -246,7 +270,7 @@ def overhead_run(rounds: int) -> dict[str, Any]:
         records = read_records(Path(tmp) / "run" / "metrics.jsonl")
     rows = []
     for r in records:
-        fisher = r.fisher["seconds"] if r.fisher is not None else 0.0
+        fisher = r.extra_seconds  # the Fisher refresh, the only extra of these methods
         evaluation = r.eval_seconds or 0.0
         round_seconds = r.round_seconds or 0.0
         pure = r.train_seconds + evaluation + fisher

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedhello.config import ExperimentConfig, LoraConfig, TrainConfig
+from fedhello.config import ExperimentConfig, LoraSettings, TrainConfig
 from fedhello.engine.calibration import calibrate_model, measure_layers
 from fedhello.method.allocation import geometric_layers
 from fedhello.method.fisher import FisherOptions, fisher_layer_scores
-from fedhello.models import LoraModel, add_lora
+from fedhello.models import AdaptedModel, add_lora
 from fedhello.tasks import Task, build_task
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per chip
@@ -93,7 +93,7 @@ def task_for(kind: str) -> Task:
     return build_task(cfg)
 
 
-def frozen_params(lm: LoraModel) -> int:
+def frozen_params(lm: AdaptedModel) -> int:
     lora = set(lm.lora_params) | set(lm.head_params)
     return sum(p.numel() for n, p in lm.model.named_parameters() if n not in lora)
 
@@ -108,7 +108,7 @@ def chip_peak(device: torch.device) -> float | None:
 def run_model(kind: str, device: torch.device, tiny: bool, steps: int, dtype: torch.dtype) -> dict[str, Any]:
     model, shape = vit_model(tiny) if kind == "vit" else smollm_model(tiny)
     torch.manual_seed(0)
-    lm = add_lora(model.to(dtype), LoraConfig(r=16, alpha=16), seed=0, head=kind == "vit")
+    lm = add_lora(model.to(dtype), LoraSettings(r=16, alpha=16), seed=0, head=kind == "vit")
     lm.model.to(device)
     task = task_for(kind)
     batch = batch_for(kind, shape, device, dtype)
@@ -165,7 +165,7 @@ def run_model(kind: str, device: torch.device, tiny: bool, steps: int, dtype: to
 
 
 def fisher_speedup(
-    lm: LoraModel, task: Task, batch: dict[str, torch.Tensor], device: torch.device, tiny: bool
+    lm: AdaptedModel, task: Task, batch: dict[str, torch.Tensor], device: torch.device, tiny: bool
 ) -> dict[str, Any]:
     """Vectorised per-sample gradients against the per-sample loop, on a proxy set of the batch."""
     torch.manual_seed(1)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhello.config import ExperimentConfig
-from fedhello.engine.local import run_local
+from fedhello.engine.engines import ENGINES
 from fedhello.engine.loop import RoundCallback, default_run_dir
 from fedhello.errors import UserError
 
@@ -28,19 +28,19 @@ def run_experiment(
         summary = run_experiment(cfg, "runs/demo")
         print(summary["final_test_accuracy"])
 
-    With `cfg.engine == "flower"` the same rounds run on Flower's simulation engine.
+    `cfg.engine` chooses what runs the clients (fedhello/engine/engines.py): "local" in this
+    process, "flower" the same rounds on Flower's simulation engine.
     The run directory receives config.yaml, metrics.jsonl, summary.json, plots and a
     checkpoint after every round; `resume=True` continues from the last completed round
     (`accept_unverified=True`: also from a checkpoint written before checkpoints carried a
     manifest, which cannot be verified).
     """
     run_dir = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
-    if cfg.engine == "flower":
-        if on_round_end is not None:
-            raise UserError("on_round_end: not available with engine=flower (read metrics.jsonl instead)")
-        from fedhello.engine.flower import run_simulation_engine
-
-        return run_simulation_engine(cfg, run_dir, resume=resume, accept_unverified=accept_unverified)
-    return run_local(
+    engine = ENGINES.get(cfg.engine)
+    if on_round_end is None:
+        return engine.load()(cfg, run_dir, resume=resume, accept_unverified=accept_unverified)
+    if not engine.in_process_loop:
+        raise UserError(f"on_round_end: not available with engine={cfg.engine} (read metrics.jsonl instead)")
+    return engine.load()(
         cfg, run_dir, resume=resume, accept_unverified=accept_unverified, on_round_end=on_round_end
     )

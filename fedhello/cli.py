@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_command(sub)
     _add_report_command(sub)
 
-    from fedhello.deploy import add_deploy_commands
+    from fedhello.deploy.cli import add_deploy_commands
     from fedhello.export import add_export_command
 
     add_deploy_commands(sub)

@@ -17,11 +17,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from fedhello.errors import UserError
+from fedhello.io import cache_root
+from fedhello.registry import Registry
 
 
 class StrictModel(BaseModel):
@@ -52,7 +55,7 @@ class ModelConfig(StrictModel):
         return v
 
 
-class LoraConfig(StrictModel):
+class LoraSettings(StrictModel):
     """LoRA adapters; defaults follow the paper (r=16, alpha=16, dropout 0.1, query+value)."""
 
     r: int = Field(16, ge=1)
@@ -71,25 +74,19 @@ def _topic_questions() -> list[WikiQuestion]:
     return ["topic"]
 
 
+SOURCES_READING_PATH = ("csv", "jsonl", "hf", "image_folder", "domain_folder")  # need data.path
+
+
 class DataConfig(StrictModel):
     """Where examples come from and how they are split."""
 
-    source: Literal[
-        "wiki_vital",
-        "csv",
-        "jsonl",
-        "hf",
-        "image_folder",
-        "domain_folder",
-        "fashion_mnist",
-        "digits",
-        "chatterbot",
-    ] = Field(
+    source: str = Field(
         "wiki_vital",
         description="Texts: wiki_vital, csv, jsonl, hf. Images: hf, image_folder (root/<class>/<image>), "
         "domain_folder (root/<domain>/<class>/<image>, e.g. DomainNet), fashion_mnist (IDX files), "
         "digits (scikit-learn's 8x8 digits). Instructions (causal-lm): jsonl, csv, hf, chatterbot, "
-        "wiki_vital (questions about the articles).",
+        "wiki_vital (questions about the articles). More are added with register_text_source, "
+        "register_image_source or register_instruction_source (fedhello/data/).",
     )
     path: str | None = Field(
         None,
@@ -147,7 +144,8 @@ class DataConfig(StrictModel):
     )
     cache_dir: str | None = Field(
         None,
-        description="Cache of tokenized texts and decoded images; null = ~/.cache/fedhello/{tokens,images}.",
+        description="Cache of tokenized texts and decoded images (in its tokens/ and images/); "
+        "null = the cache folder ($FEDHELLO_CACHE_DIR or ~/.cache/fedhello).",
     )
 
     @field_validator("val_size", "test_size")
@@ -161,9 +159,14 @@ class DataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.source not in ("wiki_vital", "fashion_mnist", "digits", "chatterbot") and not self.path:
+        if self.source in SOURCES_READING_PATH and not self.path:
             raise ValueError(f"data.path is required for source '{self.source}'")
         return self
+
+    def cache_folder(self, kind: str) -> Path:
+        """Where this data's `kind` ("tokens", "images") is cached: in data.cache_dir, or else in
+        fedhello's cache folder."""
+        return (Path(self.cache_dir).expanduser() if self.cache_dir else cache_root()) / kind
 
 
 class PartitionConfig(StrictModel):
@@ -303,10 +306,20 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(0.01, gt=0, description="AdamW learning rate (the paper's 0.01).")
     weight_decay: float = Field(0.01, ge=0)
-    freezing: Literal["real", "lr0"] = Field(
-        "real",
-        description="'real' freezes untrained layers; 'lr0' is the released pseudo-freezing (benchmarks only).",
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _real_freezing_only(cls, data: Any) -> Any:
+        """`freezing` (read from older configs): 'real' is the only way a run trains; the released
+        pseudo-freezing (learning rate 0) lives in benchmarks/freezing.py."""
+        if isinstance(data, dict) and "freezing" in data:
+            if data["freezing"] != "real":
+                raise ValueError(
+                    f"freezing: '{data['freezing']}' is not a run's mode (runs freeze for real; the "
+                    "released pseudo-freezing is measured by benchmarks/freezing.py)"
+                )
+            data = {k: v for k, v in data.items() if k != "freezing"}
+        return data
 
 
 class EvalConfig(StrictModel):
@@ -355,6 +368,12 @@ class FlowerConfig(StrictModel):
         "and answer; the simulation engine waits for all its nodes, whatever this says.",
     )
     cpus_per_client: float = Field(1.0, gt=0, description="Simulation only: CPUs each ClientApp reserves.")
+    gpus_per_client: float = Field(
+        0.0,
+        ge=0,
+        description="Simulation only: the share of a GPU each ClientApp reserves (Ray's num_gpus; "
+        "0: none, 0.5: two ClientApps per GPU).",
+    )
     partition_keys: str | None = Field(
         None,
         description="Deployment: the operator's file mapping each SuperNode's OpenSSH public key to the "
@@ -379,7 +398,7 @@ class ExperimentConfig(StrictModel):
         "fedra | hetlora | flexlora; pattern: triangle, inverted_triangle, bottleneck or uniform "
         "(see fedhello/method/registry.py)",
     )
-    engine: Literal["local", "flower"] = Field(
+    engine: str = Field(
         "local",
         description="'local': every client in this process; 'flower': Flower's simulation engine "
         "(deployment: `flwr run`, see docs/flower.md). Same results for the same seed.",
@@ -391,7 +410,7 @@ class ExperimentConfig(StrictModel):
         "none", description="'tensorboard': every round's metrics and costs as TensorBoard scalars."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     groups: list[GroupConfig] = Field(default_factory=_default_groups)
@@ -448,21 +467,18 @@ class ExperimentConfig(StrictModel):
                 parse_method_options(owner, given, section)
         return data
 
-    @field_validator("method")
+    @field_validator("method", "task", "engine")
     @classmethod
-    def _known_method(cls, v: str) -> str:
-        from fedhello.method.registry import check_method
+    def _registered(cls, v: str, info: ValidationInfo) -> str:
+        """Methods, tasks and engines are chosen by their registered names."""
+        from fedhello.engine.engines import ENGINES
+        from fedhello.method.registry import METHODS
+        from fedhello.tasks import TASKS
 
-        check_method(v)
-        return v
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        from fedhello.tasks import task_names
-
-        if v not in task_names():
-            raise ValueError(f"unknown task '{v}' (choose from {', '.join(task_names())})")
+        registries: dict[str, Registry[Any]] = {"method": METHODS, "task": TASKS, "engine": ENGINES}
+        registry = registries[str(info.field_name)]
+        if v not in registry:
+            raise ValueError(registry.unknown(v))
         return v
 
     @field_validator("groups")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import peft
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -59,7 +60,7 @@ def load_run(run_dir: Path) -> LoadedRun:
         raise UserError(f"{run_dir}: no checkpoint yet (the run has not finished a round)")
     ckpt = load_checkpoint(run_dir / "checkpoint")
     exp = prepare_experiment(cfg)
-    lm = exp.lm
+    lm = exp.adapted
     expected = set(lm.lora_params) | set(lm.head_params)
     if set(ckpt.global_state) != expected:
         raise UserError(
@@ -73,7 +74,7 @@ def load_run(run_dir: Path) -> LoadedRun:
 
 def export_adapter(run: LoadedRun, out: Path) -> None:
     """peft's adapter files; a classifier's head as `modules_to_save`."""
-    lm = run.exp.lm
+    lm = run.exp.adapted
     peft_model: Any = lm.model
     peft_config = peft_model.peft_config["default"]
     config = peft_config.to_dict()
@@ -90,17 +91,23 @@ def export_adapter(run: LoadedRun, out: Path) -> None:
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
 
 
+def _peft_model(run: LoadedRun) -> peft.PeftModel:
+    model = run.exp.adapted.model
+    assert isinstance(model, peft.PeftModel)  # add_lora always wraps the base model
+    return model
+
+
 def export_run(run: LoadedRun, out: Path, *, merge: bool = False) -> None:
     """Write the run's global adapter (or, with `merge`, the merged model) to `out`.
-    Merging changes `run.exp.lm.model` in place (peft's merge_and_unload)."""
+    Merging changes `run.exp.adapted.model` in place (peft's merge_and_unload)."""
     with quiet_transformers():
         if merge:
-            model = run.exp.lm.model.merge_and_unload()  # type: ignore[operator]
+            model = _peft_model(run).merge_and_unload()
             _forget_gguf(model)
             model.save_pretrained(out)
         else:
             if not run.exp.task.pretrained:
-                base = copy.deepcopy(run.exp.lm.model).unload()  # type: ignore[operator]
+                base = copy.deepcopy(_peft_model(run)).unload()
                 base.save_pretrained(out / BASE_MODEL_DIR)
             export_adapter(run, out)
         run.exp.task.save_preprocessing(out)
@@ -134,7 +141,7 @@ def load_export(run: LoadedRun, out: Path, merged: bool) -> nn.Module:
             else (str(out / BASE_MODEL_DIR), {})
         )
         if run.exp.task.has_head:
-            base_model: Any = unwrap(run.exp.lm.model)
+            base_model: Any = unwrap(run.exp.adapted.model)
             # a new head of the run's size; the adapter's modules_to_save then restores the trained one
             kwargs["num_labels"] = base_model.config.num_labels
             kwargs["ignore_mismatched_sizes"] = True
@@ -156,7 +163,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--to {out}: exists and is not an empty folder; choose another")
     run = load_run(run_dir)
-    reference = logits_on_test_batch(run, run.exp.lm.model) if args.check else None
+    reference = logits_on_test_batch(run, run.exp.adapted.model) if args.check else None
     export_run(run, out, merge=args.merge)
     kind = "merged model" if args.merge else "peft adapter"
     print(f"exported the global model of round {run.rounds} of {run_dir} to {out} ({kind})")

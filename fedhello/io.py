@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees half a file, and a crash leaves the old one intact."""
+"""Files: atomic writes (a reader never sees half a file, and a crash leaves the old one intact)
+and fedhello's one cache folder."""
 
 from __future__ import annotations
 
@@ -33,3 +34,9 @@ def write_atomic(path: Path, data: str | bytes | Callable[[IO[bytes]], None]) ->
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Pretty-printed JSON, written atomically."""
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def cache_root() -> Path:
+    """fedhello's cache folder: $FEDHELLO_CACHE_DIR or ~/.cache/fedhello. Models, tokens, images
+    and calibrated cost models each have a subfolder."""
+    return Path(os.environ.get("FEDHELLO_CACHE_DIR") or "~/.cache/fedhello").expanduser()

@@ -7,8 +7,10 @@ so nothing downstream assumes accuracy.
 
 Compatibility: every field added after schema 1 has a default, so older files still read.
 Schema 1 (before typed records) stored `val_accuracy`, `test_accuracy`, `val_loss` and
-`test_loss` at the top level; `from_json` moves them into `metrics`. Unknown fields (written by
-a newer fedhello) are ignored.
+`test_loss` at the top level; `from_json` moves them into `metrics`. Schema 2 stored a Fisher
+refresh as a top-level `fisher`; from schema 3 every method's own record of a round (a
+`RoundExtra`) is in `extras`, under its kind, and `from_json` moves `fisher` there. Unknown
+fields (written by a newer fedhello) are ignored.
 """
 
 from __future__ import annotations
@@ -16,14 +18,25 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedhello.errors import UserError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 EVAL_SPLITS = ("val", "test")
+
+
+class RoundExtra(BaseModel):
+    """A method's own record of one round beyond its plan (a Fisher refresh: scores, levels,
+    probabilities), declared by the method as a subclass with its `kind`. Round records keep it
+    under its kind; the summary sums its `seconds` and counts its rounds, TensorBoard shows its
+    float fields, and the report its totals: none of them knows the method."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: ClassVar[str] = "extra"
+    seconds: float = 0.0  # the server's time spent on it, outside client training
 
 
 class _Record(BaseModel):
@@ -71,7 +84,7 @@ class RoundRecord(_Record):
     eval_seconds: float | None = None
     round_seconds: float | None = None
     probabilities: list[float] | None = None  # per-layer sampling probabilities of sampled methods
-    fisher: dict[str, Any] | None = None  # the Fisher refresh made for this round, if any
+    extras: dict[str, dict[str, Any]] = Field(default_factory=dict)  # kind -> a method's RoundExtra
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -83,8 +96,16 @@ class RoundRecord(_Record):
         """A metric of a split (the primary one by default); None when not evaluated."""
         return self.metrics.get(split, {}).get(name or self.primary_metric)
 
+    @property
+    def extra_seconds(self) -> float:
+        """The server's time in the method's own work this round (e.g. a Fisher refresh)."""
+        return float(sum(e.get("seconds", 0.0) for e in self.extras.values()))
+
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        out = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if not out["extras"]:
+            del out["extras"]
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> RoundRecord:
@@ -99,6 +120,9 @@ class RoundRecord(_Record):
                         metrics.setdefault(split, {})[name] = float(value)
             obj["metrics"] = metrics
             obj.setdefault("primary_metric", "accuracy")
+        if int(obj.get("schema", 1)) < 3 and obj.get("fisher") is not None:
+            obj = dict(obj)
+            obj["extras"] = {"fisher": obj.pop("fisher")}
         return cls.model_validate(obj)
 
 

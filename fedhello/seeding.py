@@ -22,6 +22,13 @@ class Stream(IntEnum):
     EVALUATION = 1009
 
 
+class SplitPart(IntEnum):
+    """Sub-streams of `Stream.SPLIT`: the held-out splits draw from the stream itself."""
+
+    SUBSAMPLE = 1  # data.max_examples
+    PROXY = 2  # the server's proxy set for Fisher scores
+
+
 def numpy_rng(seed: int, stream: Stream, *keys: int) -> np.random.Generator:
     """A numpy generator for one purpose (and round/client keys)."""
     return np.random.default_rng(np.random.SeedSequence([seed, int(stream), *keys]))

@@ -1,4 +1,4 @@
-"""Test scaffolding for Flower deployments: `fedhello.deploy.LocalDeployment` plus fault injection."""
+"""Test scaffolding for Flower deployments: `fedhello.deploy.federation.LocalDeployment` plus fault injection."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 
 import psutil
 
-from fedhello.deploy import LocalDeployment
+from fedhello.deploy.federation import LocalDeployment
 
 
 class TestDeployment(LocalDeployment):

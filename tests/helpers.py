@@ -42,6 +42,14 @@ TIMING_KEYS = {
 }
 
 
+def allocate_layers(strategy: Any, round_number: int, budgets: dict[int, int], seed: int) -> Any:
+    """One round's allocation by a strategy, from the round's allocation stream, as the server
+    draws it (the stream depends only on (seed, round))."""
+    from fedhello.seeding import Stream, numpy_rng
+
+    return strategy.allocate(round_number, budgets, numpy_rng(seed, Stream.ALLOCATION, round_number))
+
+
 def strip_timing(obj: Any) -> Any:
     """A records tree without its timings (which differ between two runs of one seed)."""
     if isinstance(obj, dict):
@@ -51,25 +59,39 @@ def strip_timing(obj: Any) -> Any:
     return obj
 
 
-def train_first_client(exp: Any, layers: tuple[int, ...], **train: Any) -> Any:
+def train_first_client(exp: Any, layers: tuple[int, ...], setup_fn: Any = None, **train: Any) -> Any:
     """Client 0 of an experiment trains `layers` (and the head) from the initial adapters, with
-    `train` overriding the config's train settings (e.g. local_steps=2)."""
-    from fedhello.engine.client import train_client
+    `train` overriding the config's train settings (e.g. local_steps=2); `setup_fn` replaces real
+    freezing (the benchmark's pseudo-freezing)."""
+    from fedhello.engine.client import setup_training, train_client
     from fedhello.method.base import Assignment
 
     return train_client(
-        exp.lm,
+        exp.adapted,
         exp.task,
         exp.data,
         exp.client_indices[0],
-        exp.lm.lora_state(),
+        exp.adapted.lora_state(),
         Assignment(0, layers),
         exp.cfg.train.model_copy(update=train),
         train_head=True,
         seed=0,
         round_number=1,
         device=exp.device,
+        setup_fn=setup_fn or setup_training,
     )
+
+
+def pseudo_freezing() -> Any:
+    """benchmarks/freezing.py's pseudo-freezing (the released code's learning-rate-0 "freezing")."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "freezing.py"
+    spec = importlib.util.spec_from_file_location("freezing_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pseudo_freezing
 
 
 def run_simulated(overrides: list[str], out: Path) -> subprocess.CompletedProcess[str]:

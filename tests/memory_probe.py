@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from fedhello.config import ExperimentConfig, LoraConfig, TrainConfig
+from fedhello.config import ExperimentConfig, LoraSettings, TrainConfig
 from fedhello.data import TokenizedExamples
 from fedhello.engine.client import train_client
 from fedhello.method.base import Assignment
@@ -39,7 +39,7 @@ def main(layers: tuple[int, ...]) -> None:
         max_position_embeddings=160,
         num_labels=4,
     )
-    lm = add_lora(BertForSequenceClassification(cfg), LoraConfig(r=8), seed=0)
+    lm = add_lora(BertForSequenceClassification(cfg), LoraSettings(r=8), seed=0)
     rng = np.random.default_rng(0)
     data = TokenizedExamples(
         [rng.integers(1, 1000, size=128).astype(np.int32) for _ in range(32)],

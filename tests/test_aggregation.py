@@ -8,7 +8,7 @@ import torch
 from fedhello.method.aggregation import (
     ClientUpdate,
     Expected,
-    aggregate_per_layer,
+    aggregate_per_tensor,
     payload_bytes,
     screen_updates,
 )
@@ -33,7 +33,7 @@ def _updates() -> list[ClientUpdate]:
 
 
 def test_weighted_mean_over_clients_that_trained_each_tensor() -> None:
-    new = aggregate_per_layer(_global(), _updates(), "samples")
+    new = aggregate_per_tensor(_global(), _updates(), "samples")
     # a: 1/4 * [1, 1] + 3/4 * [3, -1] = [2.5, -0.5]; b: only client 2 trained it -> full change.
     torch.testing.assert_close(new["a"], torch.tensor([3.5, 1.5]))
     torch.testing.assert_close(new["b"], torch.tensor([4.0]))
@@ -42,7 +42,7 @@ def test_weighted_mean_over_clients_that_trained_each_tensor() -> None:
 
 
 def test_unweighted_mean() -> None:
-    new = aggregate_per_layer(_global(), _updates(), "uniform")
+    new = aggregate_per_tensor(_global(), _updates(), "uniform")
     torch.testing.assert_close(new["a"], torch.tensor([3.0, 2.0]))
     torch.testing.assert_close(new["b"], torch.tensor([4.0]))
     torch.testing.assert_close(new["head"], torch.tensor([11.0]))
@@ -50,7 +50,7 @@ def test_unweighted_mean() -> None:
 
 def test_aggregation_does_not_modify_its_inputs() -> None:
     g = _global()
-    aggregate_per_layer(g, _updates())
+    aggregate_per_tensor(g, _updates())
     torch.testing.assert_close(g["a"], torch.tensor([1.0, 2.0]))
 
 
@@ -80,6 +80,6 @@ def test_bad_updates_are_rejected_and_the_rest_aggregated(deltas: dict, reason: 
     accepted, rejected = screen_updates([good, bad], g, allowed)
     assert [u.client_id for u in accepted] == [1]
     assert reason in rejected[9]
-    new = aggregate_per_layer(g, accepted)
+    new = aggregate_per_tensor(g, accepted)
     torch.testing.assert_close(new["a"], torch.tensor([2.0, 3.0]))
     assert all(torch.isfinite(v).all() for v in new.values())

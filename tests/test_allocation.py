@@ -1,15 +1,14 @@
-"""Allocation strategies: SPEC 2.1 exactly, plus properties for any depth and budget."""
+"""Allocation strategies: the geometric sets of docs/method.md exactly, plus properties for any depth and budget."""
 
 import numpy as np
 import pytest
-from helpers import build_strategy
+from helpers import allocate_layers, build_strategy
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fedhello.errors import UserError
 from fedhello.method.allocation import (
     PATTERNS,
-    allocate_layers,
     collective_distribution,
     geometric_layers,
     inclusion_frequency,
@@ -17,7 +16,7 @@ from fedhello.method.allocation import (
     sample_layers,
 )
 
-SPEC_SETS = {
+PAPER_SETS = {
     ("triangle", 6): (0, 1, 2, 3, 4, 5),
     ("triangle", 9): (0, 1, 2, 3, 4, 5, 6, 7, 8),
     ("inverted_triangle", 6): (6, 7, 8, 9, 10, 11),
@@ -29,9 +28,9 @@ SPEC_SETS = {
 }
 
 
-@pytest.mark.parametrize(("pattern", "budget"), sorted(SPEC_SETS))
+@pytest.mark.parametrize(("pattern", "budget"), sorted(PAPER_SETS))
 def test_spec_layer_sets_for_12_layers(pattern: str, budget: int) -> None:
-    assert geometric_layers(pattern, budget, 12) == SPEC_SETS[(pattern, budget)]
+    assert geometric_layers(pattern, budget, 12) == PAPER_SETS[(pattern, budget)]
     assert geometric_layers(pattern, 12, 12) == tuple(range(12))
 
 
@@ -102,7 +101,7 @@ def test_strategies_by_method_name() -> None:
     full = allocate_layers(build_strategy("full", 12, [6, 9, 12], [1, 1, 1]), 1, budgets, 0)
     assert all(v == tuple(range(12)) for v in full.values())
     gd = allocate_layers(build_strategy("gd-bottleneck", 12, [6, 9, 12], [1, 1, 1]), 5, budgets, 0)
-    assert gd[0] == SPEC_SETS[("bottleneck", 6)]
+    assert gd[0] == PAPER_SETS[("bottleneck", 6)]
     rgd = build_strategy("rgd-bottleneck", 12, [6, 9, 12], [1, 1, 1])
     r1 = allocate_layers(rgd, 1, budgets, 0)
     assert allocate_layers(rgd, 1, budgets, 0) == r1  # seeded by (seed, round)

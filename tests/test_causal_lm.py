@@ -107,7 +107,7 @@ def test_prompt_uses_the_chat_template_and_the_target_ends_with_eos(
     ids, start = data.input_ids[i], int(data.prompt_lengths[i])
     assert ids[-1] == tok.eos_token_id
     assert tok.decode(ids[start:-1]).strip().lower() == data.responses[i].lower()
-    assert llm_exp.lm.head_params == []  # no head: the LM head and embeddings stay frozen
+    assert llm_exp.adapted.head_params == []  # no head: the LM head and embeddings stay frozen
 
     plain = prepare_experiment(load_config(None, llm_overrides("lm.chat_template=false")))
     text = plain.task.prompt("Do it.", "")  # type: ignore[attr-defined]
@@ -134,7 +134,7 @@ def test_targets_are_chosen_by_position_not_by_token_id(llm_exp: Experiment) -> 
     assert batch["input_ids"][1, 5] == eos and not batch["target_mask"][1, 5]  # padding, same id
 
     # the loss is the mean negative log-likelihood of exactly those positions
-    model = llm_exp.lm.model
+    model = llm_exp.adapted.model
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -175,9 +175,10 @@ def test_truncation_cuts_the_prompt_and_keeps_the_response(
 def test_batched_left_padded_generation_equals_one_at_a_time(llm_exp: Experiment) -> None:
     task: Any = llm_exp.task
     rows = llm_exp.splits["val"][:5]
-    together = task.generate(llm_exp.lm.model, llm_exp.data, rows, 5, llm_exp.device)
+    together = task.generate(llm_exp.adapted.model, llm_exp.data, rows, 5, llm_exp.device)
     alone = [
-        task.generate(llm_exp.lm.model, llm_exp.data, rows[i : i + 1], 1, llm_exp.device)[0] for i in range(5)
+        task.generate(llm_exp.adapted.model, llm_exp.data, rows[i : i + 1], 1, llm_exp.device)[0]
+        for i in range(5)
     ]
     assert together == alone
 
@@ -190,16 +191,24 @@ def test_exact_match_normalises_answers() -> None:
 def test_fisher_scores_of_response_log_likelihood_vectorised_equal_loop(llm_exp: Experiment) -> None:
     proxy = llm_exp.splits["proxy"][:6]
     options = FisherOptions(batch_size=3)
-    fast = fisher_diagonal(llm_exp.lm, llm_exp.task, llm_exp.data, proxy, llm_exp.device, options, seed=0)
+    fast = fisher_diagonal(
+        llm_exp.adapted, llm_exp.task, llm_exp.data, proxy, llm_exp.device, options, seed=0
+    )
     slow = fisher_diagonal_loop(
-        llm_exp.lm, llm_exp.task, llm_exp.data, proxy, llm_exp.device, options, seed=0
+        llm_exp.adapted, llm_exp.task, llm_exp.data, proxy, llm_exp.device, options, seed=0
     )
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-10)
     assert sum(float(v.sum()) for v in fast.values()) > 0
     with pytest.raises(UserError, match=r"fisher\.labels=empirical"):
         fisher_diagonal(
-            llm_exp.lm, llm_exp.task, llm_exp.data, proxy, llm_exp.device, FisherOptions(labels="model"), 0
+            llm_exp.adapted,
+            llm_exp.task,
+            llm_exp.data,
+            proxy,
+            llm_exp.device,
+            FisherOptions(labels="model"),
+            0,
         )
 
 
@@ -265,7 +274,11 @@ def test_run_evaluates_before_training_and_exports_to_peft_and_transformers(
 
     loaded = load_run(tmp_path / "run")
     base = AutoModelForCausalLM.from_pretrained(cfg.model.name).eval()
-    gap = (logits_on_test_batch(loaded, base) - logits_on_test_batch(loaded, loaded.exp.lm.model)).abs().max()
+    gap = (
+        (logits_on_test_batch(loaded, base) - logits_on_test_batch(loaded, loaded.exp.adapted.model))
+        .abs()
+        .max()
+    )
     assert float(gap) > 1e-3
     assert main(["export", run, "--to", str(tmp_path / "merged"), "--merge", "--check"]) == 0
     assert float(capsys.readouterr().out.rsplit(":", 1)[1]) < 1e-4
@@ -322,11 +335,11 @@ def test_real_smollm2_trains_and_generates(tmp_path: Path) -> None:
     task: Any = exp.task
     assert "<|im_start|>assistant" in task.prompt("Which topic?", "An article.")
     result = train_client(
-        exp.lm,
+        exp.adapted,
         exp.task,
         exp.data,
         exp.client_indices[0],
-        exp.lm.lora_state(),
+        exp.adapted.lora_state(),
         Assignment(0, tuple(range(15, 30))),
         cfg.train.model_copy(update={"local_steps": 1, "batch_size": 2}),
         train_head=False,
@@ -337,7 +350,7 @@ def test_real_smollm2_trains_and_generates(tmp_path: Path) -> None:
     assert np.isfinite(result.train_loss) and all(
         ".layers.1" in k or ".layers.2" in k for k in result.update.deltas
     )
-    answers = task.generate(exp.lm.model, exp.data, exp.splits["test"][:2], 2, exp.device)
+    answers = task.generate(exp.adapted.model, exp.data, exp.splits["test"][:2], 2, exp.device)
     assert all(isinstance(a, str) and a for a in answers)
 
 

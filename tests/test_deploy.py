@@ -1,4 +1,4 @@
-"""fedhello.deploy without starting Flower: the certificates verify, the SuperNode keys have the
+"""fedhello/deploy/ without starting Flower: the certificates verify, the SuperNode keys have the
 formats Flower expects, and `fedhello deploy keys` writes them (bad input is a UserError)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedhello.deploy import add_deploy_commands, make_supernode_keys, make_tls_certificates
+from fedhello.deploy.certificates import make_supernode_keys, make_tls_certificates
+from fedhello.deploy.cli import add_deploy_commands
 from fedhello.errors import UserError
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import strip_timing, train_first_client
+from helpers import pseudo_freezing, strip_timing, train_first_client
 
 from fedhello import load_config, run_experiment
 from fedhello.cli import main
@@ -38,7 +38,7 @@ def _train(exp: Experiment, layers: tuple[int, ...], **kw: Any) -> ClientResult:
 def test_frozen_tensors_get_no_gradient_and_do_not_change(
     tiny_exp: Experiment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lm = tiny_exp.lm
+    lm = tiny_exp.adapted
     before = lm.lora_state()
     grads_seen: set[str] = set()
     real_step = torch.optim.AdamW.step
@@ -63,7 +63,7 @@ def test_frozen_tensors_get_no_gradient_and_do_not_change(
 
 
 def test_only_trained_tensors_uploaded_with_exact_bytes(tiny_exp: Experiment) -> None:
-    lm = tiny_exp.lm
+    lm = tiny_exp.adapted
     result = _train(tiny_exp, (1,))
     expected = lm.trained_names((1,), True)
     assert sorted(result.update.deltas) == sorted(expected)
@@ -74,7 +74,7 @@ def test_only_trained_tensors_uploaded_with_exact_bytes(tiny_exp: Experiment) ->
 
 
 def test_no_autograd_graph_below_lowest_trained_block(tiny_exp: Experiment) -> None:
-    lm = tiny_exp.lm
+    lm = tiny_exp.adapted
     needs_grad: dict[int, bool] = {}
     hooks = [
         b.register_forward_hook(
@@ -86,7 +86,9 @@ def test_no_autograd_graph_below_lowest_trained_block(tiny_exp: Experiment) -> N
     ]
     _train(tiny_exp, (2, 3), local_steps=1)
     assert needs_grad == {0: False, 1: False, 2: True, 3: True}
-    _train(tiny_exp, (2, 3), local_steps=1, freezing="lr0")  # the released pseudo-freezing builds it all
+    _train(
+        tiny_exp, (2, 3), local_steps=1, setup_fn=pseudo_freezing()
+    )  # the released pseudo-freezing builds it all
     for h in hooks:
         h.remove()
     assert needs_grad == {0: True, 1: True, 2: True, 3: True}
@@ -103,14 +105,14 @@ def test_optimizer_holds_only_trained_tensors(tiny_exp: Experiment, monkeypatch:
 
     monkeypatch.setattr(torch.optim, "AdamW", spy)
     _train(tiny_exp, (3,), local_steps=1)
-    params = dict(tiny_exp.lm.model.named_parameters())
-    assert held == [sum(params[k].numel() for k in tiny_exp.lm.trained_names((3,), True))]
+    params = dict(tiny_exp.adapted.model.named_parameters())
+    assert held == [sum(params[k].numel() for k in tiny_exp.adapted.trained_names((3,), True))]
 
 
 def test_fewer_top_layers_use_less_training_memory(tiny_exp: Experiment) -> None:
     top = _train(tiny_exp, (3,), local_steps=2)
     full = _train(tiny_exp, (0, 1, 2, 3), local_steps=2)
-    pseudo = _train(tiny_exp, (3,), local_steps=2, freezing="lr0")
+    pseudo = _train(tiny_exp, (3,), local_steps=2, setup_fn=pseudo_freezing())
     assert top.peak_memory_bytes < full.peak_memory_bytes
     assert pseudo.peak_memory_bytes >= full.peak_memory_bytes
 
@@ -215,19 +217,19 @@ def test_frozen_head_mode_keeps_the_seeded_head_and_never_sends_it(
     from fedhello.engine.server import FederatedServer
 
     exp = prepare_experiment(load_config(None, tiny_overrides("federation.head=frozen")))
-    head_before = {k: exp.lm.parameter(k).detach().clone() for k in exp.lm.head_params}
+    head_before = {k: exp.adapted.parameter(k).detach().clone() for k in exp.adapted.head_params}
     server = FederatedServer(exp)
-    assert not set(exp.lm.head_params) & set(server.download_state())
+    assert not set(exp.adapted.head_params) & set(server.download_state())
     plan = server.configure_round(1)
     results = [
         train_assignment(exp, server.client_download(plan.assignments[c]), plan.assignments[c], 1)
         for c in plan.clients
     ]
-    assert all(not set(exp.lm.head_params) & set(r.update.deltas) for r in results)
+    assert all(not set(exp.adapted.head_params) & set(r.update.deltas) for r in results)
     server.aggregate_round(plan, results)
     for k, v in head_before.items():
         assert torch.equal(server.global_state[k], v)
-        assert torch.equal(exp.lm.parameter(k).detach(), v)
+        assert torch.equal(exp.adapted.parameter(k).detach(), v)
 
 
 def test_fisher_schedule_in_a_run_logs_refreshes_and_resumes_exactly(
@@ -243,12 +245,12 @@ def test_fisher_schedule_in_a_run_logs_refreshes_and_resumes_exactly(
     cfg = load_config(None, over)
     full = run_experiment(cfg, tmp_path / "full")
     rounds = _metrics(tmp_path / "full")
-    assert [("fisher" in r) for r in rounds] == [False, True, False, True]
-    refresh = rounds[1]["fisher"]
+    assert [("fisher" in r.get("extras", {})) for r in rounds] == [False, True, False, True]
+    refresh = rounds[1]["extras"]["fisher"]
     assert len(refresh["scores"]) == 4 and sorted(set(refresh["levels"])) <= [1, 2, 3]
     assert rounds[2]["probabilities"] == refresh["probabilities"]  # persist_probs between refreshes
     assert rounds[0]["probabilities"] != refresh["probabilities"]  # warm-up used the Bottleneck prior
-    assert full["fisher_refreshes"] == 2
+    assert full["fisher_rounds"] == 2 and full["fisher_seconds"] > 0
     assert (tmp_path / "full" / "fisher_scores.png").is_file()
     assert (tmp_path / "full" / "layer_counts.png").is_file()
 
@@ -298,7 +300,7 @@ def test_hetlora_self_pruning_shrinks_a_fading_tail(tiny_exp: Experiment) -> Non
     from fedhello.method.hetlora import HetLoRAOptions, SelfPruning
     from fedhello.method.rank import RankLocalTraining, is_lora_b
 
-    lm = tiny_exp.lm
+    lm = tiny_exp.adapted
     state = lm.lora_state()
     g = torch.Generator().manual_seed(0)
     for k in lm.lora_params:
@@ -347,6 +349,14 @@ def test_pruned_ranks_survive_in_the_method_state(tiny_overrides: Callable[..., 
     plan = restored.configure_round(1)
     assert plan.clients
     assert all(plan.assignments[c].rank == (1 if c == 2 else other.group_of(c).rank) for c in plan.clients)
+    assert plan.extra is None  # without self-pruning there is nothing of its own to record
+    pruning = prepare_experiment(
+        load_config(None, tiny_overrides("method=hetlora", "hetlora.self_pruning=true"))
+    )
+    with_pruning = FederatedServer(pruning)
+    with_pruning.load_state_dict(saved)
+    note = with_pruning.configure_round(1).extra
+    assert note is not None and note.kind == "pruning" and note.model_dump()["pruned_ranks"] == {"2": 1}
 
 
 def test_per_layer_means_with_idle_clients_hand_example(tiny_overrides: Callable[..., list[str]]) -> None:
@@ -359,7 +369,7 @@ def test_per_layer_means_with_idle_clients_hand_example(tiny_overrides: Callable
     before = {k: v.clone() for k, v in server.global_state.items()}
     everything = (0, 1, 2, 3)
     plan = RoundPlan(1, {0: Assignment(0, ()), 1: Assignment(1, everything), 2: Assignment(2, everything)})
-    keys = exp.lm.trained_names(everything, True)
+    keys = exp.adapted.trained_names(everything, True)
 
     def result(client: int, value: float, samples: int) -> ClientResult:
         deltas = {k: torch.full_like(before[k], value) for k in keys}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ from fedhello.errors import UserError
 from fedhello.method.base import Assignment, Method, RoundInputs, RoundPlan
 from fedhello.method.fisher import FisherOptions
 from fedhello.method.registry import register_method
-from fedhello.records import RoundRecord, read_records
+from fedhello.records import RoundExtra, RoundRecord, read_records
 from fedhello.tasks import Examples, Task, batches, register_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,11 +117,19 @@ class TopLayersOptions(StrictModel):
     layers: int = Field(1, ge=1, description="How many of the top layers every client trains.")
 
 
+class TopLayersNote(RoundExtra):
+    """The toy method's own record of a round: what share of the layers it trained."""
+
+    kind: ClassVar[str] = "top_layers"
+    share: float
+
+
 class TopLayersOnly(Method):
     def plan_round(self, inputs: RoundInputs) -> RoundPlan:
         assert isinstance(self.ctx.options, TopLayersOptions)
         top = tuple(range(self.ctx.num_layers - self.ctx.options.layers, self.ctx.num_layers))
-        return RoundPlan(inputs.round_number, {c: Assignment(c, top) for c in inputs.profiles})
+        note = TopLayersNote(share=len(top) / self.ctx.num_layers)
+        return RoundPlan(inputs.round_number, {c: Assignment(c, top) for c in inputs.profiles}, extra=note)
 
 
 register_method(
@@ -146,6 +154,8 @@ def test_a_new_method_registered_outside_the_package_runs_a_round(
     assert len(record["clients"]) == 3
     assert all(c["layers"] == [3] and c["accepted"] for c in record["clients"])
     assert summary["method"] == "toy-top-layer" and np.isfinite(summary["final_test_accuracy"])
+    assert record["extras"] == {"top_layers": {"seconds": 0.0, "share": 0.25}}  # its declared extra
+    assert summary["top_layers_rounds"] == 1
 
 
 def test_a_new_method_declares_an_option_and_reads_it(
@@ -217,8 +227,11 @@ def test_records_of_the_old_schema_read_into_metrics() -> None:
     assert r.metrics == {"val": {"accuracy": 0.5, "loss": 1.5}, "test": {"accuracy": 0.25, "loss": 2.0}}
     assert r.metric("test") == 0.25 and r.primary_metric == "accuracy"
     assert r.clients[0].layers == [0, 5] and r.bytes_up == 10
-    future = r.to_json() | {"schema": 3, "a_field_added_later": [1, 2]}
+    future = r.to_json() | {"schema": 99, "a_field_added_later": [1, 2]}
     assert RoundRecord.from_json(future).metric("val") == 0.5
+    refresh = {"round": 3, "scores": [1.0], "levels": [1], "probabilities": [1.0], "seconds": 0.5}
+    schema2 = RoundRecord.from_json({"schema": 2, "round": 3, "fisher": refresh})
+    assert schema2.extras == {"fisher": refresh} and schema2.extra_seconds == 0.5
 
 
 def test_broken_metrics_file_is_one_line_error(tmp_path: Path) -> None:
@@ -270,22 +283,42 @@ def test_tensorboard_tracking_matches_metrics_jsonl(
             assert event.value == pytest.approx(value, rel=1e-6), tag
 
 
-def test_committed_cells_keep_their_identity() -> None:
-    """Fields added to the config since the reference grid ran do not make its cells look stale:
-    `bash benchmarks/reference.sh` still skips every committed cell."""
+def test_a_method_outside_the_package_has_its_own_identity() -> None:
+    """(Every committed cell keeping its hash: tests/test_run_identity.py.)"""
     from fedhello.engine.run_identity import config_hash
-    from fedhello.grid import Cell, cell_config, load_variants
+    from fedhello.grid import Cell, cell_config
 
     base = load_config(REPO / "benchmarks" / "configs" / "reference.yaml")
-    variants = load_variants(REPO / "benchmarks" / "configs" / "reference-variants.yaml")
-    cells = sorted((REPO / "benchmarks" / "results" / "reference" / "cells").glob("*.json"))
-    assert cells
-    for path in cells:
-        committed = json.loads(path.read_text())
-        cfg = cell_config(base, Cell(**committed["cell"]), variants)
-        assert config_hash(cfg) == committed["config_hash"], path.name
     assert config_hash(cell_config(base, Cell("iid", "1:1:1", "toy-top-layer", 0))) != config_hash(
         cell_config(
             base.model_copy(update={"task": "toy-text-length"}), Cell("iid", "1:1:1", "toy-top-layer", 0)
         )
     )
+
+
+def test_a_new_text_source_is_read_and_subsampled() -> None:
+    from fedhello.config import DataConfig
+    from fedhello.data.sources import register_text_source
+
+    @register_text_source("toy-numbers")
+    def numbers(cfg: DataConfig) -> TextExamples:
+        labels = np.arange(40) % 2
+        return TextExamples([f"number {i}" for i in range(40)], labels, ["even", "odd"])
+
+    examples = load_examples(DataConfig(source="toy-numbers", max_examples=10), seed=0)
+    assert len(examples) == 10 and sorted(np.bincount(examples.labels)) == [5, 5]  # stratified
+    with pytest.raises(UserError, match=r"data\.source: text tasks read .*toy-numbers.*, not 'toy-words'"):
+        load_examples(DataConfig(source="toy-words"))
+
+
+def test_a_name_is_registered_once() -> None:
+    from fedhello.engine.engines import ENGINES, EngineEntry
+    from fedhello.tasks import TASKS
+
+    with pytest.raises(ValueError, match="task 'toy-text-length' is already registered"):
+        TASKS.register("toy-text-length", Task)
+    with pytest.raises(ValueError, match="method 'fedit' is already registered"):
+        register_method("fedit", lambda ctx: TopLayersOnly("fedit", ctx))
+    with pytest.raises(ValueError, match="engine 'local' is already registered"):
+        ENGINES.register("local", EngineEntry("local", "my.module:run", "another local engine"))
+    register_task(TextLength)  # the same class again (a module imported twice) is harmless

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedhello import load_config
-from fedhello.config import ExperimentConfig, LoraConfig
+from fedhello.config import ExperimentConfig, LoraSettings
 from fedhello.data import TokenizedExamples
 from fedhello.engine.experiment import Experiment, prepare_experiment
 from fedhello.method.fisher import (
@@ -20,7 +20,7 @@ from fedhello.method.fisher import (
     fisher_layer_scores,
     layer_scores,
 )
-from fedhello.models import LoraModel, add_lora
+from fedhello.models import AdaptedModel, add_lora
 from fedhello.tasks.classification import fisher_labels
 from fedhello.tasks.text_classification import TextClassification
 
@@ -31,7 +31,7 @@ COMBOS = [
 ]
 
 
-def _randomise_b(lm: LoraModel, seed: int = 0) -> None:
+def _randomise_b(lm: AdaptedModel, seed: int = 0) -> None:
     """LoRA init sets B = 0, which makes every A gradient zero; give B small random values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -53,7 +53,7 @@ def _assert_same_fisher(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 @pytest.fixture
 def bert(tiny_overrides: Callable[..., list[str]]) -> Experiment:
     exp = prepare_experiment(load_config(None, tiny_overrides()))
-    _randomise_b(exp.lm)
+    _randomise_b(exp.adapted)
     return exp
 
 
@@ -72,7 +72,7 @@ def _varied_lengths(exp: Experiment, n: int = 20) -> tuple[TokenizedExamples, np
 
 
 def test_vectorised_equals_loop_on_tiny_bert(bert: Experiment) -> None:
-    lm = bert.lm
+    lm = bert.adapted
     tokens, idx = _varied_lengths(bert)
     assert len({len(ids) for ids in tokens.input_ids}) > 10, "the proxy examples should need padding"
     results = {}
@@ -94,7 +94,7 @@ def test_vectorised_equals_loop_on_tiny_bert(bert: Experiment) -> None:
 
 
 def test_model_labels_are_seeded(bert: Experiment) -> None:
-    lm, idx = bert.lm, _proxy(bert, 12)
+    lm, idx = bert.adapted, _proxy(bert, 12)
     opts = FisherOptions(labels="model")
     a = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device, opts, seed=3)
     b = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device, opts, seed=3)
@@ -115,7 +115,7 @@ def test_label_sampling_follows_the_predictive_distribution() -> None:
 
 
 def test_flags_and_modes_are_restored_and_dropout_is_off(bert: Experiment) -> None:
-    lm, idx = bert.lm, _proxy(bert, 8)
+    lm, idx = bert.adapted, _proxy(bert, 8)
     assert bert.cfg.lora.dropout > 0  # dropout exists, must be inactive
     reference = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device)
 
@@ -134,7 +134,7 @@ def test_flags_and_modes_are_restored_and_dropout_is_off(bert: Experiment) -> No
 
 
 def test_layer_scores_sum_is_the_trace(bert: Experiment) -> None:
-    lm, idx = bert.lm, _proxy(bert, 8)
+    lm, idx = bert.adapted, _proxy(bert, 8)
     f = fisher_diagonal(lm, bert.task, bert.data, idx, bert.device)
     scores = layer_scores(lm, f, "sum")
     assert scores.shape == (lm.num_layers,)
@@ -170,7 +170,7 @@ def test_bad_options_and_empty_proxy(bert: Experiment) -> None:
     with pytest.raises(ValueError):
         FisherOptions(batch_size=0)
     with pytest.raises(ValueError):
-        fisher_diagonal(bert.lm, bert.task, bert.data, np.array([], dtype=np.int64), bert.device)
+        fisher_diagonal(bert.adapted, bert.task, bert.data, np.array([], dtype=np.int64), bert.device)
 
 
 def test_vectorised_equals_loop_on_tiny_llama() -> None:
@@ -187,7 +187,7 @@ def test_vectorised_equals_loop_on_tiny_llama() -> None:
         pad_token_id=0,
     )
     cfg.num_labels = 3
-    lm = add_lora(LlamaForSequenceClassification(cfg), LoraConfig(r=4, alpha=8, dropout=0.1), seed=0)
+    lm = add_lora(LlamaForSequenceClassification(cfg), LoraSettings(r=4, alpha=8, dropout=0.1), seed=0)
     _randomise_b(lm, seed=1)
     rng = np.random.default_rng(0)
     tokens = TokenizedExamples(
@@ -209,7 +209,7 @@ def test_released_quantities_match_a_direct_computation(bert: Experiment) -> Non
     """The compatibility options give the released code's score: per example, the gradient of the
     raw true-class logit; F = mean of squares per tensor; layer score = sum of the per-tensor
     Frobenius norms of F. Recomputed here independently with plain autograd, one example at a time."""
-    lm, tokens = bert.lm, bert.data
+    lm, tokens = bert.adapted, bert.data
     idx = _proxy(bert, 8)
     names = lm.lora_params
     params = [lm.parameter(n) for n in names]

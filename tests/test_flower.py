@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,13 +25,15 @@ from helpers import run_simulated
 from safetensors.torch import load_file
 
 from fedhello import load_config, run_experiment
-from fedhello.deploy import LocalDeployment, find_nginx, make_supernode_keys
+from fedhello.deploy.certificates import make_supernode_keys
+from fedhello.deploy.federation import FEDERATION, LocalDeployment
+from fedhello.deploy.proxy import find_nginx
 from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment, prepare_experiment
-from fedhello.engine.flower import rejected_result
 from fedhello.engine.local import local_trainer
 from fedhello.engine.loop import TrainRound, run_federation
 from fedhello.engine.server import FederatedServer
+from fedhello.flower.server_app import rejected_result
 from fedhello.method.aggregation import payload_bytes
 from fedhello.method.base import RoundPlan
 
@@ -120,10 +123,20 @@ def test_simulation_engine_equals_in_process(
 
 
 def test_a_simulated_round_without_replies_ends_in_one_line_exit_2(
-    tiny_overrides: Callable[..., list[str]], tmp_path: Path
+    tiny_overrides: Callable[..., list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # replies cannot arrive within 1 ms; discovery still waits for its nodes (connect_timeout=1)
-    overrides = _base(tiny_overrides, "flower.round_timeout=0.001", "flower.connect_timeout=1")
+    # replies cannot arrive within 1 ms; discovery still waits for its nodes (connect_timeout=1).
+    # One Ray actor (ClientApp process) serves the three nodes, on any machine: a ClientApp reserves
+    # every CPU Ray counts (os.cpu_count(), with RAY_USE_MULTIPROCESSING_CPU_COUNT in the run's
+    # environment). Each further actor only adds its start-up: 6-13 s of this test on a busy 2-core
+    # machine, where the actors' imports compete for the cores with the server's.
+    monkeypatch.setenv("RAY_USE_MULTIPROCESSING_CPU_COUNT", "1")
+    overrides = _base(
+        tiny_overrides,
+        "flower.round_timeout=0.001",
+        "flower.connect_timeout=1",
+        f"flower.cpus_per_client={os.cpu_count() or 1}",
+    )
     proc = run_simulated(overrides, tmp_path / "sim")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -151,8 +164,8 @@ def test_deployment_with_tls_and_auth_equals_in_process(
         assert record["rejected"] == {}
         for c in record["clients"]:
             assert c["accepted"]
-            keys = exp.lm.trained_names(c["layers"], exp.train_head)
-            assert c["bytes_up"] == payload_bytes({k: exp.lm.parameter(k) for k in keys})
+            keys = exp.adapted.trained_names(c["layers"], exp.train_head)
+            assert c["bytes_up"] == payload_bytes({k: exp.adapted.parameter(k) for k in keys})
         sizes = {len(c["layers"]): c["bytes_up"] for c in record["clients"]}
         assert sizes[1] < sizes[2] < sizes[4]
 
@@ -217,7 +230,7 @@ def test_only_registered_supernodes_join_and_the_control_api_is_not_client_facin
         # a SuperNode whose key was never registered does not get in
         fed.start_supernode(2, private_key=stranger, register=False)
         time.sleep(8)
-        assert len(fed.list_nodes()) == 2
+        assert len(list_nodes(fed)) == 2
         # removing a node: unregistering its key takes it out of the federation
         gone = int(nodes[0]["node-id"])
         fed.unregister(gone)
@@ -226,8 +239,21 @@ def test_only_registered_supernodes_join_and_the_control_api_is_not_client_facin
         assert len(_online(fed)) == 1
 
 
+def list_nodes(fed: LocalDeployment) -> list[dict[str, Any]]:
+    """`flwr supernode list` against the deployment: the registered SuperNodes (id, key, status)."""
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "supernode", "list", FEDERATION, "--format", "json"],
+        env=fed.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=fed.work,
+    ).stdout
+    return list(json.loads(out[out.index("{") :]).get("nodes", []))
+
+
 def _online(fed: LocalDeployment) -> list[dict[str, Any]]:
-    return [n for n in fed.list_nodes() if str(n.get("status", "")).lower() == "online"]
+    return [n for n in list_nodes(fed) if str(n.get("status", "")).lower() == "online"]
 
 
 def _wait_for_nodes(fed: LocalDeployment, count: int, timeout: float = 60) -> list[dict[str, Any]]:
@@ -237,7 +263,7 @@ def _wait_for_nodes(fed: LocalDeployment, count: int, timeout: float = 60) -> li
         if len(online) >= count:
             return online
         time.sleep(1)
-    raise AssertionError(f"{count} SuperNodes did not come online: {fed.list_nodes()}")
+    raise AssertionError(f"{count} SuperNodes did not come online: {list_nodes(fed)}")
 
 
 def _status(fed: LocalDeployment, path: str) -> int:

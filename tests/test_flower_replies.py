@@ -18,10 +18,11 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedhello import load_config
 from fedhello.engine.experiment import Experiment, prepare_experiment
-from fedhello.engine.flower import FlowerTrainer, query_reply, train_message
 from fedhello.engine.server import FederatedServer
-from fedhello.engine.wire import encode_reply, pack_tensors, unpack_tensors
 from fedhello.errors import UserError
+from fedhello.flower.client_app import query_reply, train_message
+from fedhello.flower.server_app import FlowerTrainer
+from fedhello.flower.wire import encode_reply, pack_tensors, unpack_tensors
 
 Tamper = Callable[[RecordDict], RecordDict | None]
 
@@ -244,10 +245,10 @@ def test_discovery_refuses_second_claims_and_foreign_partitions_and_logs_errors(
 @pytest.fixture
 def fast_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     """Discovery polls every 10 ms and names slow nodes every 0.1 s (the test's clock)."""
-    import fedhello.engine.flower as flower
+    import fedhello.flower.server_app as server_app
 
-    monkeypatch.setattr(flower, "QUERY_POLL_SECONDS", 0.01)
-    monkeypatch.setattr(flower, "SLOW_NOTE_SECONDS", 0.1)
+    monkeypatch.setattr(server_app, "QUERY_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(server_app, "SLOW_NOTE_SECONDS", 0.1)
 
 
 def test_simulation_discovery_waits_for_slow_nodes_not_for_a_clock(
@@ -309,7 +310,7 @@ def test_too_few_replies_end_the_run_in_one_line_and_it_resumes(
 def test_partitions_are_bound_to_the_keys_registered_for_them(
     exp: Experiment, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fedhello.deploy import make_supernode_keys, write_partition_keys
+    from fedhello.deploy.certificates import make_supernode_keys, write_partition_keys
 
     keys = [make_supernode_keys(tmp_path, f"supernode-{i}") for i in range(5)]
     mapping = write_partition_keys(tmp_path / "partitions.yaml", [pub for _, pub in keys[:4]])
@@ -334,8 +335,8 @@ def test_partitions_are_bound_to_the_keys_registered_for_them(
 
 
 def test_a_signature_over_another_challenge_is_refused(tmp_path: Path) -> None:
-    from fedhello.deploy import make_supernode_keys, write_partition_keys
-    from fedhello.engine.identity import load_partition_keys, sign_claim, verify_claim
+    from fedhello.deploy.certificates import make_supernode_keys, write_partition_keys
+    from fedhello.flower.identity import load_partition_keys, sign_claim, verify_claim
 
     private, public = make_supernode_keys(tmp_path, "supernode-0")
     keys = load_partition_keys(write_partition_keys(tmp_path / "p.yaml", [public]))

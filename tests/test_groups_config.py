@@ -78,6 +78,9 @@ def test_config_defaults_and_overrides() -> None:
         ("groups=[{name: a, share: 1, budget: 1.5}]", "groups.0.budget"),
         ("data.source=csv", "data.path is required"),
         ("nonsense", "expected key=value"),
+        ("engine=ray", "engine: unknown engine 'ray'"),
+        ("task=tabular", "task: unknown task 'tabular'"),
+        ("train.freezing=lr0", "freezing: 'lr0' is not a run's mode"),
     ],
 )
 def test_bad_config_names_the_key(override: str, message: str) -> None:

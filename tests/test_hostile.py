@@ -278,16 +278,18 @@ def _update(client: int, value: float, samples: int = 10) -> ClientUpdate:
 
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
 def test_robust_rules_equal_the_mean_when_everyone_agrees_and_resist_one_attacker(rule: str) -> None:
-    from fedhello.method.aggregation import aggregate_per_layer
+    from fedhello.method.aggregation import aggregate_per_tensor
 
     same = [_update(c, 0.5, samples=10 * (c + 1)) for c in range(4)]
-    mean = aggregate_per_layer(_state(), same, "samples")
-    torch.testing.assert_close(aggregate_per_layer(_state(), same, "samples", rule, 0.25), mean)
+    mean = aggregate_per_tensor(_state(), same, "samples")
+    torch.testing.assert_close(aggregate_per_tensor(_state(), same, "samples", rule, 0.25), mean)
 
     honest = [_update(c, v) for c, v in enumerate([0.9, 1.0, 1.1])]
-    attacked = aggregate_per_layer(_state(), [*honest, _update(3, 1e6)], "samples", rule, 0.25)
+    attacked = aggregate_per_tensor(_state(), [*honest, _update(3, 1e6)], "samples", rule, 0.25)
     assert float(attacked["w"].max()) <= 1.1 + 1e-6  # the median / trimmed mean ignore the attacker
-    assert float(aggregate_per_layer(_state(), [*honest, _update(3, 1e6)])["w"][0]) > 1e5  # the mean does not
+    assert (
+        float(aggregate_per_tensor(_state(), [*honest, _update(3, 1e6)])["w"][0]) > 1e5
+    )  # the mean does not
 
 
 def test_norm_bound_with_two_contributors_uses_the_tensors_history_or_the_absolute_bound() -> None:

@@ -297,14 +297,14 @@ def test_three_wikipedia_languages_are_three_domains_of_one_label_set(
 
 def test_vit_allocation_freezing_and_partial_upload(image_overrides: Callable[..., list[str]]) -> None:
     exp = prepare_experiment(load_config(None, image_overrides()))
-    assert exp.num_layers == 4 and all("classifier" in k for k in exp.lm.head_params)
-    assert exp.lm.model.config.id2label[0] == "T-shirt/top"  # the new head names its classes
+    assert exp.num_layers == 4 and all("classifier" in k for k in exp.adapted.head_params)
+    assert exp.adapted.model.config.id2label[0] == "T-shirt/top"  # the new head names its classes
 
     top = train_first_client(exp, (3,), local_steps=2)
     full = train_first_client(exp, (0, 1, 2, 3), local_steps=2)
     assert top.peak_memory_bytes < 0.5 * full.peak_memory_bytes  # activations from block 3 up only
     sent = set(top.update.deltas)
-    assert sent == set(exp.lm.trained_names((3,), True))
+    assert sent == set(exp.adapted.trained_names((3,), True))
     assert all(".layers.3." in k or "classifier" in k for k in sent)
     assert set(full.update.deltas) > sent
 

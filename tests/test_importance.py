@@ -1,4 +1,4 @@
-"""Exact 1-D k-means, importance levels and level probabilities (SPEC 2.3)."""
+"""Exact 1-D k-means, importance levels and level probabilities (docs/method.md, "Fisher scores")."""
 
 from __future__ import annotations
 

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from helpers import build_strategy
+from helpers import allocate_layers, build_strategy
 
 from fedhello.method.aggregation import ClientUpdate
-from fedhello.method.allocation import allocate_layers
 from fedhello.method.base import ClientProfile, MethodContext, RoundInputs
 from fedhello.method.flexlora import svd_mix
 from fedhello.method.hetlora import norm_weighted_mix, product_norm
-from fedhello.method.rank import aggregate_rank_slices, rank_slice, truncate_rank
+from fedhello.method.rank import aggregate_rank_slices, pad_rank, rank_slice
 from fedhello.method.registry import build_method
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
+
+
+def truncate_rank(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The global adapters as a rank-`rank` client sees them: components >= rank set to zero."""
+    return {k: pad_rank(k, rank_slice(k, v, rank).clone(), v.shape) for k, v in state.items()}
 
 
 def test_truncation_and_slices() -> None:

@@ -33,14 +33,15 @@ import numpy as np
 
 from fedhello.config import DataConfig
 from fedhello.data.sources import (
+    chosen_source,
     hf_labels,
     label_ids,
     load_hf_split,
     require_two_classes,
-    stratified_sample,
+    subsample,
 )
 from fedhello.errors import UserError
-from fedhello.seeding import Stream, numpy_rng
+from fedhello.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -125,32 +126,21 @@ class _Source:
     domain_names: list[str] = field(default_factory=list)
 
 
+ImageSource = Callable[[DataConfig], "_Source"]
+IMAGE_SOURCES: Registry[ImageSource] = Registry("image source", "data.source")
+
+
+def register_image_source(name: str) -> Callable[[ImageSource], ImageSource]:
+    """Make `data.source: name` read images (task image-classification) with the decorated
+    function, which returns lazy decoders (decoded once into the cache)."""
+    return lambda load: IMAGE_SOURCES.register(name, load)
+
+
 def load_image_examples(cfg: DataConfig, seed: int = 0) -> ImageExamples:
     """Load the images `cfg` describes (decoded once into the cache), optionally subsampled to
     `max_examples` (stratified, seeded)."""
-    builders = {
-        "hf": _hf_source,
-        "image_folder": _folder_source,
-        "domain_folder": _folder_source,
-        "fashion_mnist": _fashion_mnist_source,
-        "digits": _digits_source,
-    }
-    if cfg.source not in builders:
-        raise UserError(
-            f"data.source: task image-classification reads {', '.join(builders)}, not '{cfg.source}'"
-        )
-    source = builders[cfg.source](cfg)
-    examples = _cached(source, _cache_root(cfg))
-    if cfg.max_examples is not None and cfg.max_examples < len(examples):
-        keep = stratified_sample(examples.labels, cfg.max_examples, numpy_rng(seed, Stream.SPLIT, 1))
-        examples = examples.select(keep)
-    return examples
-
-
-def _cache_root(cfg: DataConfig) -> Path:
-    from fedhello.models.loading import cache_root
-
-    return (Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()) / "images"
+    source = chosen_source(IMAGE_SOURCES, cfg, "task image-classification reads")(cfg)
+    return subsample(_cached(source, cfg.cache_folder("images")), cfg.max_examples, seed)
 
 
 # --- the cache -----------------------------------------------------------------------------------
@@ -268,6 +258,8 @@ def _image_suffixes() -> frozenset[str]:
     return frozenset(Image.registered_extensions())
 
 
+@register_image_source("image_folder")
+@register_image_source("domain_folder")
 def _folder_source(cfg: DataConfig) -> _Source:
     """ImageFolder (`root/<class>/<image>`) or, for domain_folder, `root/<domain>/<class>/<image>`."""
     assert cfg.path is not None
@@ -321,6 +313,7 @@ def _read_idx(path: Path, where: str) -> np.ndarray:
         raise UserError(f"{where}: {path.name}: cannot read IDX data ({e})") from None
 
 
+@register_image_source("fashion_mnist")
 def _fashion_mnist_source(cfg: DataConfig) -> _Source:
     """Fashion-MNIST's 60,000 training and 10,000 test images together; fedhello's own stratified
     split then draws validation and test sets from them."""
@@ -329,17 +322,18 @@ def _fashion_mnist_source(cfg: DataConfig) -> _Source:
     names = [
         f"{part}-{kind}" for part in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")
     ]
-    found = {
+    candidates = {
         n: next((folder / (n + s) for s in (".gz", "") if (folder / (n + s)).is_file()), None) for n in names
     }
-    missing = [n for n, f in found.items() if f is None]
+    missing = [n for n, f in candidates.items() if f is None]
     if missing:
         raise UserError(f"{where}: Fashion-MNIST IDX files not found ({missing[0]}.gz); {FASHION_MNIST_HINT}")
-    files = [f for f in found.values() if f is not None]
+    found = {n: f for n, f in candidates.items() if f is not None}
+    files = list(found.values())
     images_parts, label_parts = [], []
     for part in ("train", "t10k"):
-        images = _read_idx(found[f"{part}-images-idx3-ubyte"], where)  # type: ignore[arg-type]
-        labels = _read_idx(found[f"{part}-labels-idx1-ubyte"], where)  # type: ignore[arg-type]
+        images = _read_idx(found[f"{part}-images-idx3-ubyte"], where)
+        labels = _read_idx(found[f"{part}-labels-idx1-ubyte"], where)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"{where}: {part} images and labels do not match")
         images_parts.append(images)
@@ -365,6 +359,7 @@ def _array_decoder(images: np.ndarray, i: int) -> Decoder:
     return lambda: to_uint8_array(images[i])
 
 
+@register_image_source("digits")
 def _digits_source(cfg: DataConfig) -> _Source:
     """scikit-learn's 1,797 8x8 digits, read from the package's data file (values 0..16 scaled
     to 0..255) without importing scikit-learn."""
@@ -388,6 +383,7 @@ def _digits_source(cfg: DataConfig) -> _Source:
     )
 
 
+@register_image_source("hf")
 def _hf_source(cfg: DataConfig) -> _Source:
     """A dataset saved with `save_to_disk`, or a hub dataset by name (e.g. cifar100 with
     image_column img and label_column fine_label)."""

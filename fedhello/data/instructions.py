@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,15 @@ import numpy as np
 from fedhello.config import DataConfig
 from fedhello.data.sources import (
     CSV_FIELD_LIMIT,
+    chosen_source,
     label_ids,
     load_hf_split,
     read_jsonl,
-    stratified_sample,
+    subsample,
     wiki_articles,
 )
 from fedhello.errors import UserError
-from fedhello.seeding import Stream, numpy_rng
+from fedhello.registry import Registry
 
 INSTRUCTION_NAMES = ("instruction", "prompt", "question")
 INPUT_NAMES = ("input", "context")
@@ -69,24 +70,38 @@ class InstructionExamples:
         )
 
 
+InstructionSource = Callable[[DataConfig], InstructionExamples]
+INSTRUCTION_SOURCES: Registry[InstructionSource] = Registry("instruction source", "data.source")
+
+
+def register_instruction_source(name: str) -> Callable[[InstructionSource], InstructionSource]:
+    """Make `data.source: name` read instructions (task causal-lm) with the decorated function."""
+    return lambda load: INSTRUCTION_SOURCES.register(name, load)
+
+
 def load_instruction_examples(cfg: DataConfig, seed: int = 0) -> InstructionExamples:
     """The instruction examples `cfg` describes, optionally subsampled (stratified by category)."""
-    if cfg.source == "wiki_vital":
-        examples = _wiki_questions(cfg)
-    elif cfg.source == "chatterbot":
-        examples = _chatterbot()
-    elif cfg.source in ("jsonl", "csv", "hf"):
-        assert cfg.path is not None
-        rows, where = _rows(cfg)
-        examples = _from_rows(rows, cfg, where)
-    else:
-        raise UserError(
-            f"data.source: task causal-lm reads jsonl, csv, hf, chatterbot and wiki_vital, not '{cfg.source}'"
-        )
-    if cfg.max_examples is not None and cfg.max_examples < len(examples):
-        keep = stratified_sample(examples.labels, cfg.max_examples, numpy_rng(seed, Stream.SPLIT, 1))
-        examples = examples.select(keep)
-    return examples
+    load = chosen_source(INSTRUCTION_SOURCES, cfg, "task causal-lm reads")
+    return subsample(load(cfg), cfg.max_examples, seed)
+
+
+@register_instruction_source("wiki_vital")
+def _wiki_vital_source(cfg: DataConfig) -> InstructionExamples:
+    return _wiki_questions(cfg)
+
+
+@register_instruction_source("chatterbot")
+def _chatterbot_source(cfg: DataConfig) -> InstructionExamples:
+    return _chatterbot()
+
+
+def _row_source(cfg: DataConfig) -> InstructionExamples:
+    rows, where = _rows(cfg)
+    return _from_rows(rows, cfg, where)
+
+
+for _name in ("jsonl", "csv", "hf"):
+    register_instruction_source(_name)(_row_source)
 
 
 def _rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:

@@ -13,16 +13,17 @@ import importlib.util
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Self, TypeVar
 
 import numpy as np
 
 from fedhello.config import DataConfig
 from fedhello.errors import UserError
-from fedhello.seeding import Stream, numpy_rng
+from fedhello.registry import Registry
+from fedhello.seeding import SplitPart, Stream, numpy_rng
 
 log = logging.getLogger(__name__)
 
@@ -89,30 +90,79 @@ class TextExamples:
         return replace(self, texts=[self.texts[i] for i in rows], labels=self.labels[rows], domains=domains)
 
 
+TextSource = Callable[[DataConfig], TextExamples]
+TEXT_SOURCES: Registry[TextSource] = Registry("text source", "data.source")
+
+
+def register_text_source(name: str) -> Callable[[TextSource], TextSource]:
+    """Make `data.source: name` read texts with the decorated function (names are unique)."""
+    return lambda load: TEXT_SOURCES.register(name, load)
+
+
 def load_examples(cfg: DataConfig, seed: int = 0) -> TextExamples:
     """Load the examples `cfg` describes, optionally subsampled (stratified, seeded) to max_examples."""
-    text_sources = ("wiki_vital", "csv", "jsonl", "hf")
-    if cfg.source not in text_sources:
-        raise UserError(
-            f"data.source: text tasks read {', '.join(text_sources)}, not '{cfg.source}' "
-            "(images need task: image-classification)"
-        )
-    if cfg.source == "wiki_vital":
-        examples = _load_wiki_vital(cfg.language)
-    else:
-        assert cfg.path is not None  # DataConfig requires a path for every other source
-        columns = Columns(cfg.text_column, cfg.label_column, cfg.domain_column)
-        if cfg.source == "csv":
-            examples = _load_csv(cfg.path, columns)
-        elif cfg.source == "jsonl":
-            examples = _load_jsonl(cfg.path, columns)
-        else:
-            examples = _load_hf(cfg.path, cfg.hf_split, columns, cfg.hf_config)
+    hint = " (images need task: image-classification)"
+    load = chosen_source(TEXT_SOURCES, cfg, "text tasks read", hint)
+    return subsample(load(cfg), cfg.max_examples, seed)
 
-    if cfg.max_examples is not None and cfg.max_examples < len(examples.texts):
-        rng = numpy_rng(seed, Stream.SPLIT, 1)
-        examples = examples.select(stratified_sample(examples.labels, cfg.max_examples, rng))
-    return examples
+
+def chosen_source(sources: Registry[T], cfg: DataConfig, reader: str, hint: str = "") -> T:
+    """The loader `data.source` names among a task family's sources; a one-line error naming
+    the family's sources otherwise."""
+    if cfg.source not in sources:
+        raise UserError(f"data.source: {reader} {', '.join(sources.names())}, not '{cfg.source}'{hint}")
+    return sources.get(cfg.source)
+
+
+class Selectable(Protocol):
+    """Examples of any task: labelled rows that can be selected."""
+
+    @property
+    def labels(self) -> np.ndarray: ...
+
+    def __len__(self) -> int: ...
+
+    def select(self, rows: np.ndarray) -> Self: ...
+
+
+E = TypeVar("E", bound=Selectable)
+T = TypeVar("T")
+
+
+def subsample(examples: E, max_examples: int | None, seed: int) -> E:
+    """At most `max_examples` of `examples`, stratified by label and seeded: `data.max_examples`
+    for every source of every task."""
+    if max_examples is None or max_examples >= len(examples):
+        return examples
+    rng = numpy_rng(seed, Stream.SPLIT, SplitPart.SUBSAMPLE)
+    return examples.select(stratified_sample(examples.labels, max_examples, rng))
+
+
+def _columns(cfg: DataConfig) -> Columns:
+    return Columns(cfg.text_column, cfg.label_column, cfg.domain_column)
+
+
+@register_text_source("wiki_vital")
+def _wiki_vital_source(cfg: DataConfig) -> TextExamples:
+    return _load_wiki_vital(cfg.language)
+
+
+@register_text_source("csv")
+def _csv_source(cfg: DataConfig) -> TextExamples:
+    assert cfg.path is not None  # DataConfig requires a path for every file source
+    return _load_csv(cfg.path, _columns(cfg))
+
+
+@register_text_source("jsonl")
+def _jsonl_source(cfg: DataConfig) -> TextExamples:
+    assert cfg.path is not None
+    return _load_jsonl(cfg.path, _columns(cfg))
+
+
+@register_text_source("hf")
+def _hf_source(cfg: DataConfig) -> TextExamples:
+    assert cfg.path is not None
+    return _load_hf(cfg.path, cfg.hf_split, _columns(cfg), cfg.hf_config)
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,7 @@ import torch
 from fedhello.config import TrainConfig
 from fedhello.engine.client import train_client
 from fedhello.engine.experiment import Experiment
-from fedhello.errors import UserError
-from fedhello.io import write_json_atomic
+from fedhello.io import cache_root, write_json_atomic
 from fedhello.method.aggregation import payload_bytes
 from fedhello.method.base import Assignment
 from fedhello.method.budgets import (
@@ -44,8 +43,7 @@ from fedhello.method.budgets import (
     check_budget_fits,
     probe_sets,
 )
-from fedhello.models import LoraModel
-from fedhello.models.loading import cache_root
+from fedhello.models import AdaptedModel
 from fedhello.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -64,7 +62,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 
 def measure_layers(
-    lm: LoraModel,
+    lm: AdaptedModel,
     task: Task,
     batch: dict[str, torch.Tensor],
     layers: Sequence[int],
@@ -109,7 +107,7 @@ def merge_passes(passes: Sequence[Probe]) -> Probe:
 
 
 def calibrate_model(
-    lm: LoraModel,
+    lm: AdaptedModel,
     task: Task,
     batch: dict[str, torch.Tensor],
     train: TrainConfig,
@@ -168,7 +166,7 @@ def measure(
 ) -> Probe:
     """`measure_layers` for a run's model, task and worst-case batch."""
     return measure_layers(
-        exp.lm,
+        exp.adapted,
         exp.task,
         worst_case_batch(exp) if batch is None else batch,
         layers,
@@ -182,7 +180,7 @@ def measure(
 def calibrate(exp: Experiment, steps: int = PROBE_STEPS) -> CostModel:
     """`calibrate_model` for a run's model, task and worst-case batch."""
     return calibrate_model(
-        exp.lm,
+        exp.adapted,
         exp.task,
         worst_case_batch(exp),
         exp.cfg.train,
@@ -229,10 +227,6 @@ def cache_key(exp: Experiment) -> str:
 def calibrated(exp: Experiment, run_dir: Path | None = None, *, refresh: bool = False) -> CostModel:
     """The cost model of this experiment: the run's own (a resume), else the cached one for this
     model and machine, else a fresh calibration (then cached, and stored in the run)."""
-    if exp.cfg.train.freezing != "real":
-        raise UserError(
-            "groups: device budgets need train.freezing=real (pseudo-freezing trains every adapter)"
-        )
     own = run_dir / COST_MODEL_FILE if run_dir is not None else None
     if own is not None and own.is_file() and not refresh:
         return CostModel.from_json(json.loads(own.read_text()))

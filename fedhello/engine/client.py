@@ -11,7 +11,7 @@ changes in local training (rank masks, penalties, what is uploaded) comes in as 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,7 +22,7 @@ from fedhello.config import TrainConfig
 from fedhello.engine.experiment import Experiment
 from fedhello.method.aggregation import ClientUpdate, State
 from fedhello.method.base import Assignment, LocalTraining
-from fedhello.models import LoraModel
+from fedhello.models import AdaptedModel
 from fedhello.seeding import Stream, derived_seed
 from fedhello.tasks import Task, batches
 
@@ -39,7 +39,7 @@ class ClientResult:
     train_loss: float
     step_seconds: list[float] = field(default_factory=list)
     activation_memory_bytes: int = 0  # CPU: the largest step's saved activations (part of the peak)
-    timings: dict[str, float] | None = None  # Flower: where a ClientApp's time went (flower.py)
+    timings: dict[str, float] | None = None  # Flower: where a ClientApp's time went (flower/client_app.py)
 
 
 def seed_torch(seed: int, stream: Stream, *keys: int) -> torch.Generator:
@@ -135,7 +135,7 @@ class TrainingSetup:
     start_state: State
     keys: list[str]
     params: dict[str, torch.nn.Parameter]
-    optimized: list[torch.nn.Parameter]  # what the optimizer holds (the trained tensors; lr0: all)
+    optimized: list[torch.nn.Parameter]  # what the optimizer holds (the trained tensors)
     optimizer: torch.optim.Optimizer
     lowest: int
 
@@ -150,7 +150,7 @@ class StepLog:
 
 
 def setup_training(
-    lm: LoraModel,
+    lm: AdaptedModel,
     received: Mapping[str, torch.Tensor],
     assignment: Assignment,
     cfg: TrainConfig,
@@ -158,33 +158,29 @@ def setup_training(
     train_head: bool,
 ) -> TrainingSetup:
     """Load what the client received and make exactly its assigned tensors trainable (real
-    freezing), or, with `train.freezing=lr0`, every adapter with the untrained ones at learning
-    rate 0 (the released pseudo-freezing, kept for benchmarks)."""
+    freezing: the rest do not require grad and the optimizer never sees them)."""
     layers = assignment.layers
     start_state = local.start_state(received, {k: lm.parameter(k).shape for k in received})
     lm.load_lora_state(start_state)
     keys = lm.trained_names(layers, train_head)
     params = dict(lm.model.named_parameters())
-    if cfg.freezing == "real":
-        requires = set(keys)
-        lowest = min(layers) if layers else lm.num_layers
-    else:
-        requires = set(lm.trained_names(range(lm.num_layers), train_head))
-        lowest = 0
+    requires = set(keys)
     for name, p in params.items():
         p.requires_grad_(name in requires)
     local.begin({k: params[k] for k in keys})
     trained = [params[k] for k in keys]
-    groups: list[dict[str, object]] = [{"params": trained}]
-    frozen_at_lr0 = [params[k] for k in sorted(requires - set(keys))] if cfg.freezing == "lr0" else []
-    if cfg.freezing == "lr0":
-        groups.append({"params": frozen_at_lr0, "lr": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return TrainingSetup(start_state, keys, params, trained + frozen_at_lr0, optimizer, lowest)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lowest = min(layers) if layers else lm.num_layers
+    return TrainingSetup(start_state, keys, params, trained, optimizer, lowest)
+
+
+SetupTraining = Callable[
+    [AdaptedModel, Mapping[str, torch.Tensor], Assignment, TrainConfig, LocalTraining, bool], TrainingSetup
+]
 
 
 def run_steps(
-    lm: LoraModel,
+    lm: AdaptedModel,
     task: Task,
     batch_source: Iterable[dict[str, torch.Tensor]],
     setup: TrainingSetup,
@@ -220,7 +216,7 @@ def run_steps(
 
 
 def train_client(
-    lm: LoraModel,
+    lm: AdaptedModel,
     task: Task,
     data: object,
     indices: np.ndarray,
@@ -234,16 +230,18 @@ def train_client(
     round_number: int,
     device: torch.device,
     batch_source: Iterable[dict[str, torch.Tensor]] | None = None,
+    setup_fn: SetupTraining = setup_training,
 ) -> ClientResult:
     """Train one client from the adapters it received and return the change of what it trained.
 
     The client trains the LoRA tensors of `assignment.layers` (and the head when `train_head`);
     `local` holds the method's changes to local training (a rank mask, a penalty, what to
     upload; see `fedhello.method.base.LocalTraining`). `batch_source` replaces the client's
-    shuffled batches (calibration's probe steps train on one worst-case batch).
+    shuffled batches (calibration's probe steps train on one worst-case batch); `setup_fn`
+    replaces real freezing (benchmarks/freezing.py measures the released pseudo-freezing).
     """
     local = local or LocalTraining()
-    setup = setup_training(lm, received, assignment, cfg, local, train_head)
+    setup = setup_fn(lm, received, assignment, cfg, local, train_head)
     meter = MemoryMeter(device, list(setup.params.values()))
     order = seed_torch(seed, Stream.LOCAL_TRAINING, round_number, assignment.client)
     if batch_source is None:
@@ -278,7 +276,7 @@ def train_assignment(
     """One client's local training as the round plan assigned it; every engine trains through this."""
     cfg = exp.cfg
     return train_client(
-        exp.lm,
+        exp.adapted,
         exp.task,
         exp.data,
         exp.client_indices[assignment.client],

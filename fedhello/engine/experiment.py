@@ -21,8 +21,8 @@ from fedhello.method.base import ClientProfile, Method, MethodContext
 from fedhello.method.budgets import Cost, CostModel, LayerLimits, ceil_steps
 from fedhello.method.groups import ResourceGroup, assign_clients_to_groups, resolve_groups
 from fedhello.method.registry import build_method, parse_method_options
-from fedhello.models import LoraModel, add_lora
-from fedhello.seeding import Stream, numpy_rng
+from fedhello.models import AdaptedModel, add_lora
+from fedhello.seeding import SplitPart, Stream, numpy_rng
 from fedhello.tasks import Examples, Task, build_task
 
 
@@ -34,7 +34,7 @@ class Experiment:
     data: Any  # the task's encoded examples
     splits: dict[str, np.ndarray]  # indices into `data` for train / val / test / proxy
     client_indices: list[np.ndarray]  # each client's training examples (indices into `data`)
-    lm: LoraModel
+    adapted: AdaptedModel
     groups: list[ResourceGroup]
     client_group: np.ndarray  # group index of each client
     method: Method
@@ -43,7 +43,7 @@ class Experiment:
 
     @property
     def num_layers(self) -> int:
-        return self.lm.num_layers
+        return self.adapted.num_layers
 
     @property
     def train_head(self) -> bool:
@@ -112,15 +112,15 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     examples, splits, client_indices = split_and_partition(cfg, task, task.load_examples())
 
     model = task.load_model(examples)
-    lm = add_lora(model, cfg.lora, seed=cfg.seed, head=task.has_head)
-    lm.model.to(device)
+    adapted = add_lora(model, cfg.lora, seed=cfg.seed, head=task.has_head)
+    adapted.model.to(device)
     data = task.encode(examples)
 
-    groups = resolve_groups(cfg.groups, lm.num_layers, cfg.lora.r)
+    groups = resolve_groups(cfg.groups, adapted.num_layers, cfg.lora.r)
     client_group = assign_clients_to_groups(cfg.partition.num_clients, groups, cfg.seed)
-    method = build_method(cfg.method, method_context(cfg, lm.num_layers, groups))
+    method = build_method(cfg.method, method_context(cfg, adapted.num_layers, groups))
     return Experiment(
-        cfg, task, examples, data, splits, client_indices, lm, groups, client_group, method, device
+        cfg, task, examples, data, splits, client_indices, adapted, groups, client_group, method, device
     )
 
 
@@ -171,5 +171,5 @@ def _hold_out(train: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.n
         raise UserError(
             f"data.proxy_size: {size} proxy examples leave no training data ({len(train)} in all)"
         )
-    proxy = numpy_rng(seed, Stream.SPLIT, 2).choice(train, size=size, replace=False)
+    proxy = numpy_rng(seed, Stream.SPLIT, SplitPart.PROXY).choice(train, size=size, replace=False)
     return np.setdiff1d(train, proxy), np.sort(proxy)

@@ -90,35 +90,15 @@ def run_federation(
     exp = prepare_experiment(cfg)
     attach_costs(exp, run_dir)  # only when a group states device budgets: calibrate, refuse misfits
     identity = config_hash(cfg)  # what the checkpoint's manifest records and a resume checks
-    records: list[RoundRecord] = []
-    wall_before = 0.0
-    if not resume:
-        server = FederatedServer(exp)
+    if resume:
+        server, records, wall_before = resume_server(exp, run_dir, identity, accept_unverified)
     else:
-        ckpt = load_checkpoint(run_dir / "checkpoint", identity, accept_unverified=accept_unverified)
-        if ckpt.threads is not None and ckpt.threads != torch.get_num_threads():
-            log.warning(
-                "resuming with %d torch threads where the checkpoint was written with %d: "
-                "the numerics of later rounds may differ slightly",
-                torch.get_num_threads(),
-                ckpt.threads,
-            )
-        server = FederatedServer(exp, ckpt.global_state)
-        server.load_state_dict(ckpt.extra)
-        records = ckpt.history
-        wall_before = ckpt.wall_seconds
-        write_atomic(run_dir / "metrics.jsonl", records_to_jsonl(records))
-    before = run_dir / BEFORE_TRAINING
-    if cfg.eval.before_training and not before.is_file():
-        # the starting point (LoRA B = 0: the base model), e.g. an LLM before instruction tuning
-        metrics, seconds = server.evaluate_global()
-        write_json_atomic(before, {"metrics": metrics, "eval_seconds": seconds})
-    first = len(records) + 1
-    rounds = cfg.federation.rounds
+        server, records, wall_before = FederatedServer(exp), [], 0.0
+    evaluate_before_training(server, run_dir)
+    first, rounds = len(records) + 1, cfg.federation.rounds
     train_round = make_trainer(exp)
-    tracker = open_tracker(cfg, run_dir)
 
-    with _progress(cfg.quiet) as progress, tracker:
+    with _progress(cfg.quiet) as progress, open_tracker(cfg, run_dir) as tracker:
         round_bar = progress.add_task("rounds", total=rounds, completed=first - 1, info="")
         for r in range(first, rounds + 1):
             round_start = time.perf_counter()
@@ -126,12 +106,7 @@ def run_federation(
             progress.update(round_bar, info=f"round {r}: training clients {plan.clients}")
             results = train_round(plan, server)
             record = server.aggregate_round(plan, results)
-            if record.missing:
-                log.warning("round %d: no reply from clients %s; aggregated the others", r, record.missing)
-            for group in exp.groups if exp.costs is not None else ():
-                drift = new_drift_warning([*records, record], group.name, group.device_budget.speed)
-                if drift is not None:
-                    log.warning("round %d: %s", r, drift)
+            warn_about_round(exp, records, record)
             if server.should_evaluate(r):
                 record.metrics, record.eval_seconds = server.evaluate_global()
             records.append(record)
@@ -147,16 +122,59 @@ def run_federation(
             record.round_seconds = time.perf_counter() - round_start
             append_record(run_dir / "metrics.jsonl", record)
             tracker.log_round(record)
-            info = ""
-            if record.evaluated:
-                m = record.primary_metric
-                info = f"val {m} {record.metric('val'):.3f}  test {m} {record.metric('test'):.3f}"
-            progress.update(round_bar, advance=1, info=info)
+            progress.update(round_bar, advance=1, info=scores_line(record))
             if on_round_end is not None:
                 on_round_end(r, record)
 
     wall = wall_before + time.perf_counter() - session_start
     return write_outputs(exp, run_dir, records, wall)
+
+
+def resume_server(
+    exp: Experiment, run_dir: Path, identity: str, accept_unverified: bool
+) -> tuple[FederatedServer, list[RoundRecord], float]:
+    """The server, the completed rounds' records and the wall time so far, from the checkpoint
+    (verified against the run's identity); metrics.jsonl is rewritten to match it."""
+    ckpt = load_checkpoint(run_dir / "checkpoint", identity, accept_unverified=accept_unverified)
+    if ckpt.threads is not None and ckpt.threads != torch.get_num_threads():
+        log.warning(
+            "resuming with %d torch threads where the checkpoint was written with %d: "
+            "the numerics of later rounds may differ slightly",
+            torch.get_num_threads(),
+            ckpt.threads,
+        )
+    server = FederatedServer(exp, ckpt.global_state)
+    server.load_state_dict(ckpt.extra)
+    write_atomic(run_dir / "metrics.jsonl", records_to_jsonl(ckpt.history))
+    return server, ckpt.history, ckpt.wall_seconds
+
+
+def evaluate_before_training(server: FederatedServer, run_dir: Path) -> None:
+    """With eval.before_training: the starting point's metrics (LoRA B = 0: the base model, e.g.
+    an LLM before instruction tuning), once per run."""
+    before = run_dir / BEFORE_TRAINING
+    if server.exp.cfg.eval.before_training and not before.is_file():
+        metrics, seconds = server.evaluate_global()
+        write_json_atomic(before, {"metrics": metrics, "eval_seconds": seconds})
+
+
+def warn_about_round(exp: Experiment, records: list[RoundRecord], record: RoundRecord) -> None:
+    """One log line for clients that never replied, and one when a group's measured time has
+    drifted from its cost model's prediction (docs/budgets.md)."""
+    if record.missing:
+        log.warning("round %d: no reply from clients %s; aggregated the others", record.round, record.missing)
+    for group in exp.groups if exp.costs is not None else ():
+        drift = new_drift_warning([*records, record], group.name, group.device_budget.speed)
+        if drift is not None:
+            log.warning("round %d: %s", record.round, drift)
+
+
+def scores_line(record: RoundRecord) -> str:
+    """The progress bar's note: the round's validation and test scores, when it was evaluated."""
+    if not record.evaluated:
+        return ""
+    m = record.primary_metric
+    return f"val {m} {record.metric('val'):.3f}  test {m} {record.metric('test'):.3f}"
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:

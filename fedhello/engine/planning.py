@@ -72,65 +72,13 @@ def plan_budgets(exp: Experiment, methods: Sequence[str] | None = None) -> dict[
     costs = exp.costs
     assert costs is not None, "calibrate first (fedhello.engine.calibration.calibrated)"
     names = list(methods) if methods else list(method_entries())
-    clients = range(exp.cfg.partition.num_clients)
-    budgeted = {c: exp.profile(c) for c in clients}
+    budgeted = {c: exp.profile(c) for c in range(exp.cfg.partition.num_clients)}
     unbudgeted = {c: ClientProfile(p.budget, p.rank) for c, p in budgeted.items()}
-    groups = []
-    for i, g in enumerate(exp.groups):
-        steps = exp.group_steps(i)
-        limits = costs.limits(g.device_budget, steps)
-        need = costs.smallest_need(steps, g.device_budget.speed)
-        groups.append(
-            {
-                "group": g.name,
-                "layer_budget": g.budget,
-                "rank": g.rank,
-                "memory": g.device_budget.memory,
-                "seconds_per_round": g.device_budget.seconds_per_round,
-                "upload": g.device_budget.upload,
-                "speed": g.device_budget.speed,
-                "steps_per_round": steps,
-                "lowest_block_by_count": list(limits.lowest),
-                "max_rank_all_layers": limits.max_rank,
-                "allowed": limits.describe() if g.device_budget.constrained else "no device budget",
-                "least_peak_memory_bytes": need.memory_bytes,
-            }
-        )
     rows: list[GroupPlan] = []
     for name in names:
         fitted = _round_one(exp, name, budgeted)
         free = _round_one(exp, name, unbudgeted)
-        for i, g in enumerate(exp.groups):
-            members = [c for c in clients if int(exp.client_group[c]) == i]
-            given = [fitted[c] for c in members]
-            trained = [a for a in given if a.layers]
-            warning = None
-            if g.device_budget.constrained:
-                misfits = []
-                for c in members:
-                    a = free[c]
-                    cost = exp.predicted_cost(c, a.layers, a.rank)
-                    if cost is not None and cost.over(g.device_budget):
-                        misfits.append((a.layers, cost.over(g.device_budget)))
-                if misfits:
-                    layers, over = misfits[0]
-                    n_idle = len(given) - len(trained)
-                    then = f"{n_idle} of {len(given)} clients sit out" if n_idle else "it sends smaller sets"
-                    warning = (
-                        f"without budgets {name} would send layers {list(layers)}, over the {'/'.join(over)} "
-                        f"budget; {then}"
-                    )
-            rows.append(
-                GroupPlan(
-                    name,
-                    g.name,
-                    sorted({a.layers for a in trained}),
-                    sorted({int(a.rank) for a in trained if a.rank is not None}),
-                    len(given) - len(trained),
-                    _worst(exp, trained),
-                    warning,
-                )
-            )
+        rows += [_group_plan(exp, name, i, fitted, free) for i in range(len(exp.groups))]
     return {
         "cost_model": {
             "device": costs.device,
@@ -146,9 +94,66 @@ def plan_budgets(exp: Experiment, methods: Sequence[str] | None = None) -> dict[
             if costs.quality is None
             else costs.quality.describe(),
         },
-        "groups": groups,
+        "groups": [_group_allowance(exp, i) for i in range(len(exp.groups))],
         "methods": [r.to_json() for r in rows],
     }
+
+
+def _group_allowance(exp: Experiment, i: int) -> dict[str, Any]:
+    """What group i's device budgets allow: per layer count the lowest block a set may start
+    at, the largest rank of an all-layer set, and the least a client needs."""
+    assert exp.costs is not None
+    g, steps = exp.groups[i], exp.group_steps(i)
+    limits = exp.costs.limits(g.device_budget, steps)
+    need = exp.costs.smallest_need(steps, g.device_budget.speed)
+    return {
+        "group": g.name,
+        "layer_budget": g.budget,
+        "rank": g.rank,
+        "memory": g.device_budget.memory,
+        "seconds_per_round": g.device_budget.seconds_per_round,
+        "upload": g.device_budget.upload,
+        "speed": g.device_budget.speed,
+        "steps_per_round": steps,
+        "lowest_block_by_count": list(limits.lowest),
+        "max_rank_all_layers": limits.max_rank,
+        "allowed": limits.describe() if g.device_budget.constrained else "no device budget",
+        "least_peak_memory_bytes": need.memory_bytes,
+    }
+
+
+def _group_plan(
+    exp: Experiment, name: str, i: int, fitted: Mapping[int, Assignment], free: Mapping[int, Assignment]
+) -> GroupPlan:
+    """Method `name`'s round-1 sets for group i with budgets (`fitted`), and a warning where its
+    sets without budgets (`free`) would not fit."""
+    g = exp.groups[i]
+    members = [c for c in range(exp.cfg.partition.num_clients) if int(exp.client_group[c]) == i]
+    given = [fitted[c] for c in members]
+    trained = [a for a in given if a.layers]
+    warning = None
+    misfits = []
+    for c in members if g.device_budget.constrained else ():
+        cost = exp.predicted_cost(c, free[c].layers, free[c].rank)
+        if cost is not None and cost.over(g.device_budget):
+            misfits.append((free[c].layers, cost.over(g.device_budget)))
+    if misfits:
+        layers, over = misfits[0]
+        n_idle = len(given) - len(trained)
+        then = f"{n_idle} of {len(given)} clients sit out" if n_idle else "it sends smaller sets"
+        warning = (
+            f"without budgets {name} would send layers {list(layers)}, over the {'/'.join(over)} "
+            f"budget; {then}"
+        )
+    return GroupPlan(
+        name,
+        g.name,
+        sorted({a.layers for a in trained}),
+        sorted({int(a.rank) for a in trained if a.rank is not None}),
+        len(given) - len(trained),
+        _worst(exp, trained),
+        warning,
+    )
 
 
 def measure_plan(exp: Experiment, plan: dict[str, Any], steps: int = PROBE_STEPS) -> list[dict[str, Any]]:

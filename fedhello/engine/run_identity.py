@@ -73,6 +73,7 @@ def config_hash(cfg: ExperimentConfig) -> str:
 def _legacy_layout(cfg: ExperimentConfig, tree: dict[str, Any]) -> dict[str, Any]:
     """Method options and the proxy set where version 1 kept them (see the module docstring)."""
     tree.pop("method_options", None)
+    tree["train"]["freezing"] = "real"  # version 1's train.freezing: every run freezes for real
     for key in ("proxy_size", "proxy_path"):
         tree["data"].pop(key, None)
     proxy = {"proxy_size": cfg.data.proxy_size, "proxy_path": cfg.data.proxy_path}

@@ -43,7 +43,7 @@ class FederatedServer:
     def __init__(self, exp: Experiment, global_state: State | None = None) -> None:
         self.exp = exp
         self.method = exp.method
-        initial = global_state if global_state is not None else exp.lm.lora_state()
+        initial = global_state if global_state is not None else exp.adapted.lora_state()
         self.global_state: State = {k: v.detach().cpu().clone() for k, v in initial.items()}
         fed = exp.cfg.federation
         self.norm_bound: NormBound | None = (
@@ -71,9 +71,9 @@ class FederatedServer:
         """Layer scores of the current global model on the proxy set, as the method's Fisher
         options say (docs/method.md, "Fisher scores")."""
         exp = self.exp
-        exp.lm.load_lora_state(self.global_state)
+        exp.adapted.load_lora_state(self.global_state)
         return fisher_layer_scores(
-            exp.lm,
+            exp.adapted,
             exp.task,
             exp.data,
             exp.splits["proxy"],
@@ -87,7 +87,7 @@ class FederatedServer:
         pass), and the head when the head is federated (a frozen head is re-created from the seed)."""
         if self.exp.train_head:
             return self.global_state
-        head = set(self.exp.lm.head_params)
+        head = set(self.exp.adapted.head_params)
         return {k: v for k, v in self.global_state.items() if k not in head}
 
     def client_download(self, assignment: Assignment) -> State:
@@ -99,7 +99,7 @@ class FederatedServer:
         out = {}
         for c in plan.clients:
             a = plan.assignments[c]
-            keys = self.exp.lm.trained_names(a.layers, self.exp.train_head)
+            keys = self.exp.adapted.trained_names(a.layers, self.exp.train_head)
             out[c] = self.method.upload_shapes(self.global_state, keys, a)
         return out
 
@@ -115,10 +115,21 @@ class FederatedServer:
         """Screen and aggregate the replies; return the round's record (costs per client).
 
         A rejected update is left out and its reason recorded; a round whose every update is
-        rejected leaves the global model as it was. A global state that would hold NaN or inf
-        is never adopted: the run stops with a one-line error naming the round and the clients
-        (the last checkpoint, of the previous round, stays as it is)."""
-        r_no = plan.round_number
+        rejected leaves the global model as it was."""
+        accepted, rejected = self.screen(plan, results)
+        if accepted:
+            self.global_state = self.aggregate(plan, accepted)
+        elif results:
+            log.warning(
+                "round %d: every update was rejected; the global model is unchanged", plan.round_number
+            )
+        return self.round_record(plan, results, rejected)
+
+    def screen(
+        self, plan: RoundPlan, results: list[ClientResult]
+    ) -> tuple[list[ClientUpdate], dict[int, str]]:
+        """The updates that pass the reliability rules (shapes, counts, finiteness, the method's
+        own check, the norm bound), and the reason each other one was rejected."""
 
         def method_check(update: ClientUpdate) -> str | None:
             return self.method.check_update(update, plan.assignments[update.client_id])
@@ -129,47 +140,36 @@ class FederatedServer:
         if self.norm_bound is not None:
             accepted, too_large = self.norm_bound.apply(accepted)
             rejected.update(too_large)
-        if accepted:
-            new_state = self.method.aggregate(
-                self.global_state, accepted, plan, self.exp.cfg.federation.weighting
+        return accepted, rejected
+
+    def aggregate(self, plan: RoundPlan, accepted: list[ClientUpdate]) -> State:
+        """The next global state, by the method's rule. A state that would hold NaN or inf is
+        never adopted: the run stops with a one-line error naming the round and the clients
+        (the last checkpoint, of the previous round, stays as it is)."""
+        new_state = self.method.aggregate(
+            self.global_state, accepted, plan, self.exp.cfg.federation.weighting
+        )
+        broken = non_finite_tensors(new_state)
+        if broken:
+            r_no = plan.round_number
+            senders = sorted(u.client_id for u in accepted if broken[0] in u.deltas)
+            raise UserError(
+                f"round {r_no}: aggregating the updates of clients {senders} makes '{broken[0]}' "
+                f"non-finite ({len(broken)} tensors); the checkpoint keeps round {r_no - 1}; "
+                "rerun with federation.norm_bound"
             )
-            broken = non_finite_tensors(new_state)
-            if broken:
-                senders = sorted(u.client_id for u in accepted if broken[0] in u.deltas)
-                raise UserError(
-                    f"round {r_no}: aggregating the updates of clients {senders} makes '{broken[0]}' "
-                    f"non-finite ({len(broken)} tensors); the checkpoint keeps round {r_no - 1}; "
-                    "rerun with federation.norm_bound"
-                )
-            self.global_state = new_state
-        elif results:
-            log.warning("round %d: every update was rejected; the global model is unchanged", r_no)
+        return new_state
+
+    def round_record(
+        self, plan: RoundPlan, results: list[ClientResult], rejected: dict[int, str]
+    ) -> RoundRecord:
+        """The round's record: every sampled client's costs, the rejections, the method's extra."""
         sampled = set(plan.clients)
-        clients = []
-        for r in results:
-            c = r.update.client_id
-            if c not in sampled:  # not one of this round's clients: only its rejection is recorded
-                continue
-            a = plan.assignments[c]
-            bytes_up = payload_bytes(r.update.deltas)
-            clients.append(
-                ClientRecord(
-                    client=c,
-                    group=self.exp.group_of(c).name,
-                    layers=list(r.layers),
-                    rank=a.rank,
-                    samples=int(r.update.num_samples) if c not in rejected else 0,
-                    steps=r.steps,
-                    train_loss=r.train_loss,
-                    seconds=r.seconds,
-                    peak_memory_bytes=r.peak_memory_bytes,
-                    bytes_up=bytes_up,
-                    bytes_down=payload_bytes(self.client_download(a)),
-                    accepted=c not in rejected,
-                    timings=r.timings,
-                    **self.budget_fields(c, r, a, bytes_up),
-                )
-            )
+        clients = [
+            self.client_record(plan.assignments[r.update.client_id], r, r.update.client_id not in rejected)
+            for r in results
+            if r.update.client_id in sampled  # another client's reply: only its rejection is recorded
+        ]
         return RoundRecord(
             round=plan.round_number,
             clients=clients,
@@ -181,7 +181,29 @@ class FederatedServer:
             train_seconds=sum(r.seconds for r in results),
             primary_metric=self.exp.task.primary_metric,
             probabilities=plan.probabilities,
-            fisher=plan.fisher,
+            extras={}
+            if plan.extra is None
+            else {plan.extra.kind: plan.extra.model_dump(mode="json", exclude_none=True)},
+        )
+
+    def client_record(self, a: Assignment, r: ClientResult, accepted: bool) -> ClientRecord:
+        c = r.update.client_id
+        bytes_up = payload_bytes(r.update.deltas)
+        return ClientRecord(
+            client=c,
+            group=self.exp.group_of(c).name,
+            layers=list(r.layers),
+            rank=a.rank,
+            samples=int(r.update.num_samples) if accepted else 0,
+            steps=r.steps,
+            train_loss=r.train_loss,
+            seconds=r.seconds,
+            peak_memory_bytes=r.peak_memory_bytes,
+            bytes_up=bytes_up,
+            bytes_down=payload_bytes(self.client_download(a)),
+            accepted=accepted,
+            timings=r.timings,
+            **self.budget_fields(c, r, a, bytes_up),
         )
 
     def budget_fields(
@@ -214,10 +236,10 @@ class FederatedServer:
         """The task's metrics of the global model on validation and test, and the seconds it took."""
         exp = self.exp
         start = time.perf_counter()
-        exp.lm.load_lora_state(self.global_state)
+        exp.adapted.load_lora_state(self.global_state)
         metrics = {
             split: exp.task.evaluate(
-                exp.lm.model, exp.data, exp.splits[split], exp.cfg.eval.batch_size, exp.device
+                exp.adapted.model, exp.data, exp.splits[split], exp.cfg.eval.batch_size, exp.device
             )
             for split in ("val", "test")
         }

@@ -127,7 +127,7 @@ def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if not torch.isfinite(v).all()]
 
 
-def aggregate_per_layer(
+def aggregate_per_tensor(
     global_state: Mapping[str, torch.Tensor],
     updates: Sequence[ClientUpdate],
     weighting: Literal["samples", "uniform"] = "samples",
@@ -216,7 +216,11 @@ class NormBound:
         rejected: dict[int, str] = {}
         accepted: dict[str, list[float]] = {}
         for u, size in zip(updates, sizes, strict=True):
-            over = {k: bounds[k] for k, n in size.items() if bounds[k] is not None and n > bounds[k]}  # type: ignore[operator]
+            over: dict[str, float] = {}
+            for k, n in size.items():
+                limit = bounds[k]
+                if limit is not None and n > limit:
+                    over[k] = limit
             if over and self.mode == "reject":
                 key = next(iter(over))
                 rejected[u.client_id] = (
@@ -224,7 +228,7 @@ class NormBound:
                 )
                 log.warning("rejected update from client %d: %s", u.client_id, rejected[u.client_id])
                 continue
-            deltas = {k: d * (over[k] / size[k]) if k in over else d for k, d in u.deltas.items()}  # type: ignore[operator]
+            deltas = {k: d * (over[k] / size[k]) if k in over else d for k, d in u.deltas.items()}
             kept.append(ClientUpdate(u.client_id, deltas, u.num_samples, u.metrics))
             for k, n in size.items():
                 accepted.setdefault(k, []).append(min(n, over.get(k) or n))

@@ -19,7 +19,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from fedhello.method.importance import (
     level_probabilities,
     released_levels,
 )
+from fedhello.records import RoundExtra
 from fedhello.seeding import Stream, numpy_rng
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,7 @@ class AllocationStrategy(Protocol):
 
     name: str
 
-    def prepare_round(
-        self, round_number: int, layer_scores: Callable[[], np.ndarray]
-    ) -> dict[str, Any] | None:
+    def prepare_round(self, round_number: int, layer_scores: Callable[[], np.ndarray]) -> RoundExtra | None:
         """Anything to do before allocating (a Fisher refresh); returns what the run should log."""
         ...
 
@@ -185,9 +184,7 @@ class PerClientAllocation(ABC):
 class _Stateless(PerClientAllocation):
     """Strategies with nothing to prepare and nothing to checkpoint."""
 
-    def prepare_round(
-        self, round_number: int, layer_scores: Callable[[], np.ndarray]
-    ) -> dict[str, Any] | None:
+    def prepare_round(self, round_number: int, layer_scores: Callable[[], np.ndarray]) -> RoundExtra | None:
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -282,6 +279,17 @@ class FisherSchedule:
         return past >= 0 and past % self.refresh_every == 0
 
 
+class FisherRefresh(RoundExtra):
+    """One Fisher refresh, as the round's record keeps it (`extras.fisher`)."""
+
+    kind: ClassVar[str] = "fisher"
+    round: int
+    scores: list[float | None]  # per layer; None where a score was not finite
+    levels: list[int]  # importance level per layer (empty when the refresh was skipped)
+    probabilities: list[float]  # the per-layer probabilities from this refresh on
+    skipped: str | None = None  # why the probabilities stayed as they were
+
+
 @dataclass
 class FisherAllocation(PerClientAllocation):
     """Co-designed allocation: prior sampling during warm-up, then Fisher-driven probabilities.
@@ -305,20 +313,20 @@ class FisherAllocation(PerClientAllocation):
 
     def prepare_round(
         self, round_number: int, layer_scores: Callable[[], np.ndarray]
-    ) -> dict[str, Any] | None:
+    ) -> FisherRefresh | None:
         """On a refresh round: score the layers of the current global model and update the
         probabilities; returns the refresh's record (scores, levels, probabilities, seconds)."""
         if not self.needs_scores(round_number):
             return None
         start = time.perf_counter()
         refresh = self.update_scores(round_number, layer_scores())
-        refresh["seconds"] = time.perf_counter() - start
+        refresh.seconds = time.perf_counter() - start
         return refresh
 
     def probabilities_for(self, round_number: int) -> np.ndarray | None:
         return self.probabilities(round_number)
 
-    def update_scores(self, round_number: int, scores: np.ndarray) -> dict[str, Any]:
+    def update_scores(self, round_number: int, scores: np.ndarray) -> FisherRefresh:
         """Turn fresh layer scores into probabilities; returns what the run should log.
 
         Scores that are not finite (a global model driven out of range, e.g. by a poisoned update
@@ -330,13 +338,13 @@ class FisherAllocation(PerClientAllocation):
                 round_number,
             )
             kept = self.probabilities(round_number)
-            return {
-                "round": round_number,
-                "scores": [float(x) if np.isfinite(x) else None for x in scores],
-                "levels": [],
-                "probabilities": [float(x) for x in kept],
-                "skipped": "non-finite scores",
-            }
+            return FisherRefresh(
+                round=round_number,
+                scores=[float(x) if np.isfinite(x) else None for x in scores],
+                levels=[],
+                probabilities=[float(x) for x in kept],
+                skipped="non-finite scores",
+            )
         if self.released_levels:
             levels = released_levels(
                 scores,
@@ -354,12 +362,12 @@ class FisherAllocation(PerClientAllocation):
             p = fisher_probabilities(scores, self.num_levels, self.prior if self.prior_product else None)
         self.fisher_probabilities = p
         self.refreshed_at = round_number
-        return {
-            "round": round_number,
-            "scores": [float(x) for x in scores],
-            "levels": [int(x) for x in levels],
-            "probabilities": [float(x) for x in p],
-        }
+        return FisherRefresh(
+            round=round_number,
+            scores=[float(x) for x in scores],
+            levels=[int(x) for x in levels],
+            probabilities=[float(x) for x in p],
+        )
 
     def probabilities(self, round_number: int) -> np.ndarray:
         """The per-layer probabilities that govern `round_number`."""
@@ -402,10 +410,3 @@ class FisherAllocation(PerClientAllocation):
 
 def _normalise(p: np.ndarray) -> np.ndarray:
     return p / p.sum()
-
-
-def allocate_layers(
-    strategy: AllocationStrategy, round_number: int, budgets: Mapping[int, int], seed: int
-) -> Allocation:
-    """One round's allocation; the random stream depends only on (seed, round)."""
-    return strategy.allocate(round_number, budgets, numpy_rng(seed, Stream.ALLOCATION, round_number))

@@ -22,8 +22,9 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from fedhello.method.aggregation import ClientUpdate, Rule, State, aggregate_per_layer
+from fedhello.method.aggregation import ClientUpdate, Rule, State, aggregate_per_tensor
 from fedhello.method.budgets import LayerLimits
+from fedhello.records import RoundExtra
 
 Weighting = Literal["samples", "uniform"]
 Updates = Sequence[ClientUpdate]
@@ -70,7 +71,7 @@ class RoundPlan:
     round_number: int
     assignments: dict[int, Assignment]  # every sampled client
     probabilities: list[float] | None = None  # per-layer sampling probabilities, for sampled methods
-    fisher: dict[str, Any] | None = None  # the Fisher refresh made for this round, if any
+    extra: RoundExtra | None = None  # the method's own record of the round (a Fisher refresh)
 
     @property
     def clients(self) -> list[int]:
@@ -160,7 +161,7 @@ class Method(ABC):
     def aggregate(self, state: State, updates: Updates, plan: RoundPlan, weighting: Weighting) -> State:
         """The next global state from the accepted updates (per tensor: the weighted mean, or the
         robust rule of `federation.aggregation`)."""
-        return aggregate_per_layer(state, updates, weighting, self.ctx.aggregation, self.ctx.trim_fraction)
+        return aggregate_per_tensor(state, updates, weighting, self.ctx.aggregation, self.ctx.trim_fraction)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state that must survive a resume."""

@@ -52,7 +52,7 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from fedhello.config import StrictModel
-from fedhello.models import LoraModel
+from fedhello.models import AdaptedModel
 from fedhello.tasks import Task
 
 Reduction = Literal["sum", "frobenius"]
@@ -130,7 +130,7 @@ class HasLayerParams(Protocol):
 
 
 @contextmanager
-def _fisher_mode(lm: LoraModel) -> Iterator[dict[str, nn.Parameter]]:
+def _fisher_mode(lm: AdaptedModel) -> Iterator[dict[str, nn.Parameter]]:
     """Eval mode, gradients on the LoRA tensors only; restore every flag and mode afterwards."""
     params = dict(lm.model.named_parameters())
     lora = {name: params[name] for name in lm.lora_params}
@@ -168,7 +168,7 @@ def _check_indices(indices: np.ndarray) -> np.ndarray:
     return idx
 
 
-def _lora_linears(lm: LoraModel) -> dict[str, nn.Linear]:
+def _lora_linears(lm: AdaptedModel) -> dict[str, nn.Linear]:
     """LoRA tensor name -> the bias-free nn.Linear whose weight it is."""
     lora = set(lm.lora_params)
     found: dict[str, nn.Linear] = {}
@@ -190,7 +190,7 @@ def _lora_linears(lm: LoraModel) -> dict[str, nn.Linear]:
 
 
 def fisher_diagonal(
-    lm: LoraModel,
+    lm: AdaptedModel,
     task: Task,
     data: Any,
     indices: np.ndarray,
@@ -261,7 +261,7 @@ def _accumulate_batch(
 
 
 def fisher_diagonal_loop(
-    lm: LoraModel,
+    lm: AdaptedModel,
     task: Task,
     data: Any,
     indices: np.ndarray,
@@ -313,7 +313,7 @@ def layer_scores(lm: HasLayerParams, fisher: dict[str, Tensor], reduction: Reduc
 
 
 def fisher_layer_scores(
-    lm: LoraModel,
+    lm: AdaptedModel,
     task: Task,
     data: Any,
     indices: np.ndarray,

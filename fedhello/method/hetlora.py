@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -21,7 +21,16 @@ from torch import Tensor, nn
 
 from fedhello.config import StrictModel
 from fedhello.method.aggregation import ClientUpdate, State
-from fedhello.method.base import Assignment, ClientProfile, LocalTraining, MethodContext, Updates, Weighting
+from fedhello.method.base import (
+    Assignment,
+    ClientProfile,
+    LocalTraining,
+    MethodContext,
+    RoundInputs,
+    RoundPlan,
+    Updates,
+    Weighting,
+)
 from fedhello.method.rank import (
     RankHeterogeneous,
     RankLocalTraining,
@@ -32,6 +41,7 @@ from fedhello.method.rank import (
     tail_start,
 )
 from fedhello.method.registry import register_method
+from fedhello.records import RoundExtra
 
 
 class HetLoRAOptions(StrictModel):
@@ -97,6 +107,14 @@ class SelfPruning(RankLocalTraining):
         return {"rank": float(new_rank)}
 
 
+class HetLoRAPruning(RoundExtra):
+    """With self-pruning, the ranks clients had pruned themselves to when the round was planned."""
+
+    kind: ClassVar[str] = "pruning"
+    pruned_ranks: dict[str, int]  # client id -> its pruned rank (clients that pruned)
+    mean_rank: float  # mean rank of the round's clients
+
+
 class HetLoRA(RankHeterogeneous):
     """HetLoRA: norm-weighted aggregation; remembers the ranks clients pruned themselves to."""
 
@@ -106,6 +124,17 @@ class HetLoRA(RankHeterogeneous):
 
     def client_rank(self, client: int, profile: ClientProfile) -> int:
         return self.client_ranks.get(client, profile.rank)
+
+    def plan_round(self, inputs: RoundInputs) -> RoundPlan:
+        plan = super().plan_round(inputs)
+        options = self.ctx.options
+        if isinstance(options, HetLoRAOptions) and options.self_pruning:
+            ranks = [int(a.rank) for a in plan.assignments.values() if a.rank is not None]
+            plan.extra = HetLoRAPruning(
+                pruned_ranks={str(c): r for c, r in sorted(self.client_ranks.items())},
+                mean_rank=float(sum(ranks) / len(ranks)) if ranks else 0.0,
+            )
+        return plan
 
     def local_training(self, assignment: Assignment) -> LocalTraining:
         options = self.ctx.options

@@ -37,7 +37,7 @@ class LayerAllocation(Method):
 
     def plan_round(self, inputs: RoundInputs) -> RoundPlan:
         r = inputs.round_number
-        fisher = self.strategy.prepare_round(r, lambda: inputs.layer_scores(self.ctx.options))
+        extra = self.strategy.prepare_round(r, lambda: inputs.layer_scores(self.ctx.options))
         budgets = {c: p.budget for c, p in inputs.profiles.items()}
         limits = {c: p.limits for c, p in inputs.profiles.items() if p.limits is not None}
         allocation = self.strategy.allocate(r, budgets, inputs.rng, limits or None)
@@ -46,7 +46,7 @@ class LayerAllocation(Method):
             r,
             {c: Assignment(c, layers) for c, layers in allocation.items()},
             None if p is None else [float(x) for x in p],
-            fisher,
+            extra,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fedhello.errors import UserError
-from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_layer
+from fedhello.method.aggregation import ClientUpdate, State, aggregate_per_tensor
 from fedhello.method.base import (
     Assignment,
     ClientProfile,
@@ -62,11 +62,6 @@ def pad_rank(name: str, tensor: torch.Tensor, full_shape: Sequence[int]) -> torc
     else:
         out[:, : tensor.shape[1]] = tensor
     return out
-
-
-def truncate_rank(state: Mapping[str, torch.Tensor], rank: int) -> State:
-    """The global adapters as a rank-`rank` client sees them: components >= rank set to zero."""
-    return {k: pad_rank(k, rank_slice(k, v, rank).clone(), v.shape) for k, v in state.items()}
 
 
 def tail_start(rank: int, gamma: float) -> int:
@@ -162,7 +157,7 @@ def aggregate_rank_slices(
     if not updates:
         return {k: v.clone() for k, v in state.items()}
     values, heads = split_updates(state, updates, ranks)
-    new_state = aggregate_per_layer(state, heads, weighting)
+    new_state = aggregate_per_tensor(state, heads, weighting)
     new_state.update(mix(state, values, updates, weighting))
     return new_state
 

@@ -12,15 +12,14 @@ first time the registry is asked.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from fedhello.errors import UserError
 from fedhello.method.base import Method, MethodContext
+from fedhello.registry import Registry
 
 MethodFactory = Callable[[MethodContext], Method]
 
@@ -34,7 +33,12 @@ class MethodEntry:
     legacy_section: str | None = None  # the config section that held these options before method_options
 
 
-_METHODS: dict[str, MethodEntry] = {}
+METHODS: Registry[MethodEntry] = Registry(
+    "method",
+    "method",
+    # each registers its methods when imported
+    builtins=("fedhello.method.layers", "fedhello.method.hetlora", "fedhello.method.flexlora"),
+)
 DEFAULT_METHOD = "fedhello"
 
 
@@ -48,26 +52,19 @@ def register_method(
 ) -> None:
     """Make `method: name` build `factory(ctx)`, with `ctx.options` an instance of `options`
     validated from the config's `method_options`. Names are unique."""
-    if name in _METHODS and _METHODS[name].factory is not factory:
-        raise ValueError(f"method '{name}' is already registered")
-    _METHODS[name] = MethodEntry(name, factory, summary, options, legacy_section)
-
-
-def _builtins() -> None:
-    for module in ("layers", "hetlora", "flexlora"):  # each registers its methods when imported
-        importlib.import_module(f"fedhello.method.{module}")
+    if name in METHODS.entries() and METHODS.get(name).factory is factory:
+        return  # the defining module imported again
+    METHODS.register(name, MethodEntry(name, factory, summary, options, legacy_section))
 
 
 def method_entries() -> dict[str, MethodEntry]:
-    _builtins()
-    return dict(_METHODS)
+    return METHODS.entries()
 
 
 def check_method(name: str) -> None:
     """ValueError listing the choices when `name` is not a registered method."""
-    entries = method_entries()
-    if name not in entries:
-        raise ValueError(f"unknown method '{name}' (choose from {', '.join(entries)})")
+    if name not in METHODS:
+        raise ValueError(METHODS.unknown(name))
 
 
 def legacy_sections() -> dict[str, type[BaseModel]]:
@@ -101,8 +98,4 @@ def parse_method_options(
 
 
 def build_method(name: str, ctx: MethodContext) -> Method:
-    try:
-        check_method(name)
-    except ValueError as e:
-        raise UserError(f"method: {e}") from None
-    return _METHODS[name].factory(ctx)
+    return METHODS.get(name).factory(ctx)

@@ -15,10 +15,10 @@ from fedhello.models.loading import (
     mpnet_parts,
     resolve_model_path,
 )
-from fedhello.models.lora import LoraModel, add_lora
+from fedhello.models.lora import AdaptedModel, add_lora
 
 __all__ = [
-    "LoraModel",
+    "AdaptedModel",
     "add_lora",
     "default_cache_dir",
     "find_attention_projections",

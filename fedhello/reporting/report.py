@@ -527,22 +527,40 @@ def _describe(grid: GridResults) -> str:
     return "; ".join(parts) + "."
 
 
+def _figure(
+    plot: Callable[[GridResults, str, Path], object], grid: GridResults, roc: str, stem: Path, alt: str
+) -> str:
+    """Plot one client ratio's figure next to the report (`stem`-<roc>.png) and link it."""
+    path = stem.with_name(f"{stem.name}-{roc.replace(':', '-')}.png")
+    plot(grid, roc, path)
+    return f"![{alt}]({path.parent.name}/{path.name})"
+
+
 def _grid_section(grid: GridResults, tag: str, figures: Path, method: str, reference: str) -> list[str]:
     """One grid's part of the report: its tables, with the plots written into `figures`."""
     lines: list[str] = []
     lines += [f"## {grid.model}: {grid.path.name}", "", _describe(grid), ""]
     if grid.meta.get("command"):
         lines += [f"Grid command: `{grid.meta['command']}`", ""]
-    methods = grid.ordered("method")
     for roc in grid.ordered("roc"):
         lines += [f"### {grid.metric.replace('_', ' ').capitalize()}, clients {roc} (low:mid:high)", ""]
         lines += [accuracy_table(grid, roc), ""]
-        name = f"{tag}-curves-{roc.replace(':', '-')}.png"
-        plot_curves(grid, roc, figures / name)
-        lines += [f"![accuracy per round, {roc}]({figures.name}/{name})", ""]
+        lines += [
+            _figure(plot_curves, grid, roc, figures / f"{tag}-curves", f"accuracy per round, {roc}"),
+            "",
+        ]
     below = not_beating_baseline(grid)
     lines += [f"### Cells that do not beat the {grid.baseline_name()}", ""]
     lines += (below or ["- none: every cell's final score beats it"]) + [""]
+    lines += _method_section(grid, method, reference)
+    lines += _cost_section(grid, tag, figures)
+    return lines
+
+
+def _method_section(grid: GridResults, method: str, reference: str) -> list[str]:
+    """How `method` compares: its fractions of `reference`, and where it is not the best."""
+    lines: list[str] = []
+    methods = grid.ordered("method")
     if method in methods and reference in methods:
         lines += [
             f"### {method} against {reference}",
@@ -559,6 +577,12 @@ def _grid_section(grid: GridResults, tag: str, figures: Path, method: str, refer
             "",
         ]
         lines += (losses or ["- nowhere in this grid"]) + [""]
+    return lines
+
+
+def _cost_section(grid: GridResults, tag: str, figures: Path) -> list[str]:
+    """Device budgets, costs per group, realised allocation, and accuracy against costs."""
+    lines: list[str] = []
     budgets = budget_table(grid)
     if budgets is not None:
         lines += [
@@ -573,16 +597,21 @@ def _grid_section(grid: GridResults, tag: str, figures: Path, method: str, refer
     for roc in grid.ordered("roc"):
         lines += [f"### Costs per client group, clients {roc} (pooled over settings and seeds)", ""]
         lines += [cost_table(grid, roc), ""]
-        name = f"{tag}-group-costs-{roc.replace(':', '-')}.png"
-        plot_group_costs(grid, roc, figures / name)
-        lines += [f"![peak memory and step time per group]({figures.name}/{name})", ""]
-        name = f"{tag}-allocation-{roc.replace(':', '-')}.png"
-        plot_allocation(grid, roc, figures / name)
+        lines += [
+            _figure(
+                plot_group_costs,
+                grid,
+                roc,
+                figures / f"{tag}-group-costs",
+                "peak memory and step time per group",
+            ),
+            "",
+        ]
         lines += [
             f"Realised per-layer training frequencies (fraction of a group's client-rounds that trained "
             f"each layer, pooled over settings and seeds), clients {roc}:",
             "",
-            f"![allocation frequencies]({figures.name}/{name})",
+            _figure(plot_allocation, grid, roc, figures / f"{tag}-allocation", "allocation frequencies"),
             "",
         ]
     name = f"{tag}-accuracy-vs-upload.png"

@@ -140,7 +140,8 @@ def summarize(
                 seconds[c.group].append(c.seconds / c.steps)
     train = sum(r.train_seconds for r in records)
     evals = sum(r.eval_seconds or 0.0 for r in records)
-    fisher = sum(r.fisher["seconds"] for r in records if r.fisher is not None)
+    extra = sum(r.extra_seconds for r in records)
+    kinds = sorted({kind for r in records for kind in r.extras})
     rounds = sum(r.round_seconds or 0.0 for r in records)
     out: dict[str, Any] = {
         "method": method,
@@ -165,11 +166,14 @@ def summarize(
         "rejected_updates": int(sum(len(r.rejected) for r in records)),
         "client_train_seconds": train,
         "eval_seconds": evals,
-        "fisher_seconds": fisher,
-        "fisher_refreshes": sum(1 for r in records if r.fisher is not None),
-        "framework_overhead_fraction": (rounds - train - evals - fisher) / rounds if rounds > 0 else None,
+        "framework_overhead_fraction": (rounds - train - evals - extra) / rounds if rounds > 0 else None,
         "wall_seconds": wall_seconds,
     }
+    for kind in kinds:  # a method's own work (e.g. Fisher refreshes): its rounds and server time
+        out[f"{kind}_seconds"] = sum(
+            float(r.extras[kind].get("seconds", 0.0)) for r in records if kind in r.extras
+        )
+        out[f"{kind}_rounds"] = sum(1 for r in records if kind in r.extras)
     return out
 
 

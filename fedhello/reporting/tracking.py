@@ -43,8 +43,8 @@ def round_scalars(record: RoundRecord) -> dict[str, float]:
         steps = [c.seconds / c.steps for c in clients if c.steps]
         if steps:
             out[f"group/{group}/step_seconds"] = float(np.median(steps))
-    if record.fisher is not None:
-        out["fisher/seconds"] = float(record.fisher["seconds"])
+    for kind, extra in record.extras.items():  # a method's own record: its float fields
+        out |= {f"{kind}/{k}": v for k, v in extra.items() if isinstance(v, float)}
     return out
 
 

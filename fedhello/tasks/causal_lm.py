@@ -46,6 +46,7 @@ from fedhello.seeding import Stream, numpy_rng
 
 if TYPE_CHECKING:
     from fedhello.method.fisher import FisherOptions
+from fedhello.tasks import register_task
 from fedhello.tasks.base import Examples, Task, batches
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def target_mask(prompt_lengths: Tensor, lengths: Tensor, width: int) -> Tensor:
     return (positions >= prompt_lengths[:, None]) & (positions < lengths[:, None])
 
 
+@register_task
 class CausalLM(Task):
     name = "causal-lm"
     primary_metric = "exact_match"

@@ -19,10 +19,12 @@ from torch import Tensor, nn
 
 from fedhello.data.images import ImageExamples, load_image_examples
 from fedhello.data.transforms import ImagePreprocessing
+from fedhello.tasks import register_task
 from fedhello.tasks.base import Examples
 from fedhello.tasks.classification import Classification
 
 
+@register_task
 class ImageClassification(Classification):
     name = "image-classification"
     export_auto_class = "AutoModelForImageClassification"

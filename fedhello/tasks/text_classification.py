@@ -7,7 +7,6 @@ cross-entropy. The trivial baseline always predicts the split's most frequent cl
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,12 @@ from fedhello.config import DataConfig
 from fedhello.data import TextExamples, TokenizedExamples, load_examples, pad_batch, tokenize_examples
 from fedhello.data.tokenize import pad_to_length
 from fedhello.errors import UserError
+from fedhello.tasks import register_task
 from fedhello.tasks.base import Examples
 from fedhello.tasks.classification import Classification
 
 
+@register_task
 class TextClassification(Classification):
     name = "text-classification"
     export_auto_class = "AutoModelForSequenceClassification"
@@ -76,11 +77,12 @@ class TextClassification(Classification):
 
     def encode(self, examples: Examples) -> TokenizedExamples:
         assert isinstance(examples, TextExamples) and self.tokenizer is not None
-        cache = self.cfg.data.cache_dir or os.path.join(
-            os.path.expanduser("~"), ".cache", "fedhello", "tokens"
-        )
         return tokenize_examples(
-            self.tokenizer, examples.texts, examples.labels, self.cfg.model.max_length, cache
+            self.tokenizer,
+            examples.texts,
+            examples.labels,
+            self.cfg.model.max_length,
+            str(self.cfg.data.cache_folder("tokens")),
         )
 
     def lengths(self, data: TokenizedExamples) -> np.ndarray:

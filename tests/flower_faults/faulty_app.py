@@ -6,7 +6,8 @@ from __future__ import annotations
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedhello.engine.flower import client_train, query_reply, server_app
+from fedhello.flower.client_app import client_train, query_reply
+from fedhello.flower.server_app import server_app
 
 __all__ = ["client_app", "server_app"]
 

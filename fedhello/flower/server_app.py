@@ -1,58 +1,43 @@
-"""The Flower engine: the same rounds as the in-process engine, with clients behind Flower's
-Message API (ServerApp + ClientApp).
+"""The ServerApp: fedhello's round loop (`run_federation`) with a round's clients behind Flower
+messages. `FlowerTrainer` learns which SuperNode holds which client partition (a query per node,
+its claim checked against the registered keys when partitions are bound to keys), sends each
+sampled client a TRAIN message and turns the replies into the ClientResults the loop aggregates;
+a reply that cannot be read becomes a rejected result, and a round with too few replies ends
+the run in one line.
 
-The ServerApp runs `run_federation`, the loop the in-process engine runs, with one difference:
-a round's clients train on SuperNodes. Each sampled client gets its own message (its layer set
-or rank, and the adapters it needs) and replies with only the tensors it trained. Allocation,
-local training and aggregation are the same functions as in-process, so one seed gives the
-same adapters and metrics on both engines.
-
-Clients are the data partitions: a SuperNode says which partition it holds (`partition-id` in
-its node config) when asked once by a query message; Flower's node ids, random per run, are
-only used to address messages.
-
-    fedhello run ... engine=flower                        # simulation engine, this machine
-    flwr run . NAME --run-config "config-path='/abs/cfg.yaml' out-dir='/abs/run'"  # deployment
+`server_app` is what `flwr run` loads (pyproject.toml, [tool.flwr.app.components]); its settings
+come from the run config (run_config.py).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import psutil
 from flwr.app import Context, Message, MessageType, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedhello.config import ExperimentConfig, config_from_dict, load_config
-from fedhello.engine import wire
-from fedhello.engine.client import ClientResult, train_assignment
-from fedhello.engine.experiment import Experiment, prepare_experiment
-from fedhello.engine.identity import load_partition_keys, new_challenge, sign_claim, verify_claim
+from fedhello.engine.client import ClientResult
+from fedhello.engine.experiment import Experiment
 from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
+from fedhello.flower import wire
+from fedhello.flower.identity import load_partition_keys, new_challenge, verify_claim
+from fedhello.flower.run_config import ACCEPT_UNVERIFIED, OUT_DIR, RESUME, SIMULATION, config_of, settings_of
 from fedhello.method.aggregation import ClientUpdate
 from fedhello.method.base import RoundPlan
 
 log = logging.getLogger(__name__)
 
-# [tool.flwr.app.config] keys (pyproject.toml); `flwr run --run-config` overrides them.
-CONFIG_PATH, OUT_DIR, RESUME, PARTITION_KEYS = "config-path", "out-dir", "resume", "partition-keys"
-ACCEPT_UNVERIFIED = "accept-unverified-checkpoint"  # resume a checkpoint written before manifests
-SIMULATION = "simulation"  # set by `fedhello run engine=flower`: Flower's simulation engine
-
 QUERY_POLL_SECONDS = 0.2  # how often discovery looks for answers to partition queries
 SLOW_NOTE_SECONDS = 10.0  # how often discovery names the nodes it is still waiting for
+SIMULATED_NOTE_FACTOR = 3  # simulated nodes are still starting, not lost: named this many times less often
 
 
-# -- server side -----------------------------------------------------------------------------
 class FlowerTrainer:
     """A round's training as messages: one per sampled client, replies turned into ClientResults."""
 
@@ -129,7 +114,7 @@ class FlowerTrainer:
                         now - start,
                         flower.connect_timeout,
                     )
-                next_note = now + SLOW_NOTE_SECONDS * (3 if self.simulated else 1)
+                next_note = now + SLOW_NOTE_SECONDS * (SIMULATED_NOTE_FACTOR if self.simulated else 1)
             time.sleep(QUERY_POLL_SECONDS)
         self.undiscovered = set(missing)
         if missing:
@@ -194,6 +179,8 @@ class FlowerTrainer:
         return None if why is None else f"node {node} claims partition {pid}, but {why}; refused"
 
     def __call__(self, plan: RoundPlan, server: FederatedServer) -> list[ClientResult]:
+        """The round's results, by client: each sampled client's node gets its TRAIN message; a
+        round with fewer than `flower.min_replies` replies ends the run (UserError, one line)."""
         flower = self.exp.cfg.flower
         self.discover(set(plan.clients))
         messages = []
@@ -287,55 +274,8 @@ def result_from_reply(content: RecordDict, client: int) -> ClientResult:
 
 
 def rejected_result(client: int, problem: str) -> ClientResult:
+    """A result without tensors whose update carries `problem`, so that screening rejects it."""
     return ClientResult(ClientUpdate(client, {}, 0, problem=problem), (), 0.0, 0, 0, float("nan"))
-
-
-# -- client side -----------------------------------------------------------------------------
-@functools.lru_cache(maxsize=2)
-def _client_experiment(config_json: str) -> Experiment:
-    """The model and data a ClientApp process needs; built once per process and config."""
-    return prepare_experiment(config_from_dict(json.loads(config_json)))
-
-
-def train_message(exp: Experiment, content: RecordDict, partition_id: int | None) -> ClientResult:
-    """Train the client a TRAIN message names (it must be this node's partition)."""
-    assignment, round_number, state = wire.decode_train_request(content)
-    if partition_id is not None and partition_id != assignment.client:
-        raise ValueError(
-            f"message for client {assignment.client} reached the SuperNode of partition {partition_id}"
-        )
-    return train_assignment(exp, state, assignment, round_number)
-
-
-def query_reply(node_config: Mapping[str, Any], content: RecordDict) -> RecordDict:
-    """The partition this node holds; with `auth-key` in its node config (the private key its
-    SuperNode authenticates with), the server's challenge signed with it (identity.py)."""
-    pid = int(node_config["partition-id"])
-    key = node_config.get("auth-key")
-    challenge = wire.decode_challenge(content)
-    return wire.encode_claim(pid, sign_claim(str(key), challenge, pid) if key and challenge else None)
-
-
-# -- the apps --------------------------------------------------------------------------------
-def _settings(context: Context, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    return {**defaults, **{k: v for k, v in context.run_config.items() if v not in ("", None)}}
-
-
-def _config_of(settings: Mapping[str, Any]) -> ExperimentConfig:
-    """The experiment config of a run (the `partition-keys` run-config key sets
-    flower.partition_keys, which the deployment tools know and the experiment file need not)."""
-    if isinstance(settings.get("config"), ExperimentConfig):
-        cfg: ExperimentConfig = settings["config"]
-    elif settings.get(RESUME):
-        cfg = load_config(Path(str(settings[OUT_DIR])) / "config.yaml")
-    elif settings.get(CONFIG_PATH):
-        cfg = load_config(str(settings[CONFIG_PATH]))
-    else:
-        raise UserError(f"run config '{CONFIG_PATH}': give the absolute path of an experiment config")
-    if settings.get(PARTITION_KEYS):
-        flower = cfg.flower.model_copy(update={"partition_keys": str(settings[PARTITION_KEYS])})
-        cfg = cfg.model_copy(update={"flower": flower})
-    return cfg
 
 
 def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
@@ -345,11 +285,12 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        settings = _settings(context, base)
+        settings = settings_of(context, base)
         if not settings.get(OUT_DIR):
             raise UserError(f"run config '{OUT_DIR}': give the absolute path of the run directory")
-        cfg = _config_of(settings)
-        # imported here: the server's loop (reports, plots, matplotlib) is no ClientApp's business
+        cfg = config_of(settings)
+        # imported here: the server's loop (reports, plots, matplotlib) is no ClientApp's business, and
+        # an app holding both sides in one module (tests/flower_faults) loads this module in ClientApps
         from fedhello.engine.loop import run_federation
 
         run_dir = Path(str(settings[OUT_DIR]))
@@ -367,80 +308,5 @@ def make_server_app(defaults: Mapping[str, Any] | None = None) -> ServerApp:
     return app
 
 
-def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
-    """The ClientApp: answers which partition it holds, and trains when asked."""
-    app = ClientApp()
-    base = dict(defaults or {})
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return Message(query_reply(context.node_config, msg.content), reply_to=msg)
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return Message(client_train(msg, context, base), reply_to=msg)
-
-    return app
-
-
-def client_train(msg: Message, context: Context, defaults: Mapping[str, Any]) -> RecordDict:
-    """What the ClientApp does with a TRAIN message: train the client it names on this node's
-    partition and return the reply's content, with where the ClientApp's time went
-    (`timings`: the process's age when the message reached it, i.e. start-up and imports; setup,
-    i.e. model and data; training; building the reply)."""
-    age = time.time() - psutil.Process().create_time()
-    start = time.perf_counter()
-    cfg = _config_of(_settings(context, defaults))
-    exp = _client_experiment(json.dumps(cfg.model_dump(mode="json"), sort_keys=True))
-    setup = time.perf_counter() - start
-    pid = context.node_config.get("partition-id")
-    result = train_message(exp, msg.content, None if pid is None else int(pid))
-    start = time.perf_counter()
-    content = wire.encode_reply(result)
-    timings = {
-        "process-age": age,
-        "setup": setup,
-        "train": result.seconds,
-        "serialise": time.perf_counter() - start,
-    }
-    content[wire.TIMINGS] = wire.timings_record(timings)
-    return content
-
-
 # What `flwr run` loads (pyproject.toml, [tool.flwr.app.components]); settings from the run config.
 server_app = make_server_app()
-client_app = make_client_app()
-
-
-def run_simulation_engine(
-    cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False, accept_unverified: bool = False
-) -> dict[str, Any]:
-    """`engine: flower` from `fedhello run`: Flower's simulation engine, one SuperNode per client."""
-    from flwr.simulation import run_simulation
-
-    # Ray starts its workers, the ClientApps, at nice 15: beside any CPU-bound process they starve
-    # (on a busy machine simulated nodes took over ten minutes to answer a query). Same priority
-    # as the server, as Ray's own job manager does for its drivers.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    run_dir = run_dir.resolve()
-    defaults = {
-        "config": cfg,
-        OUT_DIR: str(run_dir),
-        RESUME: resume,
-        ACCEPT_UNVERIFIED: accept_unverified,
-        SIMULATION: True,
-    }
-    run_simulation(
-        server_app=make_server_app(defaults),
-        client_app=make_client_app(defaults),
-        num_supernodes=cfg.partition.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": cfg.flower.cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
-        },
-    )
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise RuntimeError(f"the Flower run ended without a summary in {run_dir}; see the log above")
-    summary: dict[str, Any] = json.loads(summary_path.read_text())
-    return summary

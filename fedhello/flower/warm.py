@@ -9,9 +9,9 @@ SuperExec loop, unchanged, with one executor swapped. ClientApps are forked from
 message still gets its own process, which runs Flower's own `flwr-clientapp` entry point with
 the same arguments. Other task types launch as before.
 
-    python -m fedhello.engine.warm ARGS...      # the arguments flower-superexec takes
+    python -m fedhello.flower.warm ARGS...      # the arguments flower-superexec takes
 
-`LocalDeployment` (fedhello/deploy.py) puts it on the SuperNodes' PATH as `flower-superexec`;
+`LocalDeployment` (fedhello/deploy/federation.py) puts it on the SuperNodes' PATH as `flower-superexec`;
 on a real client machine start the SuperNode with `--isolation process` and run this module
 with the arguments `flower-superexec` would get (docs/flower.md).
 
@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
-PRELOAD = ["torch", "transformers", "peft", "fedhello.engine.flower", "flwr.supernode.cli.flwr_clientapp"]
+if TYPE_CHECKING:
+    from flwr.supercore.superexec.executor import Executor
+
+# what every ClientApp imports, imported once by the fork server
+PRELOAD = ["torch", "transformers", "peft", "fedhello.flower.client_app", "flwr.supernode.cli.flwr_clientapp"]
 
 
 def _run_clientapp(argv: list[str]) -> None:
@@ -36,7 +40,7 @@ def _run_clientapp(argv: list[str]) -> None:
     flwr_clientapp()
 
 
-def make_executor() -> Any:
+def make_executor() -> Executor:
     """A SubprocessExecutor whose ClientApps are forked from a warm fork server."""
     from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TaskType
     from flwr.supercore.superexec.executor import LaunchResult
