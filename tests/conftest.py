@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,9 +49,10 @@ def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("token-cache")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_overrides(tiny_bert_dir: Path, token_cache: Path) -> Callable[..., list[str]]:
-    """Overrides for a seconds-long federated run of the tiny BERT on 400 real Wikipedia texts."""
+    """Overrides for a seconds-long federated run of the tiny BERT on 400 real Wikipedia texts
+    (session-scoped: a pure function, so module-scoped fixtures can build experiments with it)."""
 
     def make(*extra: str) -> list[str]:
         return [
@@ -73,6 +75,32 @@ def tiny_overrides(tiny_bert_dir: Path, token_cache: Path) -> Callable[..., list
         ]
 
     return make
+
+
+@pytest.fixture
+def fast_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One probe pass and one attempt per calibration, for tests of what a cost model predicts
+    (memory is measured exactly, so one pass gives the same figures). The test of the repeated,
+    interleaved passes and re-measuring on a noisy machine (test_calibration_noise.py) does not."""
+    import fedhello.engine.calibration as calibration
+
+    monkeypatch.setattr(calibration, "PROBE_PASSES", 1)
+    monkeypatch.setattr(calibration, "MAX_ATTEMPTS", 1)
+
+
+# torch's own thread count in a fresh process, before any test's `threads=1` set it for the
+# whole pytest process (prepare_experiment calls torch.set_num_threads).
+DEFAULT_TORCH_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture
+def default_torch_threads() -> Iterator[int]:
+    """Runs a test at torch's default thread count, as a real run of a config without `threads`
+    would run, not at the one thread that an earlier test left the process at."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(DEFAULT_TORCH_THREADS)
+    yield DEFAULT_TORCH_THREADS
+    torch.set_num_threads(before)
 
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -4,7 +4,7 @@ method, calibration against measurement, `fedhello plan`, and runs that respect 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -149,23 +149,31 @@ def test_every_method_sends_only_sets_within_the_limits(name: str) -> None:
 # -- calibration and runs (tiny BERT) ---------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    d = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDHELLO_CACHE_DIR", str(d))
+        yield d
+
+
 @pytest.fixture
-def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    d = tmp_path / "cache"
-    monkeypatch.setenv("FEDHELLO_CACHE_DIR", str(d))
-    return d
+def cache_dir(shared_cache: Path, fast_calibration: None) -> Path:
+    """The cache folder of this module's calibrations: the tiny BERT is calibrated (in one probe
+    pass) by the first test that needs it, and later tests load it, checked by a probe."""
+    return shared_cache
 
 
 def test_calibrated_memory_matches_measurement_on_sets_that_were_not_probes(
     tiny_overrides: Callable[..., list[str]], cache_dir: Path
 ) -> None:
-    from fedhello.engine.calibration import calibrated, measure, model_bytes
+    from fedhello.engine.calibration import cache_key, calibrated, measure, model_bytes
     from fedhello.engine.experiment import prepare_experiment
 
     exp = prepare_experiment(load_config(None, tiny_overrides()))
     costs = calibrated(exp)
     assert costs.model_bytes == model_bytes(exp.adapted.model) > 0
-    assert list(cache_dir.glob("costs/*.json")), "the calibration is cached"
+    assert (cache_dir / "costs" / f"{cache_key(exp)}.json").is_file(), "the calibration is cached"
     probes = {p.layers for p in costs.probes}
     for layers in [(1, 2), (1, 3), (2,), (0, 3), (1, 2, 3)]:
         assert layers not in probes

@@ -127,6 +127,7 @@ def test_a_cached_model_off_on_this_machine_is_recalibrated(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    fast_calibration: None,  # the check of a cached model is tested here, not repeated passes
 ) -> None:
     from fedhello.engine.calibration import calibrated
     from fedhello.engine.experiment import prepare_experiment
@@ -175,6 +176,7 @@ def test_plan_prints_the_quality_of_its_fit(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    fast_calibration: None,  # what plan prints is tested here, not repeated passes
 ) -> None:
     monkeypatch.setenv("FEDHELLO_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["plan", *tiny_overrides(), "--methods", "fedra", "--json"]) == 0

@@ -61,14 +61,14 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def llm_overrides(tiny_llama_dir: Path) -> Callable[..., list[str]]:
     def make(*extra: str) -> list[str]:
         return [
             "task=causal-lm",
             f"model.name={tiny_llama_dir}",
             "model.max_length=64",
-            "data.max_examples=300",
+            "data.max_examples=150",  # encoding (prompt fitting) is what a prepare costs
             "data.val_size=30",
             "data.test_size=30",
             "fisher.proxy_size=16",
@@ -90,8 +90,10 @@ def llm_overrides(tiny_llama_dir: Path) -> Callable[..., list[str]]:
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def llm_exp(llm_overrides: Callable[..., list[str]]) -> Experiment:
+    """One experiment for the tests that read it (encoding the examples takes a while); those that
+    train with it (calibration probes) restore its adapters."""
     return prepare_experiment(load_config(None, llm_overrides()))
 
 
@@ -246,7 +248,7 @@ def test_instruction_sources(tmp_path: Path) -> None:
 def test_run_evaluates_before_training_and_exports_to_peft_and_transformers(
     llm_overrides: Callable[..., list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = load_config(None, llm_overrides("eval.before_training=true"))
+    cfg = load_config(None, llm_overrides("eval.before_training=true", "federation.rounds=1"))
     summary = run_experiment(cfg, tmp_path / "run")
     assert summary["primary_metric"] == "exact_match" and summary["higher_is_better"] is True
     for key in ("before_training_test_exact_match", "final_test_exact_match", "final_test_rouge_l"):
@@ -355,7 +357,7 @@ def test_real_smollm2_trains_and_generates(tmp_path: Path) -> None:
 
 
 def test_worst_case_batch_fills_max_length_with_targets_and_calibrates(
-    llm_exp: Experiment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    llm_exp: Experiment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_calibration: None
 ) -> None:
     from fedhello.engine.calibration import calibrated, measure, worst_case_batch
 
@@ -371,23 +373,21 @@ def test_worst_case_batch_fills_max_length_with_targets_and_calibrates(
 
 @pytest.mark.slow
 def test_compare_over_a_causal_lm_finishes_and_writes_a_report(
-    llm_overrides: Callable[..., list[str]], tmp_path: Path
+    llm_overrides: Callable[..., list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A grid of instruction-tuning cells: the progress lines and the report use the task's own
-    primary metric (exact match), not accuracy."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
+    primary metric (exact match), not accuracy. `compare` runs here (test_compare.py runs it as a
+    command); each cell is its own `fedhello run` process all the same, the two side by side."""
+    code = main(
         [
-            sys.executable, "-m", "fedhello", "compare", *llm_overrides("federation.rounds=1"),
+            "compare", *llm_overrides("federation.rounds=1"),
             "--methods", "fedhello,fedit", "--settings", "iid", "--rocs", "1:1:1", "--seeds", "1",
-            "--jobs", "1", "--out", str(tmp_path / "grid"), "--work", str(tmp_path / "work"),
-        ],
-        capture_output=True, text=True, timeout=600,
+            "--jobs", "2", "--out", str(tmp_path / "grid"), "--work", str(tmp_path / "work"),
+        ]
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "final test exact_match" in proc.stderr
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert "final test exact_match" in err and "2 of 2 cells finished" in err
     report = (tmp_path / "grid" / "report.md").read_text()
     assert "### Exact match, clients 1:1:1" in report and "| fedhello (1 seed) |" in report
     assert "### fedhello against fedit" in report

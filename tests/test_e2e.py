@@ -12,7 +12,7 @@ from fedhello.cli import main
 pytestmark = pytest.mark.slow  # the real MiniLM for 3 rounds
 
 
-def test_short_real_minilm_run_learns(tmp_path: Path, token_cache: Path) -> None:
+def test_short_real_minilm_run_learns(tmp_path: Path, token_cache: Path, default_torch_threads: int) -> None:
     out = tmp_path / "run"
     code = main(
         [
@@ -21,6 +21,7 @@ def test_short_real_minilm_run_learns(tmp_path: Path, token_cache: Path) -> None
             "federation.clients_per_round=3",
             "partition.num_clients=6",
             "train.local_steps=8",
+            "eval.every=3",  # the last round only: what the checks below read
             "data.val_size=100",
             "data.test_size=300",
             "model.max_length=48",

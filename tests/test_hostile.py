@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,18 +139,27 @@ def test_hetlora_rejects_reported_ranks_out_of_range(
 # --- checkpoints you can trust ---------------------------------------------------------------
 
 
-@pytest.fixture
-def interrupted(tiny_overrides: Callable[..., list[str]], tmp_path: Path) -> Path:
-    """A run cut off after round 2 of 3."""
+@pytest.fixture(scope="module")
+def interrupted_once(
+    tiny_overrides: Callable[..., list[str]], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A run cut off after round 2 of 3 (run once for this module: tests damage copies of it)."""
     cfg = load_config(None, tiny_overrides())
 
     def stop(round_number: int, record: object) -> None:
         if round_number == 2:
             raise KeyboardInterrupt
 
+    run = tmp_path_factory.mktemp("interrupted") / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "run", on_round_end=stop)
-    return tmp_path / "run"
+        run_experiment(cfg, run, on_round_end=stop)
+    return run
+
+
+@pytest.fixture
+def interrupted(interrupted_once: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the run cut off after round 2 of 3."""
+    return Path(shutil.copytree(interrupted_once, tmp_path / "run"))
 
 
 def _resume_error(run: Path, capsys: pytest.CaptureFixture[str]) -> str:

@@ -354,19 +354,22 @@ def test_vit_flower_simulation_round_equals_in_process(
 
 @pytest.mark.slow
 def test_offline_fashion_mnist_config_is_reproducible(fashion_mnist_dir: Path, tmp_path: Path) -> None:
-    """configs/fashion-mnist-vit.yaml, shortened to 4 rounds: a not-pretrained ViT beats chance and
+    """configs/fashion-mnist-vit.yaml, shortened to 3 rounds: a not-pretrained ViT beats chance and
     two runs with one seed give identical metrics."""
     config = Path(__file__).parent.parent / "configs" / "fashion-mnist-vit.yaml"
-    short = ["federation.rounds=4", f"data.cache_dir={tmp_path / 'cache'}", "quiet=true"]
+    short = ["federation.rounds=3", f"data.cache_dir={tmp_path / 'cache'}", "quiet=true"]
     a = run_experiment(load_config(config, short), tmp_path / "a")
     run_experiment(load_config(config, short), tmp_path / "b")
     assert a["pretrained"] is False
-    assert a["final_test_accuracy"] > 0.3  # chance is 0.10
+    assert a["final_test_accuracy"] > 0.3  # chance is 0.10; 0.44 after 3 rounds (0.54 after 4)
     assert strip_timing(_records(tmp_path / "a")) == strip_timing(_records(tmp_path / "b"))
 
 
 def test_image_task_calibrates_on_a_full_batch(
-    image_overrides: Callable[..., list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    image_overrides: Callable[..., list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fast_calibration: None,
 ) -> None:
     from fedhello.engine.calibration import calibrated, measure, worst_case_batch
 

@@ -97,23 +97,7 @@ class FlowerTrainer:
             if not pending and not await_connections:
                 break  # every online node answered: the missing partitions have no node
             if now >= next_note:
-                if self.simulated:  # node ids mean nothing here; the engine is still starting its actors
-                    log.warning(
-                        "waiting for partitions %s: %d simulated nodes have not answered after %.0f s "
-                        "(a busy machine; the simulation waits for them)",
-                        missing,
-                        len(pending),
-                        now - start,
-                    )
-                else:
-                    log.warning(
-                        "waiting for partitions %s: nodes %s have not answered after %.0f s "
-                        "(flower.connect_timeout=%g s)",
-                        missing,
-                        sorted(pending.values()),
-                        now - start,
-                        flower.connect_timeout,
-                    )
+                self._note_slow(missing, len(pending), sorted(pending.values()), now - start)
                 next_note = now + SLOW_NOTE_SECONDS * (SIMULATED_NOTE_FACTOR if self.simulated else 1)
             time.sleep(QUERY_POLL_SECONDS)
         self.undiscovered = set(missing)
@@ -122,6 +106,26 @@ class FlowerTrainer:
                 "no SuperNode answered for partitions %s%s",
                 missing,
                 f"; last error: {self.last_error}" if self.last_error else "",
+            )
+
+    def _note_slow(self, missing: list[int], count: int, nodes: list[int], waited: float) -> None:
+        """One line naming what discovery still waits for (simulated node ids mean nothing: the
+        engine is still starting its actors)."""
+        if self.simulated:
+            log.warning(
+                "waiting for partitions %s: %d simulated nodes have not answered after %.0f s "
+                "(a busy machine; the simulation waits for them)",
+                missing,
+                count,
+                waited,
+            )
+        else:
+            log.warning(
+                "waiting for partitions %s: nodes %s have not answered after %.0f s (flower.connect_timeout=%g s)",
+                missing,
+                nodes,
+                waited,
+                self.exp.cfg.flower.connect_timeout,
             )
 
     def _ask(self, nodes: list[int]) -> dict[str, int]:
