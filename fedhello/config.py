@@ -261,6 +261,20 @@ def _default_groups() -> list[GroupConfig]:
     ]
 
 
+class LoraFairSettings(StrictModel):
+    """The settings of `federation.aggregation=lora_fair` (the paper's defaults where it gives them)."""
+
+    lam: float = Field(0.01, ge=0, description="Weight of the ||dB||^2 regulariser (the paper's lambda).")
+    similarity: Literal["cosine", "l2"] = Field(
+        "cosine",
+        description="'cosine': the paper's 1 - cos(dW, (B+dB)A); 'l2': squared distance, closed form.",
+    )
+    steps: int = Field(100, ge=1, description="Gradient steps of the cosine solver per module and round.")
+    step_size: float = Field(
+        0.5, gt=0, description="The cosine solver's gradient step, in units of ||B||_F^2 of the averaged B."
+    )
+
+
 class FederationConfig(StrictModel):
     """The server loop."""
 
@@ -273,11 +287,13 @@ class FederationConfig(StrictModel):
         "aggregate",
         description="Train and average the classification head, or keep it frozen at a seeded init (released).",
     )
-    aggregation: Literal["mean", "median", "trimmed_mean"] = Field(
+    aggregation: Literal["mean", "median", "trimmed_mean", "lora_fair"] = Field(
         "mean",
         description="Per tensor: the weighted mean, or (robust) the coordinate-wise median or trimmed mean of "
-        "its contributors (docs/robustness.md).",
+        "its contributors (docs/robustness.md); lora_fair: the weighted mean with LoRA-FAIR's correction of "
+        "each averaged B (fedhello/method/lora_fair.py).",
     )
+    lora_fair: LoraFairSettings = Field(default_factory=LoraFairSettings)
     trim_fraction: float = Field(
         0.2,
         ge=0,

@@ -138,6 +138,7 @@ def method_context(
         seed=cfg.seed,
         aggregation=cfg.federation.aggregation,
         trim_fraction=cfg.federation.trim_fraction,
+        lora_fair=cfg.federation.lora_fair,
         options=parse_method_options(name, cfg.method_options if name == cfg.method else {}),
     )
 

@@ -12,9 +12,10 @@ the steps it changes (as Flower's strategies do), and is registered once by name
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -22,9 +23,13 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from fedhello.config import LoraFairSettings
 from fedhello.method.aggregation import ClientUpdate, Rule, State, aggregate_per_tensor
 from fedhello.method.budgets import LayerLimits
+from fedhello.method.lora_fair import lora_fair
 from fedhello.records import RoundExtra
+
+log = logging.getLogger(__name__)
 
 Weighting = Literal["samples", "uniform"]
 Updates = Sequence[ClientUpdate]
@@ -95,8 +100,9 @@ class MethodContext:
     shares: Sequence[float]  # client share of each group
     rounds: int = 1
     seed: int = 0
-    aggregation: Rule = "mean"  # how each tensor's contributions combine (federation.aggregation)
+    aggregation: Rule | Literal["lora_fair"] = "mean"  # how contributions combine (federation.aggregation)
     trim_fraction: float = 0.2
+    lora_fair: LoraFairSettings = field(default_factory=LoraFairSettings)
     options: BaseModel | None = None
 
 
@@ -160,7 +166,14 @@ class Method(ABC):
 
     def aggregate(self, state: State, updates: Updates, plan: RoundPlan, weighting: Weighting) -> State:
         """The next global state from the accepted updates (per tensor: the weighted mean, or the
-        robust rule of `federation.aggregation`)."""
+        robust rule of `federation.aggregation`; with lora_fair, the mean with each averaged B
+        corrected as LoRA-FAIR does)."""
+        if self.ctx.aggregation == "lora_fair":
+            averaged = aggregate_per_tensor(state, updates, weighting)
+            weights = [float(u.num_samples) if weighting == "samples" else 1.0 for u in updates]
+            corrected, cosines = lora_fair(state, averaged, updates, weights, self.ctx.lora_fair)
+            log.debug("round %d: LoRA-FAIR %s", plan.round_number, cosines)
+            return corrected
         return aggregate_per_tensor(state, updates, weighting, self.ctx.aggregation, self.ctx.trim_fraction)
 
     def state_dict(self) -> dict[str, Any]:
