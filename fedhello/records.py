@@ -123,6 +123,8 @@ class RoundRecord(_Record):
         if int(obj.get("schema", 1)) < 3 and obj.get("fisher") is not None:
             obj = dict(obj)
             obj["extras"] = {"fisher": obj.pop("fisher")}
+        if int(obj.get("schema", 1)) < SCHEMA_VERSION:
+            obj = {**obj, "schema": SCHEMA_VERSION}  # now in this version's layout
         return cls.model_validate(obj)
 
 

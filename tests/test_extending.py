@@ -232,6 +232,7 @@ def test_records_of_the_old_schema_read_into_metrics() -> None:
     refresh = {"round": 3, "scores": [1.0], "levels": [1], "probabilities": [1.0], "seconds": 0.5}
     schema2 = RoundRecord.from_json({"schema": 2, "round": 3, "fisher": refresh})
     assert schema2.extras == {"fisher": refresh} and schema2.extra_seconds == 0.5
+    assert schema2.to_json()["schema"] == 3 and "fisher" not in schema2.to_json()  # rewritten as schema 3
 
 
 def test_broken_metrics_file_is_one_line_error(tmp_path: Path) -> None:
