@@ -411,7 +411,7 @@ class ExperimentConfig(StrictModel):
     method: str = Field(
         "fedhello",
         description="fedhello | fim | gd-<pattern> | rgd-<pattern> | full | fedit | straggler | exclusive | "
-        "fedra | hetlora | flexlora; pattern: triangle, inverted_triangle, bottleneck or uniform "
+        "fedra | hetlora | flexlora | fed-pilot; pattern: triangle, inverted_triangle, bottleneck or uniform "
         "(see fedhello/method/registry.py)",
     )
     engine: str = Field(

@@ -37,7 +37,12 @@ METHODS: Registry[MethodEntry] = Registry(
     "method",
     "method",
     # each registers its methods when imported
-    builtins=("fedhello.method.layers", "fedhello.method.hetlora", "fedhello.method.flexlora"),
+    builtins=(
+        "fedhello.method.layers",
+        "fedhello.method.hetlora",
+        "fedhello.method.flexlora",
+        "fedhello.method.fed_pilot",
+    ),
 )
 DEFAULT_METHOD = "fedhello"
 
