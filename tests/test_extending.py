@@ -246,7 +246,7 @@ def test_report_reads_every_committed_cell(tmp_path: Path) -> None:
     """The committed reference cells (written before typed records) still make a report, with the
     majority-class baseline row."""
     from fedhello.grid import load_cells
-    from fedhello.reporting.report import GridResults, accuracy_table
+    from fedhello.reporting.report import GridResults, accuracy_table, extras_table
 
     source = REPO / "benchmarks" / "results" / "reference"
     cells = load_cells(source)
@@ -256,6 +256,8 @@ def test_report_reads_every_committed_cell(tmp_path: Path) -> None:
     table = accuracy_table(grid, grid.ordered("roc")[0])
     assert "| *majority class* |" in table
     assert f"{grid.baseline('iid'):.3f}" in table.splitlines()[-1]
+    extras = extras_table(grid)  # the Fisher refreshes of old cells, read generically
+    assert extras is not None and "| fedhello | fisher |" in extras and "| fedit |" not in extras
 
 
 def test_tensorboard_tracking_matches_metrics_jsonl(

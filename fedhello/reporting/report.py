@@ -263,6 +263,24 @@ def cost_table(grid: GridResults, roc: str) -> str:
     return "\n".join(lines)
 
 
+def extras_table(grid: GridResults) -> str | None:
+    """What the methods recorded of their own (a `RoundExtra` per round: Fisher refreshes,
+    importance scores, pruning), per method and kind: rounds with it and the server's seconds
+    on it, per run (means over cells, from their summaries). None when no method recorded any."""
+    rows = []
+    for m in grid.ordered("method"):
+        per_cell = [c["summary"].extras() for c in grid.cells if c["cell"]["method"] == m]
+        for kind in sorted({k for e in per_cell for k in e}):
+            rounds = np.mean([e.get(kind, (0, 0.0))[0] for e in per_cell])
+            seconds = np.mean([e.get(kind, (0, 0.0))[1] for e in per_cell])
+            rows.append(f"| {m} | {kind} | {rounds:.1f} | {seconds:.1f} |")
+    if not rows:
+        return None
+    return "\n".join(
+        ["| method | recorded | rounds per run | server seconds per run |", "|---|---|---|---|", *rows]
+    )
+
+
 def budget_table(grid: GridResults) -> str | None:
     """For methods run with device budgets (docs/budgets.md): per group, the memory budget, the
     worst predicted and measured peak memory over every client-round (frozen model included),
@@ -581,8 +599,12 @@ def _method_section(grid: GridResults, method: str, reference: str) -> list[str]
 
 
 def _cost_section(grid: GridResults, tag: str, figures: Path) -> list[str]:
-    """Device budgets, costs per group, realised allocation, and accuracy against costs."""
+    """Device budgets, costs per group, realised allocation, the methods' own work, and accuracy
+    against costs."""
     lines: list[str] = []
+    extras = extras_table(grid)
+    if extras is not None:
+        lines += ["### What the methods recorded of their own", "", extras, ""]
     budgets = budget_table(grid)
     if budgets is not None:
         lines += [

@@ -72,6 +72,19 @@ class Summary(BaseModel):
         }
         return self._number(key[kind])
 
+    def extras(self) -> dict[str, tuple[int, float]]:
+        """The method's own work per kind of `RoundExtra`: (rounds with it, server seconds on it);
+        summaries from before typed extras said `fisher_refreshes`."""
+        keys = self.model_extra or {}
+        out = {}
+        for key, rounds in keys.items():
+            kind = key.removesuffix("_rounds") if key.endswith("_rounds") else None
+            if key == "fisher_refreshes":
+                kind = "fisher"
+            if kind is not None and f"{kind}_seconds" in keys and rounds:
+                out[kind] = (int(rounds), float(keys[f"{kind}_seconds"]))
+        return out
+
     def final_metrics(self) -> list[str]:
         """Every metric with a final test score, the primary one first."""
         names = [k.removeprefix("final_test_") for k in self.model_extra or {} if k.startswith("final_test_")]
