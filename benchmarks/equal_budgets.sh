@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The MiniLM comparison at equal device budgets (issue 24): every method under the same
+# per-group memory budgets, 3 data settings x 2 client ratios x 5 seeds. Finished cells are kept
+# in benchmarks/results/equal-budgets-minilm/cells/ and skipped when this is run again, so an
+# interrupted grid is completed by running it again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FH=".venv/bin/fedhello"
+$FH compare benchmarks/configs/equal-budgets.yaml \
+  --variants benchmarks/configs/equal-budgets-variants.yaml \
+  --methods fedhello,fed-pilot,fedra,straggler,gd-inverted_triangle,fedit,hetlora,flexlora,exclusive,fedhello-lora-fair \
+  --seeds 5 --settings iid,noniid,extreme --rocs 1:1:1,6:3:1 --jobs 2 \
+  --out benchmarks/results/equal-budgets-minilm --no-report
