@@ -107,13 +107,22 @@ def _wait_for_round(run_dir: Path, round_number: int, timeout: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "method",
-    ["rgd-bottleneck", "hetlora"],  # layer sets; rank slices (with self-pruning) both ways
+    ("method", "aggregation"),
+    [
+        ("rgd-bottleneck", "mean"),  # sampled layer sets
+        ("hetlora", "mean"),  # rank slices, with self-pruning
+        ("fed-pilot", "lora_fair"),  # knapsack layer sets, LoRA-FAIR's corrected B
+    ],
 )
 def test_simulation_engine_equals_in_process(
-    method: str, tiny_overrides: Callable[..., list[str]], tmp_path: Path
+    method: str, aggregation: str, tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
-    overrides = _base(tiny_overrides, f"method={method}", "hetlora.self_pruning=true")
+    overrides = _base(
+        tiny_overrides,
+        f"method={method}",
+        "hetlora.self_pruning=true",
+        f"federation.aggregation={aggregation}",
+    )
     run_experiment(load_config(overrides=overrides), tmp_path / "local")
     proc = run_simulated(overrides, tmp_path / "sim")
     assert proc.returncode == 0, proc.stderr[-3000:]
