@@ -38,7 +38,7 @@ def lora_fair(
     settings: LoraFairSettings,
 ) -> tuple[State, dict[str, float]]:
     """The averaged state with every trained module's B corrected; also the mean cosine
-    similarity of (B + dB) A to the ideal update before and after, for the round's record."""
+    similarity of (B + dB) A to the ideal update before and after (logged at debug level each round)."""
     new_state = dict(averaged)
     before, after = [], []
     for a_key in sorted(k for k in averaged if A_MARK in k):
