@@ -246,7 +246,7 @@ def test_report_reads_every_committed_cell(tmp_path: Path) -> None:
     """The committed reference cells (written before typed records) still make a report, with the
     majority-class baseline row."""
     from fedhello.grid import load_cells
-    from fedhello.reporting.report import GridResults, accuracy_table, extras_table
+    from fedhello.reporting.report import GridResults, accuracy_table, extras_table, fraction_table
 
     source = REPO / "benchmarks" / "results" / "reference"
     cells = load_cells(source)
@@ -258,6 +258,9 @@ def test_report_reads_every_committed_cell(tmp_path: Path) -> None:
     assert f"{grid.baseline('iid'):.3f}" in table.splitlines()[-1]
     extras = extras_table(grid)  # the Fisher refreshes of old cells, read generically
     assert extras is not None and "| fedhello | fisher |" in extras and "| fedit |" not in extras
+    against = fraction_table(grid, "fedhello", "exclusive")  # exclusive: only the high group trains
+    assert "low sat out in exclusive" in against and "(4.0 vs 1.0 clients trained per round)" in against
+    assert "nan" not in against
 
 
 def test_tensorboard_tracking_matches_metrics_jsonl(

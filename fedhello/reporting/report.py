@@ -331,13 +331,32 @@ def fraction_table(grid: GridResults, method: str, reference: str) -> str:
             fa, fb = _mean_std(_scores(a, "final", m))[0], _mean_std(_scores(b, "final", m))[0]
             la, lb = _mean_std(_scores(a, "last5", m))[0], _mean_std(_scores(b, "last5", m))[0]
             up = np.mean(_values(a, _uploaded)) / np.mean(_values(b, _uploaded))
+            ta, tb = _trained_per_round(a), _trained_per_round(b)
+            trained = f" ({ta:.1f} vs {tb:.1f} clients trained per round)" if abs(ta - tb) > 0.05 else ""
             mem = _mean_client_peak(a) / _mean_client_peak(b)
-            low_mem = _peak_mib(a, low) / _peak_mib(b, low)
             lines.append(
-                f"| {s} | {roc} | {fa:.3f} | {fb:.3f} | {_ratio(fa, fb)} | {_ratio(la, lb)} | {up:.2f} | {mem:.2f} "
-                f"| {low_mem:.2f} |"
+                f"| {s} | {roc} | {fa:.3f} | {fb:.3f} | {_ratio(fa, fb)} | {_ratio(la, lb)} | {up:.2f}{trained} "
+                f"| {mem:.2f} | {_low_fraction(a, b, low, method, reference)} |"
             )
     return "\n".join(lines)
+
+
+def _trained_per_round(cells: Sequence[dict[str, Any]]) -> float:
+    """Mean number of clients that trained in a round (at equal budgets some sit out)."""
+    counts = [sum(1 for cl in r.clients if cl.steps) for c in cells for r in c["rounds"]]
+    return float(np.mean(counts)) if counts else float("nan")
+
+
+def _low_fraction(
+    a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], low: str, method: str, reference: str
+) -> str:
+    """The low group's peak memory of `method` over `reference`'s, or which of them had the
+    low group sit out (no peak to compare)."""
+    mine, theirs = _peak_mib(a, low), _peak_mib(b, low)
+    if np.isnan(theirs) or np.isnan(mine):
+        who = " and ".join(n for n, v in ((method, mine), (reference, theirs)) if np.isnan(v))
+        return f"{low} sat out in {who}"
+    return f"{mine / theirs:.2f}"
 
 
 def _ratio(a: float, b: float) -> str:
