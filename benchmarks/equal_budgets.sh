@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 FH=".venv/bin/fedhello"
 $FH compare benchmarks/configs/equal-budgets.yaml \
   --variants benchmarks/configs/equal-budgets-variants.yaml \
-  --methods fedhello,fed-pilot,fedra,straggler,gd-inverted_triangle,fedit,hetlora,flexlora,exclusive,fedhello-lora-fair \
+  --methods fedhello,fed-pilot,flora,fedra,straggler,gd-inverted_triangle,fedit,hetlora,flexlora,exclusive,fedhello-lora-fair \
   --seeds 5 --settings iid,noniid,extreme --rocs 1:1:1,6:3:1 --jobs 2 \
   --out benchmarks/results/equal-budgets-minilm --no-report

@@ -8,6 +8,8 @@
   (e.g. lm-eval's HF backend) load it without fedhello or peft.
 - A model built with random weights (`model.architecture`) has no checkpoint to be a base:
   its base model is saved next to the adapter (`DIR/base_model`).
+- A method that changes the base weights (FLoRA merges its updates into them every round) has
+  no adapter to export: its export is always the merged model, and says so.
 - `--check`: reload what was written with plain peft / transformers and compare its logits with
   fedhello's own on a batch of the run's test split (prints the largest absolute difference).
 """
@@ -61,7 +63,7 @@ def load_run(run_dir: Path) -> LoadedRun:
     ckpt = load_checkpoint(run_dir / "checkpoint")
     exp = prepare_experiment(cfg)
     lm = exp.adapted
-    expected = set(lm.lora_params) | set(lm.head_params)
+    expected = set(lm.lora_state(with_base=exp.method.changes_base))
     if set(ckpt.global_state) != expected:
         raise UserError(
             f"{run_dir}: the checkpoint's adapters do not fit {cfg.model.name} "
@@ -164,11 +166,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--to {out}: exists and is not an empty folder; choose another")
     run = load_run(run_dir)
     reference = logits_on_test_batch(run, run.exp.adapted.model) if args.check else None
-    export_run(run, out, merge=args.merge)
-    kind = "merged model" if args.merge else "peft adapter"
+    merge = args.merge or run.exp.method.changes_base
+    if merge and not args.merge:
+        print(
+            f"{run.exp.method.name} changes the base weights, which no adapter can carry: "
+            "writing the merged model"
+        )
+    export_run(run, out, merge=merge)
+    kind = "merged model" if merge else "peft adapter"
     print(f"exported the global model of round {run.rounds} of {run_dir} to {out} ({kind})")
     if reference is not None:
-        diff = (logits_on_test_batch(run, load_export(run, out, args.merge)) - reference).abs().max()
+        diff = (logits_on_test_batch(run, load_export(run, out, merge)) - reference).abs().max()
         print(f"check: max |logit difference| from fedhello's model on 8 test examples: {float(diff):.3g}")
     return 0
 

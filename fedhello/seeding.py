@@ -20,6 +20,7 @@ class Stream(IntEnum):
     SPLIT = 1006
     FISHER = 1008
     EVALUATION = 1009
+    FRESH_ADAPTERS = 1010  # FLoRA: the adapters every round restarts from
 
 
 class SplitPart(IntEnum):

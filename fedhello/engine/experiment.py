@@ -139,6 +139,7 @@ def method_context(
         aggregation=cfg.federation.aggregation,
         trim_fraction=cfg.federation.trim_fraction,
         lora_fair=cfg.federation.lora_fair,
+        lora_scaling=cfg.lora.alpha / cfg.lora.r,
         options=parse_method_options(name, cfg.method_options if name == cfg.method else {}),
     )
 

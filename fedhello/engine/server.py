@@ -43,7 +43,11 @@ class FederatedServer:
     def __init__(self, exp: Experiment, global_state: State | None = None) -> None:
         self.exp = exp
         self.method = exp.method
-        initial = global_state if global_state is not None else exp.adapted.lora_state()
+        initial = (
+            global_state
+            if global_state is not None
+            else exp.adapted.lora_state(with_base=self.method.changes_base)
+        )
         self.global_state: State = {k: v.detach().cpu().clone() for k, v in initial.items()}
         fed = exp.cfg.federation
         self.norm_bound: NormBound | None = (

@@ -4,7 +4,7 @@ A federated method decides, each round, what every sampled client trains (`plan_
 client downloads (`download`), which tensors of which shapes it may upload (`upload_shapes`), how
 its local training differs from plain training (`local_training`), how accepted updates become
 the next global state (`aggregate`), and what of its own state must survive a resume
-(`state_dict`). The defaults are the per-layer FedAvg of heterogeneous LoRA allocation: full-rank
+(`state_dict`); a method may also change the frozen base (`changes_base`). The defaults are the per-layer FedAvg of heterogeneous LoRA allocation: full-rank
 adapters, each tensor averaged over the clients that trained it. A method family overrides only
 the steps it changes (as Flower's strategies do), and is registered once by name in
 `fedhello/method/registry.py`.
@@ -16,7 +16,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -104,6 +104,7 @@ class MethodContext:
     trim_fraction: float = 0.2
     lora_fair: LoraFairSettings = field(default_factory=LoraFairSettings)
     options: BaseModel | None = None
+    lora_scaling: float = 1.0  # peft's alpha / r: every client's adapter output is scaling * B A x
 
 
 class LocalTraining:
@@ -136,6 +137,10 @@ class Method(ABC):
     """Base of every method family; subclasses implement `plan_round` and override what differs."""
 
     name: str = ""
+    changes_base: ClassVar[bool] = False
+    """True for a method whose aggregation changes the frozen base (FLoRA merges every round's
+    update into it): the global state then also holds the adapted linears' base weights, which
+    clients download, evaluation loads, checkpoints keep and `fedhello export` merges."""
 
     def __init__(self, name: str, ctx: MethodContext) -> None:
         self.name = name

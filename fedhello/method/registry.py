@@ -42,6 +42,7 @@ METHODS: Registry[MethodEntry] = Registry(
         "fedhello.method.hetlora",
         "fedhello.method.flexlora",
         "fedhello.method.fed_pilot",
+        "fedhello.method.flora",
     ),
 )
 DEFAULT_METHOD = "fedhello"

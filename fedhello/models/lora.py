@@ -65,14 +65,35 @@ class AdaptedModel:
         """The parameter object behind a LoRA or head name (e.g. to set requires_grad)."""
         return self._params[name]
 
-    def lora_state(self) -> dict[str, Tensor]:
-        """Detached copies of every LoRA and head tensor: what clients and server exchange."""
-        return {name: self._params[name].detach().clone() for name in self._exchanged}
+    @property
+    def base_weights(self) -> list[str]:
+        """The frozen weight of every adapted linear ("...query.base_layer.weight"), block order:
+        what a method that changes the base (FLoRA) merges its updates into. One line when an
+        adapted module is not an `nn.Linear` (a Conv1D's transposed weight is not supported)."""
+        names = []
+        for name_a in self.lora_params:
+            if ".lora_A." not in name_a:
+                continue
+            module = name_a.split(".lora_A.")[0]
+            base = self.model.get_submodule(f"{module}.base_layer")
+            if type(base) is not nn.Linear:
+                raise UserError(
+                    f"model: merging into the base needs nn.Linear projections; '{module}' is "
+                    f"{type(base).__name__}"
+                )
+            names.append(base_weight_name(name_a))
+        return names
+
+    def lora_state(self, with_base: bool = False) -> dict[str, Tensor]:
+        """Detached copies of every LoRA and head tensor: what clients and server exchange (and,
+        `with_base`, the base weights of the adapted linears, for a method that changes them)."""
+        names = [*self._exchanged, *(self.base_weights if with_base else [])]
+        return {name: self._params[name].detach().clone() for name in names}
 
     def load_lora_state(self, state: Mapping[str, Tensor]) -> None:
-        """Copy (a subset of) LoRA/head tensors into the model in place."""
+        """Copy (a subset of) LoRA/head tensors (and adapted base weights) into the model in place."""
         for name in state:
-            if name not in self._exchanged:
+            if name not in self._exchanged and not _is_base_weight(name, self._params):
                 raise UserError(f"LoRA state: unknown parameter '{name}' for this model")
         with torch.no_grad():
             for name, value in state.items():
@@ -88,6 +109,15 @@ class AdaptedModel:
         """Names of the tensors a client with this layer set trains and uploads (blocks in order)."""
         names = [name for layer in sorted(layers) for name in self.layer_params[layer]]
         return names + (list(self.head_params) if include_head else [])
+
+
+def base_weight_name(lora_a_name: str) -> str:
+    """The frozen base weight that a lora_A tensor adapts (peft's naming)."""
+    return lora_a_name.split(".lora_A.")[0] + ".base_layer.weight"
+
+
+def _is_base_weight(name: str, params: Mapping[str, nn.Parameter]) -> bool:
+    return name.endswith(".base_layer.weight") and name in params
 
 
 def _adapter_param_ids(module: nn.Module) -> set[int]:
