@@ -122,7 +122,11 @@ def cell_config(base: ExperimentConfig, cell: Cell, variants: Variants | None = 
     elif method == base.method:
         tree["method_options"] = options
     if variant is not None:
-        tree = _merge(tree, {k: v for k, v in variant.items() if k != "method"})
+        extra = {k: v for k, v in variant.items() if k != "method"}
+        own = method_entries()[method].legacy_section
+        if "method_options" in extra and own is not None and own in tree:
+            extra[own] = extra.pop("method_options")  # where the base's options of this method are
+        tree = _merge(tree, extra)
     tree["method"] = method
     tree["seed"] = cell.seed
     tree["quiet"] = True
@@ -159,7 +163,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-# what a committed cell keeps of each round: metrics and costs, not the Fisher details
+# what a committed cell keeps of each round: metrics, costs, the layer probabilities and the
+# method's extras (Fisher scores and levels), not the clients' timings in detail
 CELL_ROUND_FIELDS = {
     "schema",
     "round",
@@ -169,6 +174,9 @@ CELL_ROUND_FIELDS = {
     "bytes_down",
     "train_seconds",
     "clients",
+    "idle",
+    "probabilities",
+    "extras",
 }
 CELL_CLIENT_FIELDS = {
     "client",
@@ -180,6 +188,7 @@ CELL_CLIENT_FIELDS = {
     "peak_memory_bytes",
     "bytes_up",
     "bytes_down",
+    "over_budget",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ import pytest
 from fedhello.cli import main
 from fedhello.config import load_config
 from fedhello.errors import UserError
-from fedhello.method.allocation import FixedAllocation, sample_layers, sample_layers_within
+from fedhello.method.allocation import FisherAllocation, FixedAllocation, sample_layers, sample_layers_within
 from fedhello.method.base import ClientProfile, MethodContext, RoundInputs
 from fedhello.method.budgets import CostModel, DeviceBudget, LayerLimits, check_budget_fits
+from fedhello.method.fisher import FisherOptions
+from fedhello.method.layers import LayerAllocation
 from fedhello.method.registry import build_method, method_entries
 from fedhello.records import read_records
 
@@ -303,3 +306,37 @@ def test_clients_over_budget_are_counted_and_groups_that_never_train_are_named()
     assert out["low"]["clients_over_budget"] == 1 and out["low"]["measured_peak_memory_bytes"] == 150 * MiB
     assert out["low"]["over_budget"] == ["round 1 client 0: memory"]
     assert out["mid"]["sat_out"] and out["mid"]["clients_sat_out"] == 2 and "sat_out_reason" in out["mid"]
+
+
+def test_levels_over_feasible_blocks_tell_a_low_memory_clients_blocks_apart() -> None:
+    # the two bottom blocks dominate the scores: over all layers, blocks 2-5 share the lowest level
+    scores = np.array([10.0, 9.0, 0.1, 0.15, 0.2, 0.9])
+    limits = LayerLimits((2, 2, 2, None, None, None))  # at most 3 layers, none below block 2
+
+    def strategy(levels_over: Literal["all_layers", "feasible"]) -> FisherAllocation:
+        fisher = FisherOptions(warmup_rounds=0, refresh_every=1, levels_over=levels_over)
+        built = build_method("fedhello", MethodContext(6, [3], [1.0], rounds=4, options=fisher))
+        assert isinstance(built, LayerAllocation) and isinstance(built.strategy, FisherAllocation)
+        built.strategy.update_scores(1, scores)
+        return built.strategy
+
+    everywhere, feasible = strategy("all_layers"), strategy("feasible")
+    p_all = everywhere.probabilities(1)
+    assert p_all[2:].tolist() == pytest.approx([p_all[2]] * 4)  # one level: uniform among 2-5
+    p = feasible.feasible_probabilities(2)
+    assert p[:2].tolist() == [0.0, 0.0]
+    assert p[5] == p.max() > p[2] and p.sum() == pytest.approx(1.0)  # block 5 stands out there
+
+    def frequency(s: FisherAllocation) -> np.ndarray:
+        counts = np.zeros(6)
+        for seed in range(400):
+            counts[list(s.client_layers(1, 0, 3, np.random.default_rng(seed), limits))] += 1
+        return counts / 400
+
+    f_all, f_feasible = frequency(everywhere), frequency(feasible)
+    assert f_all[:2].sum() == 0 and f_feasible[:2].sum() == 0
+    assert f_feasible[5] > f_all[5] + 0.05 and f_feasible[2] < f_all[2] - 0.05
+    # it survives a resume
+    again = strategy("feasible")
+    again.load_state_dict(feasible.state_dict())
+    assert again.feasible_probabilities(2).tolist() == p.tolist()

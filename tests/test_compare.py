@@ -148,6 +148,11 @@ def test_method_variants_merge_their_config_and_keep_the_grid_axes(tmp_path: Pat
         budgeted.groups[0].memory == 140 * 2**20 and budgeted.groups[0].share == 3.0
     )  # the ratio still applies
     assert plain.groups[0].memory is None and config_hash(plain) != config_hash(budgeted)
+    # a variant's method options join the base's options of that method (here in `fisher:`)
+    path.write_text("fedhello-feasible:\n  method: fedhello\n  method_options: {levels_over: feasible}\n")
+    with_fisher = base.model_copy(update={"method_options": {"refresh_every": 2}})
+    cells = plan_grid(with_fisher, ["fedhello-feasible"], 1, ["iid"], ["1:1"], load_variants(path))
+    assert cells[0][1].method_options == {"refresh_every": 2, "levels_over": "feasible"}
     path.write_text("broken:\n  groups: []\n")
     with pytest.raises(UserError, match="broken: needs a 'method'"):
         load_variants(path)

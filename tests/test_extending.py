@@ -328,3 +328,37 @@ def test_a_name_is_registered_once() -> None:
     with pytest.raises(ValueError, match="engine 'local' is already registered"):
         ENGINES.register("local", EngineEntry("local", "my.module:run", "another local engine"))
     register_task(TextLength)  # the same class again (a module imported twice) is harmless
+
+
+def test_report_pairs_cells_by_seed_and_names_methods_that_computed_the_same_runs(tmp_path: Path) -> None:
+    import shutil
+
+    from fedhello.reporting.report import GridResults, identical_methods, paired_table
+
+    source = REPO / "benchmarks" / "results" / "reference"
+    grid = GridResults.load(source)
+    table = paired_table(grid, "fedhello")
+    assert table is not None
+    row = next(line for line in table.splitlines() if line.startswith("| fedit |"))
+
+    def key(c: dict[str, Any]) -> tuple[str, str, int]:
+        return (c["cell"]["setting"], c["cell"]["roc"], c["cell"]["seed"])
+
+    fedit = {key(c): c["summary"].score("final") for c in grid.cells if c["cell"]["method"] == "fedit"}
+    diffs = [
+        c["summary"].score("final") - fedit[key(c)]
+        for c in grid.cells
+        if c["cell"]["method"] == "fedhello" and key(c) in fedit
+    ]
+    assert f"| {len(diffs)} | {np.median(diffs):+.3f} |" in row
+    assert identical_methods(grid) == []
+    # a second method that ran exactly fedit's runs is named, with the reason
+    copy = tmp_path / "grid"
+    shutil.copytree(source, copy)
+    for p in (copy / "cells").glob("*_fedit_seed*.json"):
+        cell = json.loads(p.read_text())
+        cell["cell"]["method"] = "fedit-again"
+        (p.parent / p.name.replace("_fedit_", "_fedit-again_")).write_text(json.dumps(cell))
+    same = identical_methods(GridResults.load(copy))
+    assert len(same) == 1 and same[0].startswith("- fedit and fedit-again: in all "), same
+    assert "the same clients trained the same layers" in same[0]

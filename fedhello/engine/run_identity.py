@@ -81,7 +81,7 @@ def _legacy_layout(cfg: ExperimentConfig, tree: dict[str, Any]) -> dict[str, Any
     entry = method_entries()[cfg.method]
     for section, model in legacy_sections().items():
         mine = options if entry.legacy_section == section and options is not None else model()
-        tree[section] = mine.model_dump(mode="json") | (proxy if section == "fisher" else {})
+        tree[section] = _fields(mine, section) | (proxy if section == "fisher" else {})
     if options is not None and entry.legacy_section is None:
         defaults = type(options)().model_dump(mode="json")
         changed = {k: v for k, v in options.model_dump(mode="json").items() if v != defaults.get(k)}

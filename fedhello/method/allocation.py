@@ -95,11 +95,16 @@ def sample_layers(probabilities: np.ndarray, budget: int, rng: np.random.Generat
 
 
 def sample_layers_within(
-    probabilities: np.ndarray, budget: int, rng: np.random.Generator, limits: LayerLimits | None
+    probabilities: np.ndarray,
+    budget: int,
+    rng: np.random.Generator,
+    limits: LayerLimits | None,
+    from_block: Callable[[int], np.ndarray] | None = None,
 ) -> tuple[int, ...]:
     """`sample_layers` restricted to the layer sets a client's device budgets allow: the largest
-    count up to `budget` that some set fits, drawn from the blocks a set of that count may use
-    (probabilities below its lowest allowed block set to 0). Nothing fits: an empty set."""
+    count up to `budget` that some set fits, drawn from the blocks a set of that count may use.
+    `from_block(lowest)` gives the probabilities over blocks lowest..L-1 (default: `probabilities`
+    with the blocks below set to 0). Nothing fits: an empty set."""
     if limits is None:
         return sample_layers(probabilities, budget, rng)
     p = np.asarray(probabilities, dtype=float)
@@ -107,8 +112,11 @@ def sample_layers_within(
         lowest = limits.lowest[n - 1]
         if lowest is None:
             continue
-        allowed = p.copy()
-        allowed[:lowest] = 0.0
+        if from_block is None:
+            allowed = p.copy()
+            allowed[:lowest] = 0.0
+        else:
+            allowed = from_block(lowest)
         if np.count_nonzero(allowed) >= n:
             return sample_layers(allowed, n, rng)
     return ()
@@ -305,8 +313,10 @@ class FisherAllocation(PerClientAllocation):
     num_levels: int = 3
     prior_product: bool = False
     released_levels: bool = False  # the released code's unordered k-means labels (compatibility)
+    feasible_levels: bool = False  # levels among each client's feasible blocks (levels_over: feasible)
     fisher_probabilities: np.ndarray | None = field(default=None, repr=False)
     refreshed_at: int | None = None
+    scores: np.ndarray | None = field(default=None, repr=False)  # the latest finite layer scores
 
     def needs_scores(self, round_number: int) -> bool:
         return self.schedule.is_refresh(round_number)
@@ -362,6 +372,7 @@ class FisherAllocation(PerClientAllocation):
             p = fisher_probabilities(scores, self.num_levels, self.prior if self.prior_product else None)
         self.fisher_probabilities = p
         self.refreshed_at = round_number
+        self.scores = np.asarray(scores, dtype=float)
         return FisherRefresh(
             round=round_number,
             scores=[float(x) for x in scores],
@@ -393,19 +404,36 @@ class FisherAllocation(PerClientAllocation):
         ):
             # A client's draw depends only on (seed, refresh round, client): fixed until the next refresh.
             rng = numpy_rng(self.seed, Stream.ALLOCATION, self.refreshed_at, client + 1)
-        return sample_layers_within(p, budget, rng, limits)
+        feasible = self.feasible_levels and self.scores is not None and p is self.fisher_probabilities
+        return sample_layers_within(p, budget, rng, limits, self.feasible_probabilities if feasible else None)
+
+    def feasible_probabilities(self, lowest: int) -> np.ndarray:
+        """The Fisher probabilities with importance levels found among blocks lowest..L-1 only
+        (what a client whose budgets stop there may train), zero below: with device budgets the
+        levels of all blocks can put every feasible block of a low-memory client in one level,
+        and its draw is then uniform."""
+        assert self.scores is not None
+        p = np.zeros(len(self.scores))
+        prior = self.prior[lowest:] if self.prior_product else None
+        p[lowest:] = fisher_probabilities(self.scores[lowest:], self.num_levels, prior)
+        return p
 
     def state_dict(self) -> dict[str, Any]:
         p = self.fisher_probabilities
-        return {
+        state: dict[str, Any] = {
             "fisher_probabilities": None if p is None else [float(x) for x in p],
             "refreshed_at": self.refreshed_at,
         }
+        if self.feasible_levels and self.scores is not None:
+            state["scores"] = [float(x) for x in self.scores]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         p = state.get("fisher_probabilities")
         self.fisher_probabilities = None if p is None else np.asarray(p, dtype=float)
         self.refreshed_at = state.get("refreshed_at")
+        scores = state.get("scores")
+        self.scores = None if scores is None else np.asarray(scores, dtype=float)
 
 
 def _normalise(p: np.ndarray) -> np.ndarray:

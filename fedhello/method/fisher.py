@@ -91,6 +91,11 @@ class FisherOptions(StrictModel):
     levels: Literal["ordered", "released"] = Field(
         "ordered", description="Levels by cluster centroid, or the released code's unordered k-means labels."
     )
+    levels_over: Literal["all_layers", "feasible"] = Field(
+        "all_layers",
+        description="Importance levels from the scores of every layer, or (with device budgets) from those "
+        "of the blocks each client may train, so that its draw tells its own feasible blocks apart.",
+    )
     objective: Literal["log_likelihood", "true_class_logit"] = Field(
         "log_likelihood", description="Differentiate log p(y|x), or the raw true-class logit (released)."
     )

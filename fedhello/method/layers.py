@@ -79,6 +79,7 @@ def fisher_strategy(
         num_levels=f.num_levels,
         prior_product=f.prior_product,
         released_levels=f.levels == "released",
+        feasible_levels=f.levels_over == "feasible",
     )
 
 

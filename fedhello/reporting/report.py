@@ -341,6 +341,120 @@ def fraction_table(grid: GridResults, method: str, reference: str) -> str:
     return "\n".join(lines)
 
 
+def _paired(
+    grid: GridResults, method: str, other: str, setting: str | None = None
+) -> list[tuple[float, float]]:
+    """(method's, other's) final primary metric in every cell they share: same setting, ratio
+    and seed, hence the same split, partition and client sampling."""
+
+    def key(c: dict[str, Any]) -> tuple[str, str, int]:
+        return (c["cell"]["setting"], c["cell"]["roc"], c["cell"]["seed"])
+
+    theirs = {key(c): c["summary"].score("final") for c in grid.cells if c["cell"]["method"] == other}
+    out = []
+    for c in grid.cells:
+        if c["cell"]["method"] != method or (setting is not None and c["cell"]["setting"] != setting):
+            continue
+        mine, match = c["summary"].score("final"), theirs.get(key(c))
+        if mine is not None and match is not None:
+            out.append((float(mine), float(match)))
+    return out
+
+
+def paired_table(grid: GridResults, method: str) -> str | None:
+    """`method` against every other method over the cells they share (same setting, ratio and
+    seed): the median difference, wins / ties / losses, and the two-sided Wilcoxon signed-rank
+    p-value (scipy; ties dropped), pooled over the grid and per setting; next to each method its
+    median final score and range over its cells."""
+    from scipy.stats import wilcoxon
+
+    settings = grid.ordered("setting")
+    others = [m for m in grid.ordered("method") if m != method]
+    if method not in grid.ordered("method") or not others:
+        return None
+    sign = 1.0 if grid.higher_is_better else -1.0
+    head = (
+        f"| method | median final (min-max) | pairs | median {method} - method | {method} wins / ties / losses "
+        "| Wilcoxon p | " + " | ".join(f"{s}: median diff, W/L" for s in settings) + " |"
+    )
+    lines = [head, "|---" * (6 + len(settings)) + "|"]
+    for other in others:
+        pairs = _paired(grid, method, other)
+        if not pairs:
+            continue
+        diffs = np.array([a - b for a, b in pairs])
+        wins = int(np.sum(sign * diffs > 1e-12))
+        losses = int(np.sum(sign * diffs < -1e-12))
+        ties = len(diffs) - wins - losses
+        nonzero = diffs[np.abs(diffs) > 1e-12]
+        p = f"{float(wilcoxon(nonzero).pvalue):.3f}" if len(nonzero) >= 5 else "n/a (< 5 untied pairs)"
+        scores = _scores([c for c in grid.cells if c["cell"]["method"] == other], "final", grid.metric)
+        per_setting = []
+        for s in settings:
+            d = np.array([a - b for a, b in _paired(grid, method, other, s)])
+            per_setting.append(
+                "-"
+                if not len(d)
+                else f"{np.median(d):+.3f}, {int(np.sum(sign * d > 1e-12))}/{int(np.sum(sign * d < -1e-12))}"
+            )
+        lines.append(
+            f"| {other} | {np.median(scores):.3f} ({min(scores):.3f}-{max(scores):.3f}) | {len(pairs)} "
+            f"| {np.median(diffs):+.3f} | {wins} / {ties} / {losses} | {p} | "
+            + " | ".join(per_setting)
+            + " |"
+        )
+    mine = _scores([c for c in grid.cells if c["cell"]["method"] == method], "final", grid.metric)
+    lines.append(
+        f"| *{method}* | {np.median(mine):.3f} ({min(mine):.3f}-{max(mine):.3f}) | "
+        + " | ".join(["-"] * (4 + len(settings)))
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def identical_methods(grid: GridResults) -> list[str]:
+    """Pairs of methods whose cells trained the same clients on the same layers at the same ranks
+    in every round of every shared cell, and scored alike: at equal budgets two methods can
+    differ only in what the clients that no longer fit would have trained (e.g. FedIT and
+    HetLoRA when only the high group fits every layer at any rank)."""
+
+    def trace(c: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            tuple((cl.client, tuple(cl.layers), cl.rank) for cl in r.clients if cl.steps) for r in c["rounds"]
+        )
+
+    by_method: dict[str, dict[tuple[str, str, int], dict[str, Any]]] = defaultdict(dict)
+    for c in grid.cells:
+        cell = c["cell"]
+        by_method[cell["method"]][(cell["setting"], cell["roc"], cell["seed"])] = c
+    out = []
+    methods = grid.ordered("method")
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            shared = sorted(set(by_method[a]) & set(by_method[b]))
+            if not shared:
+                continue
+            same_trace = all(trace(by_method[a][k]) == trace(by_method[b][k]) for k in shared)
+            same_score = all(
+                by_method[a][k]["summary"].score("final") == by_method[b][k]["summary"].score("final")
+                for k in shared
+            )
+            if not same_score:
+                continue
+            groups = sorted(
+                {cl.group for k in shared for r in by_method[a][k]["rounds"] for cl in r.clients if cl.steps}
+            )
+            why = (
+                f"in all {len(shared)} shared cells the same clients trained the same layers at the same "
+                f"ranks in every round (only group{'s' if len(groups) > 1 else ''} {', '.join(groups)} "
+                "trained; the others sat out), so the runs were one computation"
+                if same_trace
+                else f"equal final scores in all {len(shared)} shared cells, with different client traces"
+            )
+            out.append(f"- {a} and {b}: {why}.")
+    return out
+
+
 def _trained_per_round(cells: Sequence[dict[str, Any]]) -> float:
     """Mean number of clients that trained in a round (at equal budgets some sit out)."""
     counts = [sum(1 for cl in r.clients if cl.steps) for c in cells for r in c["rounds"]]
@@ -607,6 +721,21 @@ def _method_section(grid: GridResults, method: str, reference: str) -> list[str]
             fraction_table(grid, method, reference),
             "",
         ]
+    paired = paired_table(grid, method)
+    if paired is not None:
+        lines += [
+            f"### {method} paired with every other method",
+            "",
+            f"Each pair is one cell of both methods with the same setting, client ratio and seed (the same "
+            f"split, partition and client sampling); differences are {method}'s final "
+            f"{grid.metric.replace('_', ' ')} minus the other's.",
+            "",
+            paired,
+            "",
+        ]
+    same = identical_methods(grid)
+    if same:
+        lines += ["### Methods that computed the same runs", "", *same, ""]
     if method in methods:
         losses = losses_against(grid, method)
         lines += [
