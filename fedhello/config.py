@@ -312,6 +312,45 @@ class FederationConfig(StrictModel):
     )
 
 
+class PrivacyConfig(StrictModel):
+    """Client-level differential privacy (docs/privacy.md). `none` changes nothing."""
+
+    mode: Literal["none", "central", "local"] = Field(
+        "none",
+        description="central: clients clip, a trusted server sums, adds Gaussian noise and divides by the "
+        "planned contributors (DP-FedAvg with fixed clipping); local: each client clips and adds its own noise.",
+    )
+    clip_norm: float | None = Field(
+        None, gt=0, description="C: the L2 bound of a client's whole update (every tensor it sends)."
+    )
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="z: the noise's standard deviation is z C per coordinate."
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Find z so that the configured rounds spend this epsilon (or refuse a run over it).",
+    )
+    delta: float | None = Field(
+        None, gt=0, lt=1, description="delta of (epsilon, delta); null: 1 / num_clients."
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus's accountant: Renyi DP, or privacy random variables (tighter)."
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> PrivacyConfig:
+        if self.mode == "none":
+            return self
+        if self.clip_norm is None:
+            raise ValueError(f"clip_norm: privacy.mode={self.mode} needs the clipping bound C (> 0)")
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError(
+                f"noise_multiplier: privacy.mode={self.mode} needs noise_multiplier or target_epsilon"
+            )
+        return self
+
+
 class TrainConfig(StrictModel):
     """Local training on a client."""
 
@@ -440,6 +479,7 @@ class ExperimentConfig(StrictModel):
     )
     lm: LMConfig = Field(default_factory=LMConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -520,6 +560,24 @@ class ExperimentConfig(StrictModel):
             raise ValueError(
                 "federation.clients_per_round must not exceed partition.num_clients "
                 f"({self.federation.clients_per_round} > {self.partition.num_clients})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _private(self) -> ExperimentConfig:
+        """What differential privacy cannot be combined with (docs/privacy.md, "Interactions")."""
+        mode, fed = self.privacy.mode, self.federation
+        if mode == "none":
+            return self
+        if fed.aggregation != "mean":
+            raise ValueError(
+                f"federation.aggregation: {fed.aggregation} reads individual updates, so its sensitivity is not "
+                f"privacy.clip_norm; privacy.mode={mode} needs mean"
+            )
+        if fed.norm_bound != "none":
+            raise ValueError(
+                f"federation.norm_bound: privacy.clip_norm bounds every update under privacy.mode={mode}; "
+                "set norm_bound: none"
             )
         return self
 

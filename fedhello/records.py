@@ -84,6 +84,7 @@ class RoundRecord(_Record):
     eval_seconds: float | None = None
     round_seconds: float | None = None
     probabilities: list[float] | None = None  # per-layer sampling probabilities of sampled methods
+    epsilon: float | None = None  # differential privacy: epsilon spent after this round (docs/privacy.md)
     extras: dict[str, dict[str, Any]] = Field(default_factory=dict)  # kind -> a method's RoundExtra
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)

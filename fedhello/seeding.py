@@ -21,6 +21,7 @@ class Stream(IntEnum):
     FISHER = 1008
     EVALUATION = 1009
     FRESH_ADAPTERS = 1010  # FLoRA: the adapters every round restarts from
+    PRIVACY = 1011  # differential privacy: the noise (server: client key 0; a client: its id + 1)
 
 
 class SplitPart(IntEnum):

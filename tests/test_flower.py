@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -86,11 +87,12 @@ def _assert_same_run(a: Path, b: Path) -> None:
         cx = [(c["client"], c["layers"], c["bytes_up"], c["samples"], c["steps"]) for c in x["clients"]]
         cy = [(c["client"], c["layers"], c["bytes_up"], c["samples"], c["steps"]) for c in y["clients"]]
         assert cx == cy
-        assert [c["train_loss"] for c in x["clients"]] == pytest.approx(
-            [c["train_loss"] for c in y["clients"]],
+        assert [c.get("train_loss", math.nan) for c in x["clients"]] == pytest.approx(
+            [c.get("train_loss", math.nan) for c in y["clients"]],
             abs=1e-6,
-            nan_ok=True,  # a rejected reply has none
+            nan_ok=True,  # a rejected reply has none, nor does a client under differential privacy
         )
+        assert x.get("epsilon") == y.get("epsilon")
     wa, wb = _adapters(a), _adapters(b)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -107,22 +109,21 @@ def _wait_for_round(run_dir: Path, round_number: int, timeout: float) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "aggregation"),
+    ("method", "extra"),
     [
-        ("flora", "mean"),  # rank slices, the update merged into the base weights clients download
-        ("hetlora", "mean"),  # rank slices, with self-pruning
-        ("fed-pilot", "lora_fair"),  # knapsack layer sets, LoRA-FAIR's corrected B
+        ("flora", ()),  # rank slices, the update merged into the base weights clients download
+        ("hetlora", ("hetlora.self_pruning=true",)),  # rank slices, with self-pruning
+        ("fed-pilot", ("federation.aggregation=lora_fair",)),  # knapsack layer sets, LoRA-FAIR's corrected B
+        (  # central differential privacy: Poisson sampling, client clipping, the server's noise
+            "fedhello",
+            ("privacy.mode=central", "privacy.clip_norm=0.05", "privacy.noise_multiplier=0.5"),
+        ),
     ],
 )
 def test_simulation_engine_equals_in_process(
-    method: str, aggregation: str, tiny_overrides: Callable[..., list[str]], tmp_path: Path
+    method: str, extra: tuple[str, ...], tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
-    overrides = _base(
-        tiny_overrides,
-        f"method={method}",
-        "hetlora.self_pruning=true",
-        f"federation.aggregation={aggregation}",
-    )
+    overrides = _base(tiny_overrides, f"method={method}", *extra)
     run_experiment(load_config(overrides=overrides), tmp_path / "local")
     proc = run_simulated(overrides, tmp_path / "sim")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from fedhello.engine.experiment import Experiment
 from fedhello.method.aggregation import ClientUpdate, State
 from fedhello.method.base import Assignment, LocalTraining
 from fedhello.models import AdaptedModel
+from fedhello.privacy import PrivacyAccounting, clip_update, noised
 from fedhello.seeding import Stream, derived_seed
 from fedhello.tasks import Task, batches
 
@@ -275,7 +276,7 @@ def train_assignment(
 ) -> ClientResult:
     """One client's local training as the round plan assigned it; every engine trains through this."""
     cfg = exp.cfg
-    return train_client(
+    result = train_client(
         exp.adapted,
         exp.task,
         exp.data,
@@ -289,3 +290,20 @@ def train_assignment(
         round_number=round_number,
         device=exp.device,
     )
+    if exp.privacy is not None:
+        result = private_result(result, exp.privacy, cfg.seed, round_number)
+    return result
+
+
+def private_result(
+    result: ClientResult, privacy: PrivacyAccounting, seed: int, round_number: int
+) -> ClientResult:
+    """What a client sends under differential privacy (docs/privacy.md): its whole update clipped
+    to C (in local mode also noised, by the client itself), a sample count of 1 instead of its
+    data size, and no training loss or other metric of its data."""
+    u = result.update
+    deltas = clip_update(u.deltas, privacy.clip_norm)
+    if privacy.mode == "local":
+        key = derived_seed(seed, Stream.PRIVACY, round_number, u.client_id + 1)
+        deltas = noised(deltas, privacy.noise_std, torch.Generator().manual_seed(key))
+    return replace(result, update=ClientUpdate(u.client_id, deltas, 1), train_loss=float("nan"))

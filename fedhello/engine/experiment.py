@@ -22,6 +22,7 @@ from fedhello.method.budgets import Cost, CostModel, LayerLimits, ceil_steps
 from fedhello.method.groups import ResourceGroup, assign_clients_to_groups, resolve_groups
 from fedhello.method.registry import build_method, parse_method_options
 from fedhello.models import AdaptedModel, add_lora
+from fedhello.privacy import PrivacyAccounting, resolve_privacy
 from fedhello.seeding import SplitPart, Stream, numpy_rng
 from fedhello.tasks import Examples, Task, build_task
 
@@ -40,6 +41,7 @@ class Experiment:
     method: Method
     device: torch.device
     costs: CostModel | None = None  # calibrated when a group states a device budget (calibration.py)
+    privacy: PrivacyAccounting | None = None  # differential privacy, resolved (docs/privacy.md)
 
     @property
     def num_layers(self) -> int:
@@ -107,6 +109,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
+    privacy = resolve_privacy(cfg)  # before any loading: a budget the run cannot meet is one line
     task = build_task(cfg)
 
     examples, splits, client_indices = split_and_partition(cfg, task, task.load_examples())
@@ -119,8 +122,22 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     groups = resolve_groups(cfg.groups, adapted.num_layers, cfg.lora.r)
     client_group = assign_clients_to_groups(cfg.partition.num_clients, groups, cfg.seed)
     method = build_method(cfg.method, method_context(cfg, adapted.num_layers, groups))
+    refusal = method.central_privacy_refusal() if cfg.privacy.mode == "central" else None
+    if refusal is not None:
+        raise UserError(f"privacy.mode: central needs a noised mean of clipped updates; {refusal}")
     return Experiment(
-        cfg, task, examples, data, splits, client_indices, adapted, groups, client_group, method, device
+        cfg,
+        task,
+        examples,
+        data,
+        splits,
+        client_indices,
+        adapted,
+        groups,
+        client_group,
+        method,
+        device,
+        privacy=privacy,
     )
 
 

@@ -96,6 +96,7 @@ def plan_budgets(exp: Experiment, methods: Sequence[str] | None = None) -> dict[
         },
         "groups": [_group_allowance(exp, i) for i in range(len(exp.groups))],
         "methods": [r.to_json() for r in rows],
+        "privacy": None if exp.privacy is None else exp.privacy.describe(exp.cfg.federation.rounds),
     }
 
 
@@ -192,6 +193,17 @@ def _mib(n: float | None) -> str:
     return "-" if n is None else format_bytes(n)
 
 
+def _privacy_line(privacy: dict[str, Any] | None) -> list[str]:
+    """What the configured run will spend (docs/privacy.md)."""
+    if privacy is None:
+        return []
+    return [
+        f"privacy: {privacy['mode']} DP, clip {privacy['clip_norm']:g}, noise multiplier "
+        f"{privacy['noise_multiplier']:.4g}, sampling rate {privacy['sample_rate']:g}: the configured rounds "
+        f"spend epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} ({privacy['accountant']} accountant)"
+    ]
+
+
 def format_plan(plan: dict[str, Any], measured: list[dict[str, Any]] | None = None) -> str:
     """The plan as text tables."""
     cm = plan["cost_model"]
@@ -199,6 +211,7 @@ def format_plan(plan: dict[str, Any], measured: list[dict[str, Any]] | None = No
         f"cost model: {cm['device']}, worst-case batch {cm['batch']}, frozen model {_mib(cm['frozen_model_bytes'])}, "
         f"calibrated on layer sets {cm['probes']}",
         f"fit: {cm['fit']}",
+        *_privacy_line(plan.get("privacy")),
         "",
         "group   layers rank  memory      s/round  upload      speed steps  allowed",
     ]

@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment
@@ -30,7 +32,8 @@ from fedhello.method.aggregation import (
 from fedhello.method.base import Assignment, RoundInputs, RoundPlan
 from fedhello.method.budgets import Cost
 from fedhello.method.fisher import FisherOptions, fisher_layer_scores
-from fedhello.method.groups import sample_clients
+from fedhello.method.groups import poisson_sample_clients, sample_clients
+from fedhello.privacy.mechanism import clip_update, planned_coverage, private_mean
 from fedhello.records import ClientRecord, RoundRecord
 from fedhello.seeding import Stream, derived_seed, numpy_rng
 
@@ -60,9 +63,16 @@ class FederatedServer:
     def configure_round(self, round_number: int) -> RoundPlan:
         """Sample the round's clients and let the method assign what each trains."""
         cfg = self.exp.cfg
-        clients = sample_clients(
-            cfg.partition.num_clients, cfg.federation.clients_per_round, cfg.seed, round_number
-        )
+        privacy = self.exp.privacy
+        if privacy is not None and privacy.mode == "central":
+            # the accountant's sampling: each client independently (docs/privacy.md)
+            clients = poisson_sample_clients(
+                cfg.partition.num_clients, privacy.sample_rate, cfg.seed, round_number
+            )
+        else:
+            clients = sample_clients(
+                cfg.partition.num_clients, cfg.federation.clients_per_round, cfg.seed, round_number
+            )
         inputs = RoundInputs(
             round_number,
             profiles={c: self.exp.profile(c) for c in clients},
@@ -121,7 +131,7 @@ class FederatedServer:
         A rejected update is left out and its reason recorded; a round whose every update is
         rejected leaves the global model as it was."""
         accepted, rejected = self.screen(plan, results)
-        if accepted:
+        if accepted or (self.central_privacy and plan.clients):  # the noise is added in any case
             self.global_state = self.aggregate(plan, accepted)
         elif results:
             log.warning(
@@ -144,15 +154,22 @@ class FederatedServer:
         if self.norm_bound is not None:
             accepted, too_large = self.norm_bound.apply(accepted)
             rejected.update(too_large)
+        if self.exp.privacy is not None:  # clients clipped already; a dishonest one is clipped here
+            clip = self.exp.privacy.clip_norm
+            accepted = [replace(u, deltas=clip_update(u.deltas, clip)) for u in accepted]
         return accepted, rejected
 
     def aggregate(self, plan: RoundPlan, accepted: list[ClientUpdate]) -> State:
         """The next global state, by the method's rule. A state that would hold NaN or inf is
         never adopted: the run stops with a one-line error naming the round and the clients
-        (the last checkpoint, of the previous round, stays as it is)."""
-        new_state = self.method.aggregate(
-            self.global_state, accepted, plan, self.exp.cfg.federation.weighting
-        )
+        (the last checkpoint, of the previous round, stays as it is). Under central differential
+        privacy the rule is the noised mean of the clipped updates instead (`private_aggregate`)."""
+        if self.central_privacy:
+            new_state = self.private_aggregate(plan, accepted)
+        else:
+            new_state = self.method.aggregate(
+                self.global_state, accepted, plan, self.exp.cfg.federation.weighting
+            )
         broken = non_finite_tensors(new_state)
         if broken:
             r_no = plan.round_number
@@ -163,6 +180,23 @@ class FederatedServer:
                 "rerun with federation.norm_bound"
             )
         return new_state
+
+    @property
+    def central_privacy(self) -> bool:
+        return self.exp.privacy is not None and self.exp.privacy.mode == "central"
+
+    def private_aggregate(self, plan: RoundPlan, accepted: list[ClientUpdate]) -> State:
+        """Central differential privacy (docs/privacy.md): per coordinate, the sum of the clipped
+        updates plus N(0, (z C)^2), divided by how many clients the round's plan assigned to it."""
+        privacy = self.exp.privacy
+        assert privacy is not None
+        coverage = planned_coverage(self.upload_shapes(plan), self.global_state, self.method.to_full)
+        noise = torch.Generator().manual_seed(
+            derived_seed(self.exp.cfg.seed, Stream.PRIVACY, plan.round_number, 0)
+        )
+        return private_mean(
+            self.global_state, accepted, coverage, privacy.noise_std, noise, self.method.to_full
+        )
 
     def round_record(
         self, plan: RoundPlan, results: list[ClientResult], rejected: dict[int, str]
@@ -185,6 +219,7 @@ class FederatedServer:
             train_seconds=sum(r.seconds for r in results),
             primary_metric=self.exp.task.primary_metric,
             probabilities=plan.probabilities,
+            epsilon=None if self.exp.privacy is None else self.exp.privacy.epsilon(plan.round_number),
             extras={}
             if plan.extra is None
             else {plan.extra.kind: plan.extra.model_dump(mode="json", exclude_none=True)},
@@ -200,7 +235,7 @@ class FederatedServer:
             rank=a.rank,
             samples=int(r.update.num_samples) if accepted else 0,
             steps=r.steps,
-            train_loss=r.train_loss,
+            train_loss=None if self.exp.privacy is not None else r.train_loss,  # not sent under DP
             seconds=r.seconds,
             peak_memory_bytes=r.peak_memory_bytes,
             bytes_up=bytes_up,

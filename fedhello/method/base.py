@@ -181,6 +181,16 @@ class Method(ABC):
             return corrected
         return aggregate_per_tensor(state, updates, weighting, self.ctx.aggregation, self.ctx.trim_fraction)
 
+    def to_full(self, name: str, sent: Tensor, shape: torch.Size) -> Tensor:
+        """A sent tensor in the global tensor's shape: what central differential privacy sums
+        (docs/privacy.md). Layer-set methods send whole tensors; rank methods zero-pad slices."""
+        return sent
+
+    def central_privacy_refusal(self) -> str | None:
+        """Why this method cannot be aggregated as the noised mean of clipped updates (the rule
+        central differential privacy replaces `aggregate` with), or None when it can."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state that must survive a resume."""
         return {}

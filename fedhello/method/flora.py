@@ -67,6 +67,9 @@ class FLoRA(RankHeterogeneous):
 
     changes_base = True
 
+    def central_privacy_refusal(self) -> str | None:
+        return "flora merges the products B_k A_k of individual clients, not a sum of clipped updates"
+
     def aggregate(self, state: State, updates: Updates, plan: RoundPlan, weighting: Weighting) -> State:
         ranks = {c: int(a.rank) for c, a in plan.assignments.items() if a.rank is not None}
 

@@ -78,3 +78,10 @@ def sample_clients(num_clients: int, per_round: int, seed: int, round_number: in
     """The clients of one round: uniform without replacement, sorted."""
     rng = numpy_rng(seed, Stream.CLIENT_SAMPLING, round_number)
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def poisson_sample_clients(num_clients: int, rate: float, seed: int, round_number: int) -> list[int]:
+    """Each client independently with probability `rate` (Poisson sampling: what the privacy
+    accountant assumes; docs/privacy.md). A round may sample no client at all."""
+    rng = numpy_rng(seed, Stream.CLIENT_SAMPLING, round_number)
+    return sorted(int(c) for c in np.flatnonzero(rng.random(num_clients) < rate))

@@ -144,6 +144,12 @@ class HetLoRA(RankHeterogeneous):
 
     mix = staticmethod(norm_weighted_mix)
 
+    def central_privacy_refusal(self) -> str | None:
+        options = self.ctx.options
+        if isinstance(options, HetLoRAOptions) and options.self_pruning:
+            return "hetlora's self-pruning has clients report the norms and ranks of their own updates"
+        return None
+
     def check_update(self, update: ClientUpdate, assignment: Assignment) -> str | None:
         """A self-pruned rank must be a whole number from 1 to the client's rank."""
         if "rank" not in update.metrics:

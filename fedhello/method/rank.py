@@ -217,6 +217,9 @@ class RankHeterogeneous(Method):
     def local_training(self, assignment: Assignment) -> LocalTraining:
         return RankLocalTraining(_rank(assignment))
 
+    def to_full(self, name: str, sent: Tensor, shape: torch.Size) -> Tensor:
+        return pad_rank(name, sent, shape)
+
 
 def _rank(assignment: Assignment) -> int:
     if assignment.rank is None:

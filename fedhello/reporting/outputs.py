@@ -79,6 +79,8 @@ def write_outputs(exp: Experiment, run_dir: Path, records: list[RoundRecord], wa
         "norm_bound": fed.norm_bound,
         "rejected_updates": sum(len(r.rejected) for r in records),
     }
+    if exp.privacy is not None:  # what the run spent, at the rounds it completed (docs/privacy.md)
+        summary["privacy"] = exp.privacy.describe(len(records))
     summary["num_layers"] = exp.num_layers
     summary["groups"] = {g.name: {"share": g.share, "budget": g.budget} for g in exp.groups}
     if exp.costs is not None:

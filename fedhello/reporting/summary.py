@@ -54,6 +54,7 @@ class Summary(BaseModel):
     client_train_seconds: float = 0.0
     aggregation: dict[str, Any] = Field(default_factory=dict)
     budgets: dict[str, dict[str, Any]] | None = None
+    privacy: dict[str, Any] | None = None  # mode, clip_norm, noise_multiplier, delta, epsilon spent
     trivial_baseline: dict[str, Any] = Field(default_factory=dict)  # {name, test: {metric: value}}
     beats_trivial_baseline: bool | None = None
 

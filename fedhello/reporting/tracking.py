@@ -33,6 +33,8 @@ def round_scalars(record: RoundRecord) -> dict[str, float]:
         value = getattr(record, key)
         if value is not None:
             out[f"cost/{key}"] = float(value)
+    if record.epsilon is not None:
+        out["privacy/epsilon"] = float(record.epsilon)
     out["clients/trained"] = float(len(record.clients))
     out["clients/rejected"] = float(len(record.rejected))
     groups: dict[str, list[Any]] = {}
