@@ -180,6 +180,7 @@ def accuracy_table(grid: GridResults, roc: str) -> str:
     """Methods x (setting, way of reporting) of the primary metric, the other final metrics, and a
     last row with the trivial baseline; a score that does not beat it carries the FLAG."""
     settings, methods = grid.ordered("setting"), grid.ordered("method")
+    methods = [m for m in methods if any(grid.group(s, roc, m) for s in settings)]  # none: no row
     extra = grid.extra_metrics
     columns: list[tuple[str, ScoreKind, str]] = [(a, kind, grid.metric) for kind, a in SCORE_LABELS.items()]
     columns += [(f"final {e}", "final", e) for e in extra]
