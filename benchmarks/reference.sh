@@ -14,6 +14,8 @@ $FH compare benchmarks/configs/reference-mpnet.yaml \
   --methods fedhello,fedra,fedit \
   --seeds 1 --settings iid,extreme --rocs 1:1:1 --jobs 2 \
   --out benchmarks/results/reference-mpnet --no-report
+# the grids at equal device budgets are run by benchmarks/equal_budgets.sh; reported here with the rest
 $FH report benchmarks/results/reference benchmarks/results/reference-mpnet \
+  benchmarks/results/equal-budgets-minilm \
   --to docs/results.md --notes docs/results-notes.md \
   --command-line "bash benchmarks/reference.sh"

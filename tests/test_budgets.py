@@ -249,6 +249,23 @@ def test_run_with_memory_budgets_stays_within_them(
     assert summary["budgets"]["low"]["clients_over_budget"] == 0
     assert summary["budgets"]["low"]["measured_peak_memory_bytes"] <= low
     assert (out / "cost_model.json").is_file()
+    # under central differential privacy the budgets still decide every plan (docs/privacy.md)
+    private = tmp_path / "private"
+    dp = (
+        "privacy.mode=central",
+        "privacy.clip_norm=0.1",
+        "privacy.noise_multiplier=1",
+        "federation.rounds=2",
+    )
+    assert (
+        main(["run", *tiny_overrides(budget_groups(low, everything, everything), *dp), "--out", str(private)])
+        == 0
+    )
+    private_records = read_records(private / "metrics.jsonl")
+    trained = [c for r in private_records for c in r.clients]
+    assert trained and all(c.over_budget == [] for c in trained)
+    assert all(min(c.layers) >= 2 for c in trained if c.group == "low")
+    assert all(r.epsilon is not None and r.epsilon > 0 for r in private_records)
 
 
 def test_budget_nothing_fits_stops_before_training(

@@ -146,6 +146,7 @@ def test_local_noise_is_added_by_each_client(
         ("privacy.clip_norm=0", "privacy.clip_norm: Input should be greater than 0"),
         ("privacy.delta=1", "privacy.delta: Input should be less than 1"),
         ("federation.aggregation=median", "federation.aggregation: median reads individual updates"),
+        ("federation.norm_bound=clip", "federation.norm_bound: privacy.clip_norm bounds every update"),
         (
             "privacy.target_epsilon=0.5",
             "privacy.target_epsilon: 20 rounds at noise_multiplier 0.5 spend epsilon",
