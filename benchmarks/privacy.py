@@ -39,6 +39,7 @@ BASE = [
     "lora.r=8",
     "eval.every=5",
     "quiet=true",
+    "threads=1",  # two runs at a time on two cores: one thread each
 ]
 
 
@@ -54,20 +55,12 @@ def run(method: str, epsilon: str, out: Path) -> Path:
     run_dir = Path("runs/privacy") / result.stem
     if result.is_file():
         return result
-    resume = ["--resume"] if (run_dir / "checkpoint").is_dir() else []
-    cmd = [
-        sys.executable,
-        "-m",
-        "fedhello",
-        "run",
-        "benchmarks/configs/reference.yaml",
-        *BASE,
-        f"method={method}",
-        *overrides(epsilon),
-        "--out",
-        str(run_dir),
-        *resume,
-    ]
+    cmd = [sys.executable, "-m", "fedhello", "run"]
+    if (run_dir / "checkpoint").is_dir():  # an interrupted run continues with its saved config
+        cmd += ["--resume", "--out", str(run_dir)]
+    else:
+        config = ["benchmarks/configs/reference.yaml", *BASE, f"method={method}", *overrides(epsilon)]
+        cmd += [*config, "--out", str(run_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{run_dir}: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
