@@ -6,7 +6,12 @@ light commands (`fedhello allocate`) do not pay for torch.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
+
+# peft imports bitsandbytes when it is installed, and bitsandbytes' CPU backend then logs that an
+# optional kernel package is missing: noise on every command's stderr, not a problem of the run.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 __all__ = ["ExperimentConfig", "UserError", "load_config", "run_experiment"]

@@ -137,7 +137,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fedhello.config import load_config
     from fedhello.engine.calibration import calibrated, check_budgets
     from fedhello.engine.experiment import prepare_experiment
-    from fedhello.engine.planning import format_plan, measure_plan, plan_budgets
+    from fedhello.engine.planning import (
+        compare_allowance,
+        format_plan,
+        measure_plan,
+        memory_options,
+        plan_budgets,
+        without_memory_options,
+    )
     from fedhello.method.registry import check_method
 
     cfg = load_config(args.config, args.overrides)
@@ -151,6 +158,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     exp.costs = calibrated(exp, refresh=args.recalibrate)  # without budgets: still what each set costs
     check_budgets(exp)  # one line for budgets nothing fits
     plan = plan_budgets(exp, methods)
+    options = memory_options(cfg)
+    if options is not None:  # what the same budgets allow on the float32 base without checkpointing
+        plain = prepare_experiment(without_memory_options(cfg))
+        plain.costs = calibrated(plain, refresh=args.recalibrate)
+        plan["memory_options"] = compare_allowance(exp, plain, options)
     measured = measure_plan(exp, plan) if args.measure else None
     if args.json:
         print(json.dumps({**plan, "measured": measured} if measured is not None else plan, indent=2))

@@ -47,11 +47,33 @@ class ModelConfig(StrictModel):
         "`name`; results are then marked 'not pretrained'. Image tasks only.",
     )
 
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Precision of the frozen base weights (docs/quantization.md): auto is bfloat16 on a "
+        "CUDA device that supports it and float32 elsewhere. LoRA adapters, a trained head and the "
+        "optimizer state stay float32.",
+    )
+    quantization: Literal["none", "int8", "nf4", "fp4"] = Field(
+        "none",
+        description="Quantise the frozen linears of the base with bitsandbytes (QLoRA's nf4, fp4, or "
+        "LLM.int8); the head, the LM head and the LoRA adapters stay unquantised.",
+    )
+
     @field_validator("architecture")
     @classmethod
     def _has_model_type(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None and not isinstance(v.get("model_type"), str):
             raise ValueError("needs a model_type (e.g. vit)")
+        return v
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantises_a_checkpoint(cls, v: str, info: ValidationInfo) -> str:
+        if v != "none" and info.data.get("architecture") is not None:
+            raise ValueError(
+                f"{v} quantises a pretrained checkpoint; model.architecture builds random weights "
+                "(use quantization: none, or a checkpoint in model.name)"
+            )
         return v
 
 
@@ -361,6 +383,12 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(0.01, gt=0, description="AdamW learning rate (the paper's 0.01).")
     weight_decay: float = Field(0.01, ge=0)
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each trained block's activations in the backward pass instead of "
+        "keeping them (torch's non-reentrant checkpointing, docs/quantization.md); blocks below the "
+        "lowest trained one still run without autograd.",
+    )
 
     @model_validator(mode="before")
     @classmethod

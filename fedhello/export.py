@@ -10,8 +10,13 @@
   its base model is saved next to the adapter (`DIR/base_model`).
 - A method that changes the base weights (FLoRA merges its updates into them every round) has
   no adapter to export: its export is always the merged model, and says so.
+- A run on a quantised or bf16 base (docs/quantization.md) exports an ordinary adapter of the
+  float32 base (the checkpoint's adapter loaded onto the full-precision model); `--merge` merges
+  it into the float32 base, as peft recommends for QLoRA adapters, not into the quantised one.
 - `--check`: reload what was written with plain peft / transformers and compare its logits with
-  fedhello's own on a batch of the run's test split (prints the largest absolute difference).
+  fedhello's own on a batch of the run's test split (prints the largest absolute difference; for
+  a quantised or bf16 run both against the model it trained and the full-precision base with the
+  adapter).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from fedhello.engine.loop import holds_run
 from fedhello.errors import UserError
 from fedhello.models.blocks import unwrap
 from fedhello.models.loading import checkpoint_location, quiet_transformers, resolve_model_path
+from fedhello.models.precision import full_precision_model, reduced_precision
 
 BASE_MODEL_DIR = "base_model"
 
@@ -52,12 +58,16 @@ class LoadedRun:
         return self.exp.splits["test"]
 
 
-def load_run(run_dir: Path) -> LoadedRun:
-    """Rebuild a run's experiment from its config.yaml and load the checkpoint's global adapter."""
+def load_run(run_dir: Path, *, full_precision: bool = False) -> LoadedRun:
+    """Rebuild a run's experiment from its config.yaml and load the checkpoint's global adapter;
+    `full_precision`: on the float32, unquantised base, whatever the run trained on (the adapter
+    of a quantised or bf16 run is an ordinary adapter of the full-precision base)."""
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise UserError(f"{run_dir}: not a fedhello run directory (no config.yaml)")
     cfg = load_config(config)
+    if full_precision:
+        cfg = cfg.model_copy(update={"model": full_precision_model(cfg.model)})
     if not holds_run(run_dir):
         raise UserError(f"{run_dir}: no checkpoint yet (the run has not finished a round)")
     ckpt = load_checkpoint(run_dir / "checkpoint")
@@ -165,19 +175,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--to {out}: exists and is not an empty folder; choose another")
     run = load_run(run_dir)
-    reference = logits_on_test_batch(run, run.exp.adapted.model) if args.check else None
+    model_cfg = run.exp.cfg.model
+    reduced = reduced_precision(model_cfg, run.exp.cfg.device)
+    # What is written is always for the full-precision base: a quantised run's adapter is loaded
+    # onto the float32 base (and merged there with --merge, peft's way for QLoRA adapters).
+    full = load_run(run_dir, full_precision=True) if reduced is not None else run
+    references = {}
+    if args.check:
+        references[f"fedhello's model ({reduced} base)" if reduced else "fedhello's model"] = (
+            logits_on_test_batch(run, run.exp.adapted.model)
+        )
+        if reduced is not None:
+            references["the full-precision base with the adapter"] = logits_on_test_batch(
+                full, full.exp.adapted.model
+            )
     merge = args.merge or run.exp.method.changes_base
     if merge and not args.merge:
         print(
             f"{run.exp.method.name} changes the base weights, which no adapter can carry: "
             "writing the merged model"
         )
-    export_run(run, out, merge=merge)
+    export_run(full, out, merge=merge)
     kind = "merged model" if merge else "peft adapter"
+    if reduced is not None:
+        kind += f" for the float32 base; the run trained on a {reduced} base"
     print(f"exported the global model of round {run.rounds} of {run_dir} to {out} ({kind})")
-    if reference is not None:
-        diff = (logits_on_test_batch(run, load_export(run, out, merge)) - reference).abs().max()
-        print(f"check: max |logit difference| from fedhello's model on 8 test examples: {float(diff):.3g}")
+    if references:
+        exported = logits_on_test_batch(full, load_export(full, out, merge))
+        for name, reference in references.items():
+            diff = (exported - reference).abs().max()
+            print(f"check: max |logit difference| from {name} on 8 test examples: {float(diff):.3g}")
     return 0
 
 

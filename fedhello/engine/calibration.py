@@ -44,6 +44,7 @@ from fedhello.method.budgets import (
     probe_sets,
 )
 from fedhello.models import AdaptedModel
+from fedhello.models.precision import frozen_model_bytes
 from fedhello.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ CACHE_VERSION = 2  # 2: non-negative fits with their quality (version 1 fits cou
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    """Every parameter and buffer the client holds, at its dtype (the frozen part of its memory)."""
-    return payload_bytes(dict(model.named_parameters())) + payload_bytes(dict(model.named_buffers()))
+    """Every parameter and buffer the client holds, at its stored (possibly quantised) size: the
+    frozen part of its memory."""
+    return frozen_model_bytes(model)
 
 
 def measure_layers(
@@ -216,6 +218,7 @@ def cache_key(exp: Experiment) -> str:
         "lora": cfg.lora.model_dump(mode="json"),
         "data_source": cfg.data.source,
         "batch_size": cfg.train.batch_size,
+        **({"checkpointing": True} if cfg.train.activation_checkpointing else {}),
         "head": exp.train_head,
         "device": device_name(exp.device),
         "torch": torch.__version__,

@@ -23,6 +23,7 @@ from fedhello.engine.experiment import Experiment
 from fedhello.method.aggregation import ClientUpdate, State
 from fedhello.method.base import Assignment, LocalTraining
 from fedhello.models import AdaptedModel
+from fedhello.models.precision import recomputed_storages_to
 from fedhello.privacy import PrivacyAccounting, clip_update, noised
 from fedhello.seeding import Stream, derived_seed
 from fedhello.tasks import Task, batches
@@ -81,13 +82,16 @@ class MemoryMeter:
     Both devices report what training adds on top of the model it holds. On CUDA: the
     allocator's peak minus what was allocated when the client started. On CPU, where no
     per-client allocator peak exists, an exact account: activations saved for backward (unique
-    storages, parameters excluded), gradients and optimizer state.
+    storages, parameters excluded), gradients and optimizer state. With activation checkpointing
+    the forward pass saves only each checkpointed block's inputs, and the backward pass holds one
+    block's recomputed activations at a time: the largest such recomputation is added.
     """
 
     def __init__(self, device: torch.device, params: Sequence[torch.nn.Parameter]) -> None:
         self.device = device
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
         self.saved: dict[int, int] = {}
+        self.recomputed = 0  # the largest block recomputation of this step (checkpointing)
         self.peak = 0
         self.activation_peak = 0
         self.baseline = 0
@@ -98,6 +102,7 @@ class MemoryMeter:
     @contextmanager
     def step(self) -> Iterator[None]:
         self.saved = {}
+        self.recomputed = 0
         if self.device.type == "cuda":
             yield
             return
@@ -109,7 +114,14 @@ class MemoryMeter:
                 self.saved[ptr] = storage.nbytes()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        def recomputation(live: dict[int, int]) -> None:
+            held = sum(n for ptr, n in live.items() if ptr not in self.param_ptrs and ptr not in self.saved)
+            self.recomputed = max(self.recomputed, held)
+
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+            recomputed_storages_to(recomputation),
+        ):
             yield
 
     def record(self, trainable: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
@@ -123,7 +135,7 @@ class MemoryMeter:
             for v in s.values()
             if isinstance(v, torch.Tensor)
         )
-        activations = sum(self.saved.values())
+        activations = sum(self.saved.values()) + self.recomputed
         self.activation_peak = max(self.activation_peak, activations)
         self.peak = max(self.peak, activations + grads + states)
 

@@ -22,6 +22,7 @@ from fedhello.method.budgets import Cost, CostModel, LayerLimits, ceil_steps
 from fedhello.method.groups import ResourceGroup, assign_clients_to_groups, resolve_groups
 from fedhello.method.registry import build_method, parse_method_options
 from fedhello.models import AdaptedModel, add_lora
+from fedhello.models.precision import enable_activation_checkpointing
 from fedhello.privacy import PrivacyAccounting, resolve_privacy
 from fedhello.seeding import SplitPart, Stream, numpy_rng
 from fedhello.tasks import Examples, Task, build_task
@@ -117,11 +118,18 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     model = task.load_model(examples)
     adapted = add_lora(model, cfg.lora, seed=cfg.seed, head=task.has_head)
     adapted.model.to(device)
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(adapted.blocks)
     data = task.encode(examples)
 
     groups = resolve_groups(cfg.groups, adapted.num_layers, cfg.lora.r)
     client_group = assign_clients_to_groups(cfg.partition.num_clients, groups, cfg.seed)
     method = build_method(cfg.method, method_context(cfg, adapted.num_layers, groups))
+    if method.changes_base and cfg.model.quantization != "none":
+        raise UserError(
+            f"model.quantization: {cfg.method} merges its updates into the base weights, which "
+            f"{cfg.model.quantization} would have to re-quantise every round; use quantization: none"
+        )
     refusal = method.central_privacy_refusal() if cfg.privacy.mode == "central" else None
     if refusal is not None:
         raise UserError(f"privacy.mode: central needs a noised mean of clipped updates; {refusal}")

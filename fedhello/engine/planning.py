@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from fedhello.config import ExperimentConfig
 from fedhello.engine.calibration import PROBE_STEPS, measure, worst_case_batch
 from fedhello.engine.experiment import Experiment, method_context
 from fedhello.method.base import Assignment, ClientProfile, RoundInputs
 from fedhello.method.budgets import Cost, format_bytes
 from fedhello.method.registry import build_method, method_entries
+from fedhello.models.precision import full_precision_model, reduced_precision
 from fedhello.seeding import Stream, numpy_rng
 
 
@@ -189,6 +191,48 @@ def measure_plan(exp: Experiment, plan: dict[str, Any], steps: int = PROBE_STEPS
     return out
 
 
+def memory_options(cfg: ExperimentConfig) -> str | None:
+    """The memory-saving settings of a config ("nf4 / bfloat16 + activation checkpointing"), or
+    None when it trains the float32, unquantised base without checkpointing."""
+    parts = [p for p in [reduced_precision(cfg.model, cfg.device)] if p is not None]
+    parts += ["activation checkpointing"] if cfg.train.activation_checkpointing else []
+    return " + ".join(parts) or None
+
+
+def without_memory_options(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The same run on the float32, unquantised base without checkpointing."""
+    train = cfg.train.model_copy(update={"activation_checkpointing": False})
+    return cfg.model_copy(update={"model": full_precision_model(cfg.model), "train": train})
+
+
+def compare_allowance(exp: Experiment, plain: Experiment, options: str) -> dict[str, Any]:
+    """Per group, what its budgets allow with the config's memory options (`exp`) and without
+    them (`plain`, calibrated too): `fedhello plan` prints both."""
+    assert exp.costs is not None and plain.costs is not None
+    rows = []
+    for i, group in enumerate(exp.groups):
+        steps = exp.group_steps(i)
+        with_limits = exp.costs.limits(group.device_budget, steps)
+        plain_limits = plain.costs.limits(group.device_budget, steps)
+        rows.append(
+            {
+                "group": group.name,
+                "max_layers_with": max(with_limits.counts(), default=0),
+                "max_layers_without": max(plain_limits.counts(), default=0),
+                "allowed_with": with_limits.describe(),
+                "allowed_without": plain_limits.describe(),
+            }
+        )
+    return {
+        "options": options,
+        "frozen_model_bytes_with": exp.costs.model_bytes,
+        "frozen_model_bytes_without": plain.costs.model_bytes,
+        "all_layers_training_bytes_with": exp.costs.training_bytes(tuple(range(exp.num_layers))),
+        "all_layers_training_bytes_without": plain.costs.training_bytes(tuple(range(plain.num_layers))),
+        "groups": rows,
+    }
+
+
 def _mib(n: float | None) -> str:
     return "-" if n is None else format_bytes(n)
 
@@ -221,6 +265,17 @@ def format_plan(plan: dict[str, Any], measured: list[dict[str, Any]] | None = No
             f"{g['group']:<7} {g['layer_budget']:>6} {g['rank']:>4}  {_mib(g['memory']):<11} {secs:>7}  "
             f"{_mib(g['upload']):<11} {g['speed']:>5g} {g['steps_per_round']:>5}  {g['allowed']}"
         )
+    compared = plan.get("memory_options")
+    if compared is not None:
+        lines += [
+            "",
+            f"with {compared['options']}: frozen model {_mib(compared['frozen_model_bytes_with'])}, all layers "
+            f"train in {_mib(compared['all_layers_training_bytes_with'])}; without (float32, no checkpointing): "
+            f"{_mib(compared['frozen_model_bytes_without'])} and {_mib(compared['all_layers_training_bytes_without'])}",
+        ]
+        for g in compared["groups"]:
+            lines.append(f"{g['group']:<7} with:    {g['allowed_with']}")
+            lines.append(f"{'':<7} without: {g['allowed_without']}")
     lines += ["", "method           group   sets  ranks  sat out  peak memory  train memory  s/round  upload"]
     warnings = []
     for r in plan["methods"]:

@@ -35,6 +35,8 @@ from transformers.utils import logging as hf_logging
 from fedhello.config import ModelConfig
 from fedhello.errors import UserError
 from fedhello.io import cache_root
+from fedhello.models.blocks import head_module_names
+from fedhello.models.precision import prepare_base, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +251,14 @@ def label_maps(label_names: list[str]) -> dict[str, object]:
 
 
 def load_classifier(
-    cfg: ModelConfig, num_labels: int, seed: int
+    cfg: ModelConfig, num_labels: int, seed: int, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the model with a new `num_labels`-way head, and its tokenizer.
 
     The head's random init runs under `torch.manual_seed(seed)` so every run with the same seed
-    starts from the same head; the caller's random stream is left untouched. Weights are fp32
-    so CPU training works regardless of the checkpoint's dtype.
+    starts from the same head; the caller's random stream is left untouched. The base is loaded
+    in `model.dtype` (float32 on CPU by default, whatever the checkpoint's dtype) and quantised
+    as `model.quantization` says; the head stays float32 (`prepare_base`).
     """
     if num_labels < 2:
         raise UserError(f"model: need at least 2 labels to build a classifier, got {num_labels}")
@@ -270,9 +273,10 @@ def load_classifier(
             path,
             num_labels=num_labels,
             ignore_mismatched_sizes=True,
-            dtype=torch.float32,
+            dtype=resolve_dtype(cfg, device),
             **kwargs,
         )
+    prepare_base(model, cfg, keep_float32=head_module_names(model))
 
     if tokenizer.pad_token is None:
         # Decoder-only models (Llama, ...) ship without a pad token; batching needs one, and the
@@ -285,7 +289,9 @@ def load_classifier(
     return model, tokenizer
 
 
-def load_image_classifier(cfg: ModelConfig, label_names: list[str], seed: int) -> tuple[PreTrainedModel, Any]:
+def load_image_classifier(
+    cfg: ModelConfig, label_names: list[str], seed: int, device: str = "cpu"
+) -> tuple[PreTrainedModel, Any]:
     """An image classifier with a new head over `label_names`, and its image processor.
 
     With `model.architecture` the model is built from that config with random weights (seeded)
@@ -302,13 +308,15 @@ def load_image_classifier(cfg: ModelConfig, label_names: list[str], seed: int) -
         arch = dict(cfg.architecture)
         with loading("architecture", str(arch.get("model_type")), seed):
             config = AutoConfig.for_model(str(arch.pop("model_type")), **arch, **labels)
-            model = AutoModelForImageClassification.from_config(config)
+            model = AutoModelForImageClassification.from_config(config, dtype=resolve_dtype(cfg, device))
+        prepare_base(model, cfg, keep_float32=head_module_names(model))
         return model, None
     path, kwargs = checkpoint_location(cfg.name)
     with loading(cfg.name, path, seed):
         model = AutoModelForImageClassification.from_pretrained(
-            path, ignore_mismatched_sizes=True, dtype=torch.float32, **labels, **kwargs
+            path, ignore_mismatched_sizes=True, dtype=resolve_dtype(cfg, device), **labels, **kwargs
         )
+    prepare_base(model, cfg, keep_float32=head_module_names(model))
     processor = None
     try:
         with quiet_transformers(), warnings.catch_warnings():
@@ -321,9 +329,11 @@ def load_image_classifier(cfg: ModelConfig, label_names: list[str], seed: int) -
     return model, processor
 
 
-def load_causal_lm(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_causal_lm(
+    cfg: ModelConfig, seed: int, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A decoder (`AutoModelForCausalLM`: a hub name, a folder, or a GGUF file, dequantised to
-    fp32) and its tokenizer. A tokenizer without a pad token pads with its EOS token: targets are
+    `model.dtype`, then quantised as `model.quantization` says) and its tokenizer. A tokenizer without a pad token pads with its EOS token: targets are
     masked by position, never by id, so the stop token still counts."""
     from transformers import AutoModelForCausalLM
 
@@ -332,7 +342,8 @@ def load_causal_lm(cfg: ModelConfig, seed: int) -> tuple[PreTrainedModel, PreTra
     path, kwargs = checkpoint_location(cfg.name)
     with loading(cfg.name, path, seed):
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg, device), **kwargs)
+    prepare_base(model, cfg, keep_float32=[])
     if tokenizer.eos_token_id is None:
         raise UserError(f"model.name: '{cfg.name}' has no EOS token; responses could never end")
     if tokenizer.pad_token_id is None:

@@ -118,7 +118,7 @@ class CausalLM(Task):
     def load_model(self, examples: Examples) -> nn.Module:
         from fedhello.models import load_causal_lm
 
-        model, self.tokenizer = load_causal_lm(self.cfg.model, self.cfg.seed)
+        model, self.tokenizer = load_causal_lm(self.cfg.model, self.cfg.seed, device=self.cfg.device)
         return model
 
     def model_inputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -261,8 +261,8 @@ class CausalLM(Task):
         The decoder runs on the whole batch; the LM head only on the hidden states that predict
         a target (position t-1 predicts token t)."""
         base: Any = unwrap(model)
-        hidden = base.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        hidden = base.get_decoder()(  # no key/value cache: nothing here generates
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
         ).last_hidden_state
         rows, cols = batch["target_mask"].nonzero(as_tuple=True)
         logits = base.get_output_embeddings()(hidden[rows, cols - 1]).float()

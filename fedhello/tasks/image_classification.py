@@ -38,7 +38,9 @@ class ImageClassification(Classification):
     def load_model(self, examples: Examples) -> nn.Module:
         from fedhello.models import load_image_classifier
 
-        model, processor = load_image_classifier(self.cfg.model, examples.label_names, self.cfg.seed)
+        model, processor = load_image_classifier(
+            self.cfg.model, examples.label_names, self.cfg.seed, device=self.cfg.device
+        )
         self.processor = processor
         self.pretrained = self.cfg.model.architecture is None
         config = model.config

@@ -69,7 +69,7 @@ class TextClassification(Classification):
         from fedhello.models import load_classifier
 
         model, self.tokenizer = load_classifier(
-            self.cfg.model, num_labels=len(examples.label_names), seed=self.cfg.seed
+            self.cfg.model, num_labels=len(examples.label_names), seed=self.cfg.seed, device=self.cfg.device
         )
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else 0
