@@ -7,7 +7,11 @@ For a ViT-B/16-shaped classifier (224 x 224 images) and a SmolLM2-135M-shaped ca
 2. step time and peak memory per allocation (top block, top half, bottleneck, all layers),
    with the model FLOP utilisation of the all-layer step (forward 2NT + input-gradient backward
    2NT over the frozen weights, against the chip's dense bf16 peak);
-3. Fisher layer scores: vectorised per-sample gradients vs the per-sample loop (equal values).
+3. Fisher layer scores: vectorised per-sample gradients vs the per-sample loop (equal values);
+4. a ~1.1B-parameter Llama-shaped decoder (TinyLlama's shape: 22 blocks, hidden 2048, random
+   weights) in bf16, then with an nf4 base, then nf4 + activation checkpointing
+   (docs/quantization.md): frozen-model bytes, peak memory and step time of the top-half and
+   all-layer sets.
 
     python benchmarks/gpu.py [--out benchmarks/results/gpu.json]
     python benchmarks/gpu.py --device cpu --tiny      # a seconds-long smoke run (the test suite's)
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 from fedhello.config import ExperimentConfig, LoraSettings, TrainConfig
-from fedhello.engine.calibration import calibrate_model, measure_layers
+from fedhello.engine.calibration import calibrate_model, measure_layers, model_bytes
 from fedhello.method.allocation import geometric_layers
 from fedhello.method.fisher import FisherOptions, fisher_layer_scores
 from fedhello.models import AdaptedModel, add_lora
@@ -67,6 +71,71 @@ def smollm_model(tiny: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
         "tokens": 32 if tiny else 512,
         "batch": 4 if tiny else 16,
         "vocab": cfg.vocab_size,
+    }
+
+
+def llama_1b_model(tiny: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """TinyLlama-1.1B's shape with random weights (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=1000 if tiny else 32000,
+        hidden_size=64 if tiny else 2048,
+        intermediate_size=128 if tiny else 5632,
+        num_hidden_layers=4 if tiny else 22,
+        num_attention_heads=4 if tiny else 32,
+        num_key_value_heads=2 if tiny else 4,
+        max_position_embeddings=2048,
+    )
+    return LlamaForCausalLM(cfg), {
+        "tokens": 32 if tiny else 512,
+        "batch": 4 if tiny else 8,
+        "vocab": cfg.vocab_size,
+    }
+
+
+def quantised_llm(device: torch.device, tiny: bool, steps: int) -> dict[str, Any]:
+    """The ~1B decoder in bf16, nf4 and nf4 + checkpointing: bytes, peak memory, step time."""
+    from fedhello.config import ModelConfig
+    from fedhello.models.precision import enable_activation_checkpointing, prepare_base
+
+    dtype = torch.bfloat16
+    task = task_for("llm")
+    rows = []
+    for quantization, checkpointing in [("none", False), ("nf4", False), ("nf4", True)]:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model, shape = llama_1b_model(tiny)
+        model = prepare_base(model.to(dtype), ModelConfig(quantization=quantization), keep_float32=[])
+        lm = add_lora(model, LoraSettings(r=16, alpha=16), seed=0, head=False)
+        lm.model.to(device)
+        if checkpointing:
+            enable_activation_checkpointing(lm.blocks)
+        batch = batch_for("llm", shape, device, dtype)
+        train = TrainConfig(batch_size=shape["batch"], lr=1e-3)
+        L = lm.num_layers
+        frozen = model_bytes(lm.model)
+        for name, layers in [("top half", tuple(range(L // 2, L))), ("all layers", tuple(range(L)))]:
+            m = measure_layers(lm, task, batch, layers, train, train_head=False, device=device, steps=steps)
+            rows.append(
+                {
+                    "base": "bf16" if quantization == "none" else f"{quantization} / bf16",
+                    "checkpointing": checkpointing,
+                    "allocation": name,
+                    "frozen_model_bytes": frozen,
+                    "peak_bytes": frozen + m.training_bytes,
+                    "training_bytes": m.training_bytes,
+                    "step_seconds": m.seconds_per_step,
+                }
+            )
+        del lm, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "model": "Llama 1.1B shape (TinyLlama)",
+        "tiny": tiny,
+        "batch": f"{shape['batch']} x {shape['tokens']}",
+        "rows": rows,
     }
 
 
@@ -228,14 +297,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a smoke run on any device)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--models", default="vit,llm")
+    parser.add_argument("--models", default="vit,llm,llm1b")
     parser.add_argument("--out", default="benchmarks/results/gpu.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py: no CUDA device (use --device cpu --tiny for a smoke run)")
     dtype = getattr(torch, args.dtype)
-    results = [run_model(k, device, args.tiny, args.steps, dtype) for k in args.models.split(",")]
+    kinds = args.models.split(",")
+    results = [run_model(k, device, args.tiny, args.steps, dtype) for k in kinds if k != "llm1b"]
+    quantised = quantised_llm(device, args.tiny, args.steps) if "llm1b" in kinds else None
     for r in results:
         print(
             f"{r['model']} on {r['device']}, batch {r['batch']}: calibration {r['calibration_seconds']:.1f} s"
@@ -256,8 +327,16 @@ def main() -> None:
             f"  Fisher: vectorised {f['vectorised_seconds']:.3f} s, loop {f['loop_seconds']:.3f} s, "
             f"speed-up {f['speedup']:.1f}x, largest relative difference {f['largest_relative_difference']:.1e}"
         )
+    if quantised is not None:
+        print(f"{quantised['model']}, batch {quantised['batch']}:")
+        for row in quantised["rows"]:
+            print(
+                f"  {row['base']:<10} checkpointing {'on ' if row['checkpointing'] else 'off'} {row['allocation']:<10} "
+                f"frozen {row['frozen_model_bytes'] / 2**20:8.1f} MiB  peak {row['peak_bytes'] / 2**20:8.1f} MiB  "
+                f"step {row['step_seconds'] * 1e3:8.1f} ms"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"models": results, "quantised_llm": quantised}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

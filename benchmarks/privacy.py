@@ -71,8 +71,8 @@ def run(method: str, epsilon: str, out: Path) -> Path:
 
 def table(out: Path) -> str:
     lines = [
-        "| method | epsilon target | epsilon spent (delta 1/200) | noise multiplier z | final test accuracy | mean last-5 accuracy |",
-        "|---|---|---|---|---|---|",
+        "| method | epsilon target | epsilon spent (delta 1/200) | noise multiplier z | final test accuracy |",
+        "|---|---|---|---|---|",
     ]
     baseline = None
     for method in METHODS:
@@ -87,8 +87,7 @@ def table(out: Path) -> str:
             z = "-" if not p else f"{p['noise_multiplier']:.3g}"
             target = {"none": "inf (no DP)"}.get(eps, eps)
             lines.append(
-                f"| {method} | {target} | {spent} | {z} | {s['final_test_accuracy']:.3f} "
-                f"| {s['mean_last5_test_accuracy']:.3f} |"
+                f"| {method} | {target} | {spent} | {z} | {s['final_test_accuracy']:.3f} |"
             )
     if baseline is not None:
         lines.append(f"\nMajority-class test accuracy: {baseline:.3f}.")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,9 @@ def load_export(run: LoadedRun, out: Path, merged: bool) -> nn.Module:
             kwargs["num_labels"] = base_model.config.num_labels
             kwargs["ignore_mismatched_sizes"] = True
         base = auto.from_pretrained(path, dtype=torch.float32, **kwargs)
-        adapted: nn.Module = peft.PeftModel.from_pretrained(base, out)
+        with warnings.catch_warnings():  # peft calls a transformers method that transformers 5 deprecated
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            adapted: nn.Module = peft.PeftModel.from_pretrained(base, out)
         return adapted.eval()
 
 
@@ -198,7 +201,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     export_run(full, out, merge=merge)
     kind = "merged model" if merge else "peft adapter"
     if reduced is not None:
-        kind += f" for the float32 base; the run trained on a {reduced} base"
+        kind += f" for the float32 base; the run trained on the base in {reduced}"
     print(f"exported the global model of round {run.rounds} of {run_dir} to {out} ({kind})")
     if references:
         exported = logits_on_test_batch(full, load_export(full, out, merge))

@@ -38,8 +38,13 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path: Path) -> None:
         [*cmd, "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())
+    written = json.loads(out.read_text())
+    results = written["models"]
     assert [r["model"] for r in results] == ["ViT-B/16 shape", "SmolLM2-135M shape"]
+    quantised = {(r["base"], r["checkpointing"], r["allocation"]): r for r in written["quantised_llm"]["rows"]}
+    bf16, nf4 = quantised[("bf16", False, "all layers")], quantised[("nf4 / bf16", False, "all layers")]
+    assert nf4["frozen_model_bytes"] < bf16["frozen_model_bytes"]
+    assert quantised[("nf4 / bf16", True, "all layers")]["training_bytes"] < nf4["training_bytes"]
     for r in results:
         assert {row["allocation"] for row in r["rows"]} >= {"top block", "all layers"}
         assert all(abs(row["peak_error"]) < 0.05 for row in r["rows"])  # CPU account: exact up to the fit

@@ -112,7 +112,8 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
 
 def quantize_linears(model: nn.Module, mode: str, compute_dtype: torch.dtype, skip: set[str]) -> int:
     """Replace every `nn.Linear` outside `skip` (module names and everything below them) by
-    bitsandbytes' quantised layer for `mode`, quantised now on the CPU; returns how many. A 4-bit
+    bitsandbytes' quantised layer for `mode`, quantised where the weight is (bitsandbytes quantises
+    when a weight moves to a device: on the CPU for a loaded checkpoint); returns how many. A 4-bit
     linear whose input size is not a multiple of the 64-value quantisation block stays as it is
     (bitsandbytes' CPU inference kernel needs whole blocks per row)."""
     bnb = bitsandbytes()
@@ -126,7 +127,7 @@ def quantize_linears(model: nn.Module, mode: str, compute_dtype: torch.dtype, sk
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        weight = linear.weight.data.to("cpu")
+        device, weight = linear.weight.device, linear.weight.data
         bias = linear.bias is not None
         if mode == "int8":
             new: nn.Module = bnb.nn.Linear8bitLt(
@@ -147,8 +148,8 @@ def quantize_linears(model: nn.Module, mode: str, compute_dtype: torch.dtype, sk
             # fails: federated rounds alternate both, so the layer keeps its training layout
             new.support_avx512bf16_for_cpu = False
         if bias:
-            new.bias = nn.Parameter(linear.bias.data.to("cpu"), requires_grad=False)
-        new = new.to("cpu")  # bitsandbytes quantises when the weight moves to a device
+            new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        new = new.to(device)  # bitsandbytes quantises when the weight moves to a device
         setattr(parent, child, new)
     return len(targets)
 
