@@ -146,7 +146,7 @@ def quantize_linears(model: nn.Module, mode: str, compute_dtype: torch.dtype, sk
             # bitsandbytes 0.50 repacks a CPU weight for its inference kernel the first time the
             # layer evaluates, and keeps that layout when training resumes, where the kernel then
             # fails: federated rounds alternate both, so the layer keeps its training layout
-            new.support_avx512bf16_for_cpu = False
+            setattr(new, "support_avx512bf16_for_cpu", False)  # noqa: B010
         if bias:
             new.bias = nn.Parameter(linear.bias.data, requires_grad=False)
         new = new.to(device)  # bitsandbytes quantises when the weight moves to a device
