@@ -424,6 +424,17 @@ def identical_methods(grid: GridResults) -> list[str]:
             tuple((cl.client, tuple(cl.layers), cl.rank) for cl in r.clients if cl.steps) for r in c["rounds"]
         )
 
+    def same_clients(x: tuple[Any, ...], y: tuple[Any, ...]) -> bool:
+        """The same clients on the same layers every round; ranks compared where both methods
+        record one (a layer-set method records none: it trains at the configured rank)."""
+        if len(x) != len(y) or any(len(rx) != len(ry) for rx, ry in zip(x, y, strict=True)):
+            return False
+        return all(
+            cx == cy and lx == ly and (kx is None or ky is None or kx == ky)
+            for rx, ry in zip(x, y, strict=True)
+            for (cx, lx, kx), (cy, ly, ky) in zip(rx, ry, strict=True)
+        )
+
     by_method: dict[str, dict[tuple[str, str, int], dict[str, Any]]] = defaultdict(dict)
     for c in grid.cells:
         cell = c["cell"]
@@ -432,25 +443,33 @@ def identical_methods(grid: GridResults) -> list[str]:
     methods = grid.ordered("method")
     for i, a in enumerate(methods):
         for b in methods[i + 1 :]:
-            shared = sorted(set(by_method[a]) & set(by_method[b]))
-            if not shared:
+            all_shared = sorted(set(by_method[a]) & set(by_method[b]))
+            rocs = sorted({k[1] for k in all_shared})
+            alike = [
+                roc
+                for roc in rocs
+                if all(
+                    by_method[a][k]["summary"].score("final") == by_method[b][k]["summary"].score("final")
+                    for k in all_shared
+                    if k[1] == roc
+                )
+            ]
+            if not alike:
                 continue
-            same_trace = all(trace(by_method[a][k]) == trace(by_method[b][k]) for k in shared)
-            same_score = all(
-                by_method[a][k]["summary"].score("final") == by_method[b][k]["summary"].score("final")
-                for k in shared
-            )
-            if not same_score:
-                continue
+            shared = [k for k in all_shared if k[1] in alike]
+            same_trace = all(same_clients(trace(by_method[a][k]), trace(by_method[b][k])) for k in shared)
             groups = sorted(
                 {cl.group for k in shared for r in by_method[a][k]["rounds"] for cl in r.clients if cl.steps}
             )
+            where = (
+                "" if alike == rocs else f" at client ratio{'s' if len(alike) > 1 else ''} {', '.join(alike)}"
+            )
             why = (
-                f"in all {len(shared)} shared cells the same clients trained the same layers at the same "
+                f"in all {len(shared)} shared cells{where} the same clients trained the same layers at the same "
                 f"ranks in every round (only group{'s' if len(groups) > 1 else ''} {', '.join(groups)} "
                 "trained; the others sat out), so the runs were one computation"
                 if same_trace
-                else f"equal final scores in all {len(shared)} shared cells, with different client traces"
+                else f"equal final scores in all {len(shared)} shared cells{where}, with different client traces"
             )
             out.append(f"- {a} and {b}: {why}.")
     return out
