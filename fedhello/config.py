@@ -334,6 +334,33 @@ class FederationConfig(StrictModel):
     )
 
 
+class SecureAggregationConfig(StrictModel):
+    """Secure aggregation (SecAgg+ per tensor, docs/privacy.md): the server learns only each
+    tensor's sum over the clients that trained it. Off changes nothing."""
+
+    enabled: bool = False
+    neighbours: int = Field(
+        4, ge=1, description="Clients each client masks with (a ring; the whole round when it is smaller)."
+    )
+    threshold: int = Field(
+        2, ge=1, description="Shares that rebuild a client's secrets: its neighbours that must answer."
+    )
+    clipping_range: float = Field(
+        8.0, gt=0, description="Each coordinate of an update is clipped to [-c, c] before quantisation."
+    )
+    field_bits: int = Field(
+        48, ge=16, le=52, description="Masks and sums live modulo 2^field_bits (exact in float64 up to 52)."
+    )
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_within_neighbours(cls, v: int, info: ValidationInfo) -> int:
+        neighbours = info.data.get("neighbours")
+        if neighbours is not None and v > neighbours:
+            raise ValueError(f"{v} shares cannot come from {neighbours} neighbours (threshold <= neighbours)")
+        return v
+
+
 class PrivacyConfig(StrictModel):
     """Client-level differential privacy (docs/privacy.md). `none` changes nothing."""
 
@@ -508,6 +535,7 @@ class ExperimentConfig(StrictModel):
     lm: LMConfig = Field(default_factory=LMConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -588,6 +616,24 @@ class ExperimentConfig(StrictModel):
             raise ValueError(
                 "federation.clients_per_round must not exceed partition.num_clients "
                 f"({self.federation.clients_per_round} > {self.partition.num_clients})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secure(self) -> ExperimentConfig:
+        """What secure aggregation cannot be combined with: rules that read individual updates."""
+        if not self.secure_aggregation.enabled:
+            return self
+        fed = self.federation
+        if fed.aggregation != "mean":
+            raise ValueError(
+                f"federation.aggregation: {fed.aggregation} reads individual updates, which secure "
+                "aggregation hides from the server; use mean"
+            )
+        if fed.norm_bound != "none":
+            raise ValueError(
+                "federation.norm_bound: the server cannot see an update's norm under secure aggregation; "
+                "set norm_bound: none (privacy.clip_norm has clients bound their own updates)"
             )
         return self
 

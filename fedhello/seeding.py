@@ -22,6 +22,7 @@ class Stream(IntEnum):
     EVALUATION = 1009
     FRESH_ADAPTERS = 1010  # FLoRA: the adapters every round restarts from
     PRIVACY = 1011  # differential privacy: the noise (server: client key 0; a client: its id + 1)
+    SECURE_AGGREGATION = 1012  # secure aggregation: a client's stochastic quantisation
 
 
 class SplitPart(IntEnum):

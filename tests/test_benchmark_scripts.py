@@ -41,7 +41,9 @@ def test_gpu_script_runs_tiny_on_cpu(tmp_path: Path) -> None:
     written = json.loads(out.read_text())
     results = written["models"]
     assert [r["model"] for r in results] == ["ViT-B/16 shape", "SmolLM2-135M shape"]
-    quantised = {(r["base"], r["checkpointing"], r["allocation"]): r for r in written["quantised_llm"]["rows"]}
+    quantised = {
+        (r["base"], r["checkpointing"], r["allocation"]): r for r in written["quantised_llm"]["rows"]
+    }
     bf16, nf4 = quantised[("bf16", False, "all layers")], quantised[("nf4 / bf16", False, "all layers")]
     assert nf4["frozen_model_bytes"] < bf16["frozen_model_bytes"]
     assert quantised[("nf4 / bf16", True, "all layers")]["training_bytes"] < nf4["training_bytes"]

@@ -26,7 +26,9 @@ from fedhello.models import precision
 from fedhello.models.precision import prepare_base
 from fedhello.records import read_records
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dependency: scripts/install.sh installs it")
+bnb = pytest.importorskip(
+    "bitsandbytes", reason="bitsandbytes is a dependency: scripts/install.sh installs it"
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,8 @@ def tiny_overrides(
 ) -> Callable[..., list[str]]:
     """The tiny BERT at hidden size 64: bitsandbytes' 4-bit CPU kernels need whole 64-value
     blocks per row (the shared tiny BERT's 32 would leave nothing quantised)."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
     from conftest import minilm_dir
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     d = tmp_path_factory.mktemp("tiny-bert-64")
     tok = AutoTokenizer.from_pretrained(minilm_dir())
@@ -156,7 +157,10 @@ def test_cost_model_counts_quantised_bytes_and_checkpointing(
 ) -> None:
     from fedhello.engine.calibration import calibrated
 
-    for extra in [("model.quantization=nf4", "train.activation_checkpointing=true"), ("model.dtype=bfloat16",)]:
+    for extra in [
+        ("model.quantization=nf4", "train.activation_checkpointing=true"),
+        ("model.dtype=bfloat16",),
+    ]:
         exp = experiment(tiny_overrides, *extra)
         costs = calibrated(exp)
         assert costs.model_bytes == model_bytes(exp.adapted.model)
@@ -198,18 +202,35 @@ def test_plan_shows_more_layers_with_nf4_and_checkpointing_and_a_run_stays_withi
     assert main(argv) == 0
     assert "without: up to 2 layers" in capsys.readouterr().out
     out = tmp_path / "run"
-    run = ["run", *tiny_overrides(budget_groups(low, everything), *options, "method=fedra"), "--out", str(out)]
+    run = [
+        "run",
+        *tiny_overrides(budget_groups(low, everything), *options, "method=fedra"),
+        "--out",
+        str(out),
+    ]
     assert main(run) == 0
     clients = [c for r in read_records(out / "metrics.jsonl") for c in r.clients]
     assert clients and all(c.over_budget == [] for c in clients)
-    assert any(len(c.layers) > 2 for c in clients if c.group == "low"), "nf4 + checkpointing let low train more"
+    assert any(len(c.layers) > 2 for c in clients if c.group == "low"), (
+        "nf4 + checkpointing let low train more"
+    )
 
 
 def test_export_of_a_quantised_run_is_an_adapter_of_the_float32_base(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    assert main(["run", *tiny_overrides("model.quantization=nf4", "federation.rounds=1", "method=fedra"), "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                *tiny_overrides("model.quantization=nf4", "federation.rounds=1", "method=fedra"),
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["export", str(run), "--to", str(tmp_path / "adapter"), "--check"]) == 0
     text = capsys.readouterr().out

@@ -34,6 +34,7 @@ from fedhello.method.budgets import Cost
 from fedhello.method.fisher import FisherOptions, fisher_layer_scores
 from fedhello.method.groups import poisson_sample_clients, sample_clients
 from fedhello.privacy.mechanism import clip_update, planned_coverage, private_mean
+from fedhello.privacy.secagg import WEIGHT, SecAggParams, SkippedRound, secure_layout, secure_round
 from fedhello.records import ClientRecord, RoundRecord
 from fedhello.seeding import Stream, derived_seed, numpy_rng
 
@@ -164,7 +165,9 @@ class FederatedServer:
         never adopted: the run stops with a one-line error naming the round and the clients
         (the last checkpoint, of the previous round, stays as it is). Under central differential
         privacy the rule is the noised mean of the clipped updates instead (`private_aggregate`)."""
-        if self.central_privacy:
+        if self.secure:
+            new_state = self.secure_aggregate(plan, accepted)
+        elif self.central_privacy:
             new_state = self.private_aggregate(plan, accepted)
         else:
             new_state = self.method.aggregate(
@@ -180,6 +183,64 @@ class FederatedServer:
                 "rerun with federation.norm_bound"
             )
         return new_state
+
+    @property
+    def secure(self) -> bool:
+        return self.exp.cfg.secure_aggregation.enabled
+
+    def secure_aggregate(self, plan: RoundPlan, accepted: list[ClientUpdate]) -> State:
+        """Secure aggregation (docs/privacy.md): the clients run SecAgg+ per tensor with the server,
+        which learns only each tensor's weighted sum and summed weight; the next state is the
+        current one plus their ratio (under central privacy: plus the noised sum over the planned
+        contributors). In process, both sides run here, in memory (`secure_round`); a round the
+        server cannot unmask (too few neighbours answered) leaves the state as it was."""
+        cfg, weighting = self.exp.cfg, self.exp.cfg.federation.weighting
+        shapes = self.upload_shapes(plan)
+        updates, weights = {}, {}
+        for u in accepted:
+            full = {}
+            for name, delta in u.deltas.items():
+                shape = self.global_state[name].shape
+                full[name] = self.method.to_full(name, delta.double(), shape).numpy()
+                if tuple(delta.shape) != tuple(shape):  # a rank slice: 1 where it covers
+                    ones = torch.ones(delta.shape, dtype=torch.float64)
+                    full[name + WEIGHT] = self.method.to_full(name, ones, shape).numpy()
+            updates[u.client_id] = full
+            weights[u.client_id] = int(u.num_samples) if weighting == "samples" else 1
+        layout = secure_layout({c: shapes[c] for c in updates}, self.global_state)
+        bound = sum((len(self.exp.client_indices[c]) if weighting == "samples" else 1) for c in updates)
+        settings = cfg.secure_aggregation
+        params = SecAggParams(
+            settings.threshold,
+            settings.neighbours,
+            settings.clipping_range,
+            settings.field_bits,
+            max(1, bound),
+        )
+        current = {k: np.zeros(tuple(v.shape)) for k, v in self.global_state.items()}
+        result, _ = secure_round(
+            params,
+            layout,
+            updates,
+            weights,
+            current,
+            lambda c: derived_seed(cfg.seed, Stream.SECURE_AGGREGATION, plan.round_number, c),
+        )
+        if isinstance(result, SkippedRound):
+            log.warning("round %d: %s", plan.round_number, result.describe())
+            return {k: v.clone() for k, v in self.global_state.items()}
+        out = {k: v.clone() for k, v in self.global_state.items()}
+        privacy = self.exp.privacy if self.central_privacy else None
+        noise = torch.Generator().manual_seed(derived_seed(cfg.seed, Stream.PRIVACY, plan.round_number, 0))
+        coverage = planned_coverage(shapes, self.global_state, self.method.to_full) if privacy else {}
+        for name in sorted(k for k in result if not k.endswith(WEIGHT)):
+            step = torch.from_numpy(result[name])
+            if privacy is not None:  # the sum (weights are 1 under DP), noised, over the planned contributors
+                total = step * torch.from_numpy(result[name + WEIGHT])
+                total += torch.randn(total.shape, generator=noise, dtype=torch.float64) * privacy.noise_std
+                step = torch.where(coverage[name] > 0, total / coverage[name].clamp(min=1.0), 0.0)
+            out[name] = (self.global_state[name].double() + step).to(self.global_state[name].dtype)
+        return out
 
     @property
     def central_privacy(self) -> bool:

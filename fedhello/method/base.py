@@ -187,8 +187,9 @@ class Method(ABC):
         return sent
 
     def central_privacy_refusal(self) -> str | None:
-        """Why this method cannot be aggregated as the noised mean of clipped updates (the rule
-        central differential privacy replaces `aggregate` with), or None when it can."""
+        """Why this method cannot be aggregated as a (noised) mean of updates, the rule that central
+        differential privacy and secure aggregation replace `aggregate` with (it needs individual
+        updates or client reports), or None when it can."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,457 @@
+"""Secure aggregation for heterogeneous layer sets: SecAgg+ (Bell et al. 2020, as Flower
+implements it) per tensor, so the server learns only each tensor's sum (docs/privacy.md).
+
+Every client of a round trains its own tensors (its layer set, or rank slices zero-padded to
+the global shape), so the masks must cancel per tensor, among the clients that train it. The
+round's plan is public to the round's clients, so each client knows, for each neighbour, which
+tensors both of them send:
+
+1. key advertisement: each client makes two EC key pairs (one to encrypt shares, one to agree
+   the pairwise mask seeds) and sends the public keys; the server forwards them to its
+   neighbours (a ring of `neighbours` clients, SecAgg+'s sparse graph);
+2. share keys: each client draws a private mask seed b, splits b and its masking secret key into
+   Shamir shares (`threshold` of them reconstruct), and sends each neighbour its shares,
+   encrypted with their agreed key, through the server;
+3. masked input: each client quantises its update (Flower's stochastic quantisation into
+   [0, Q)), multiplies it by its integer weight, and adds, modulo 2^field_bits, its private mask
+   PRG(b) and for every neighbour that trains the same tensor the pairwise mask +-PRG(s_ij)
+   (sign by id order). Its weight goes along, masked the same way, so the weighted mean needs no
+   plain count;
+4. unmasking: the server names who sent masked input and who dropped; the survivors send their
+   shares of the senders' b and of the dropped clients' secret keys; the server rebuilds them,
+   removes the private masks and the dropped clients' leftover pairwise masks, and divides each
+   tensor's weighted sum by its summed weight.
+
+A client that disappears after its masked input is recovered from its neighbours' shares of b;
+one that disappears before it, from their shares of its secret key. When fewer than `threshold`
+of a client's neighbours answer, nothing can be recovered: the round is skipped (`SkippedRound`
+says which tensors and clients) and the run goes on.
+
+The primitives are Flower's (`flwr.common.secure_aggregation`: Shamir sharing, the shared-key
+derivation and authenticated encryption, the quantiser, the mask generator) and `cryptography`'s
+elliptic-curve keys; nothing cryptographic is written here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    decrypt,
+    encrypt,
+    generate_shared_key,
+)
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    pseudo_rand_gen,
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+
+CURVE = ec.SECP384R1()
+WEIGHT = "#weight"  # suffix of a tensor's weight slot
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """What every client of a round is told (`secure_aggregation` in the config, plus the round's
+    public bound on the total weight)."""
+
+    threshold: int
+    neighbours: int
+    clipping_range: float
+    field_bits: int
+    weight_bound: int  # the largest the summed weight of a tensor can be (the plan's sample bound)
+
+    def effective_threshold(self, neighbours: int) -> int:
+        """The shares that rebuild a secret: `threshold`, or every neighbour in a round too small
+        for it (then no dropout is tolerated)."""
+        return max(1, min(self.threshold, neighbours))
+
+    @property
+    def modulus(self) -> int:
+        return 1 << self.field_bits
+
+    @property
+    def quantisation_range(self) -> int:
+        """Q: a weighted sum of quantised values stays below the modulus, so nothing wraps (and
+        below 2^31: Flower's quantiser rounds into int32)."""
+        return max(2, min((self.modulus - 1) // max(1, self.weight_bound), 2**31 - 2))
+
+
+@dataclass(frozen=True)
+class RoundLayout:
+    """The public plan of a round: which tensors (global shapes) each client sends, and the shape
+    of each tensor's weight slot (a scalar, or the tensor's shape where some client sends a rank
+    slice, whose coordinates are then covered by fewer clients)."""
+
+    tensors: Mapping[int, tuple[str, ...]]
+    shapes: Mapping[str, tuple[int, ...]]
+    weight_shapes: Mapping[str, tuple[int, ...]]
+
+    @property
+    def clients(self) -> list[int]:
+        return sorted(self.tensors)
+
+    def slots(self, names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
+        """The masked slots of these tensors, in one canonical order: each tensor, then its weight."""
+        out = []
+        for name in sorted(names):
+            out += [(name, self.shapes[name]), (name + WEIGHT, self.weight_shapes[name])]
+        return out
+
+
+def secure_layout(
+    shapes: Mapping[int, Mapping[str, tuple[int, ...]]], state: Mapping[str, Any]
+) -> RoundLayout:
+    """The round's public layout from the plan's upload shapes (client -> tensor -> shape sent) and
+    the global tensors: a tensor's weight slot is per coordinate when some client sends a slice."""
+    full = {name: tuple(state[name].shape) for per in shapes.values() for name in per}
+    sliced = {name for per in shapes.values() for name, shape in per.items() if tuple(shape) != full[name]}
+    return RoundLayout(
+        {c: tuple(sorted(per)) for c, per in shapes.items()},
+        full,
+        {name: (shape if name in sliced else ()) for name, shape in full.items()},
+    )
+
+
+def ring_neighbours(clients: Sequence[int], neighbours: int) -> dict[int, list[int]]:
+    """SecAgg+'s sparse graph: each client's neighbours are the `neighbours // 2` nearest on each
+    side of a ring of the sorted ids (a symmetric relation, so an odd count acts as one less), or
+    everyone else when the round has at most `neighbours + 1` clients."""
+    ring = sorted(clients)
+    n = len(ring)
+    if neighbours >= n - 1:
+        return {c: [d for d in ring if d != c] for c in ring}
+    half = neighbours // 2
+    return {
+        c: sorted(
+            (
+                {ring[(i + k) % n] for k in range(1, half + 1)}
+                | {ring[(i - k) % n] for k in range(1, half + 1)}
+            )
+            - {c}
+        )
+        for i, c in enumerate(ring)
+    }
+
+
+def _public_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _private_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _load_public(data: bytes) -> ec.EllipticCurvePublicKey:
+    key = serialization.load_pem_public_key(data)
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return key
+
+
+def _load_private(data: bytes) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(data, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+def _masks(seed: bytes, slots: Sequence[tuple[str, tuple[int, ...]]], modulus: int) -> dict[str, np.ndarray]:
+    """Flower's mask generator over these slots, in their order."""
+    arrays = pseudo_rand_gen(seed, modulus, [shape for _, shape in slots])
+    return {name: np.asarray(a, dtype=np.int64) for (name, _), a in zip(slots, arrays, strict=True)}
+
+
+@contextmanager
+def _numpy_seeded(seed: int) -> Iterator[None]:
+    """Flower's stochastic quantiser draws from numpy's global generator: seed it for one call
+    (so one run seed gives one result) and leave the caller's stream as it was."""
+    state = np.random.get_state()
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+@dataclass
+class SecAggClient:
+    """One client's side of the protocol for one round."""
+
+    client: int
+    params: SecAggParams
+    layout: RoundLayout
+    neighbours: list[int]
+    _cipher_key: ec.EllipticCurvePrivateKey = field(init=False, repr=False)
+    _mask_key: ec.EllipticCurvePrivateKey = field(init=False, repr=False)
+    _seed: bytes = field(init=False, repr=False)
+    _public: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
+    _held: dict[int, tuple[bytes, bytes]] = field(
+        default_factory=dict, repr=False
+    )  # from -> (b share, sk share)
+
+    # 1. key advertisement
+    def advertise_keys(self) -> tuple[bytes, bytes]:
+        """Two fresh public keys: (encryption of shares, agreement of mask seeds)."""
+        self._cipher_key = ec.generate_private_key(CURVE)
+        self._mask_key = ec.generate_private_key(CURVE)
+        return _public_bytes(self._cipher_key), _public_bytes(self._mask_key)
+
+    # 2. share keys
+    def share_keys(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        """Shares of the private mask seed and the mask secret key, one encrypted message per
+        neighbour (keyed by the neighbour's id)."""
+        self._public = {c: public_keys[c] for c in self.neighbours if c in public_keys}
+        self._seed = os.urandom(32)
+        n, t = len(self.neighbours), self.params.effective_threshold(len(self.neighbours))
+        seed_shares = create_shares(self._seed, t, n)
+        key_shares = create_shares(_private_bytes(self._mask_key), t, n)
+        out = {}
+        for j, seed_share, key_share in zip(self.neighbours, seed_shares, key_shares, strict=True):
+            if j not in self._public:
+                continue
+            key = generate_shared_key(self._cipher_key, _load_public(self._public[j][0]))
+            out[j] = encrypt(key, share_keys_plaintext_concat(self.client, j, seed_share, key_share))
+        return out
+
+    # 3. masked input
+    def masked_input(
+        self,
+        ciphertexts: Mapping[int, bytes],
+        update: Mapping[str, np.ndarray],
+        weight: int,
+        quantise_seed: int,
+    ) -> dict[str, np.ndarray]:
+        """Keep the shares addressed to this client; send the quantised, weighted update and its
+        weight, each slot masked (see the module docstring). `update` holds every tensor of this
+        client's layout in the global shape (a rank slice zero-padded) and, for a tensor whose
+        weight slot is not a scalar, `name#weight`: 1 where this client's slice covers."""
+        for src, message in ciphertexts.items():
+            key = generate_shared_key(self._cipher_key, _load_public(self._public[src][0]))
+            origin, dest, seed_share, key_share = share_keys_plaintext_separate(decrypt(key, message))
+            if origin != src or dest != self.client:
+                raise ValueError(f"secure aggregation: a share from {src} names {origin} -> {dest}")
+            self._held[src] = (seed_share, key_share)
+        p, mine = self.params, self.layout.tensors[self.client]
+        names = sorted(mine)
+        with _numpy_seeded(quantise_seed):
+            values = quantize(
+                [np.asarray(update[n], dtype=np.float64) for n in names],
+                p.clipping_range,
+                p.quantisation_range,
+            )
+        masked: dict[str, np.ndarray] = {}
+        for name, q in zip(names, values, strict=True):
+            cover = update.get(name + WEIGHT)
+            slot_shape = self.layout.weight_shapes[name]
+            masked[name] = np.asarray(q, dtype=np.int64) * weight
+            if cover is not None:  # zero-padded coordinates carry no weight and no value
+                masked[name] = masked[name] * np.asarray(cover, dtype=np.int64)
+                masked[name + WEIGHT] = np.asarray(cover, dtype=np.int64) * weight
+            else:
+                masked[name + WEIGHT] = np.full(slot_shape, weight, dtype=np.int64)
+        own = _masks(self._seed, self.layout.slots(names), p.modulus)
+        for slot in masked:
+            masked[slot] = (masked[slot] + own[slot]) % p.modulus
+        for j in self.neighbours:
+            if j not in self._held:  # a neighbour that never shared its keys is left out
+                continue
+            both = sorted(set(names) & set(self.layout.tensors.get(j, ())))
+            if not both:
+                continue
+            seed = generate_shared_key(self._mask_key, _load_public(self._public[j][1]))
+            pair = _masks(seed, self.layout.slots(both), p.modulus)
+            sign = 1 if self.client < j else -1
+            for slot, mask in pair.items():
+                masked[slot] = (masked[slot] + sign * mask) % p.modulus
+        return masked
+
+    # 4. unmasking
+    def unmask_shares(self, sent_input: Sequence[int], dropped: Sequence[int]) -> dict[int, bytes]:
+        """For each neighbour that sent masked input, its share of b; for each that dropped after
+        sharing keys, its share of the mask secret key."""
+        out = {c: self._held[c][0] for c in sent_input if c in self._held and c != self.client}
+        out |= {c: self._held[c][1] for c in dropped if c in self._held}
+        return out
+
+
+@dataclass(frozen=True)
+class SkippedRound:
+    """Why the server could not unmask: the clients it could not recover and their tensors."""
+
+    clients: list[int]
+    tensors: list[str]
+
+    def describe(self) -> str:
+        return (
+            f"secure aggregation: fewer than threshold neighbours answered for clients {self.clients} "
+            f"(tensors {', '.join(self.tensors[:4])}{', ...' if len(self.tensors) > 4 else ''}); round skipped"
+        )
+
+
+@dataclass
+class SecAggServer:
+    """The server's side: it routes messages and unmasks the sums; it never holds a plain update."""
+
+    params: SecAggParams
+    layout: RoundLayout
+    neighbours: dict[int, list[int]]
+    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    shared: set[int] = field(default_factory=set)  # clients whose shares were routed
+    inputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def route_shares(self, shares: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Sender -> {receiver: ciphertext} into receiver -> {sender: ciphertext}."""
+        self.shared = set(shares)
+        out: dict[int, dict[int, bytes]] = {c: {} for c in self.layout.clients}
+        for src, messages in shares.items():
+            for dst, ciphertext in messages.items():
+                out.setdefault(dst, {})[src] = ciphertext
+        return out
+
+    def check_input(self, client: int, masked: Mapping[str, np.ndarray]) -> str | None:
+        """What can be checked of a masked input: its slots and their shapes (the values are
+        uniformly random to the server)."""
+        expected = dict(self.layout.slots(self.layout.tensors[client]))
+        if set(masked) != set(expected):
+            return f"sent slots {sorted(set(masked) ^ set(expected))[:3]} outside its plan"
+        for slot, shape in expected.items():
+            if tuple(np.shape(masked[slot])) != tuple(shape):
+                return f"'{slot}' has shape {tuple(np.shape(masked[slot]))}, the plan says {tuple(shape)}"
+        return None
+
+    def dropped(self) -> list[int]:
+        return sorted(self.shared - set(self.inputs))
+
+    def unmask(
+        self, answers: Mapping[int, Mapping[int, bytes]], current: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | SkippedRound:
+        """For every tensor someone sent, its weighted mean (by coordinate where weights are per
+        coordinate; where nothing was sent, `current`) and, under `name#weight`, the summed weight
+        of each coordinate: all the server ever learns."""
+        p = self.params
+        senders, dropped = sorted(self.inputs), self.dropped()
+        seeds: dict[int, bytes] = {}
+        keys: dict[int, ec.EllipticCurvePrivateKey] = {}
+        lost = []
+        for c in senders + dropped:
+            shares = [a[c] for a in answers.values() if c in a]
+            needed = p.effective_threshold(len(self.neighbours[c]))
+            if len(shares) < needed:
+                lost.append(c)
+                continue
+            secret = combine_shares(shares[:needed])
+            if c in self.inputs:
+                seeds[c] = secret
+            else:
+                keys[c] = _load_private(secret)
+        if lost:
+            tensors = sorted({t for c in lost for t in self.layout.tensors.get(c, ())})
+            return SkippedRound(lost, tensors)
+        totals: dict[str, np.ndarray] = {}
+        for masked in self.inputs.values():
+            for slot, value in masked.items():
+                totals[slot] = (totals.get(slot, 0) + value) % p.modulus
+        for c in senders:  # private masks
+            own = _masks(seeds[c], self.layout.slots(self.layout.tensors[c]), p.modulus)
+            for slot, mask in own.items():
+                totals[slot] = (totals[slot] - mask) % p.modulus
+        for d in dropped:  # the dropped clients' pairwise masks in their neighbours' inputs
+            for j in self.neighbours[d]:
+                if j not in self.inputs:
+                    continue
+                both = sorted(set(self.layout.tensors[d]) & set(self.layout.tensors[j]))
+                if not both:
+                    continue
+                seed = generate_shared_key(keys[d], _load_public(self.public_keys[j][1]))
+                sign = 1 if j < d else -1  # j added sign(j, d) * mask; take it out
+                for slot, mask in _masks(seed, self.layout.slots(both), p.modulus).items():
+                    totals[slot] = (totals[slot] - sign * mask) % p.modulus
+        out = {}
+        for name in sorted({s for s in totals if not s.endswith(WEIGHT)}):
+            weight = totals[name + WEIGHT].astype(np.float64)
+            mean_q = np.where(weight > 0, totals[name].astype(np.float64) / np.maximum(weight, 1), 0.0)
+            value = dequantize([mean_q], p.clipping_range, p.quantisation_range)[0]
+            out[name] = np.where(weight > 0, value, np.asarray(current[name], dtype=np.float64))
+            out[name + WEIGHT] = np.broadcast_to(weight, np.shape(out[name])).copy()
+        return out
+
+
+Dropout = Callable[[str, int], bool]
+"""(stage, client) -> whether the client is gone before that stage ("share", "input", "unmask")."""
+
+
+def secure_round(
+    params: SecAggParams,
+    layout: RoundLayout,
+    updates: Mapping[int, Mapping[str, np.ndarray]],
+    weights: Mapping[int, int],
+    current: Mapping[str, np.ndarray],
+    quantise_seed: Callable[[int], int],
+    gone: Dropout | None = None,
+) -> tuple[dict[str, np.ndarray] | SkippedRound, dict[str, int]]:
+    """The whole protocol in memory, for the in-process engine and tests (the Flower engine runs
+    the same client and server steps as message rounds): the unmasked means, and the messages
+    and bytes each stage moved."""
+    gone = gone or (lambda stage, client: False)
+    graph = ring_neighbours(layout.clients, params.neighbours)
+    clients = {c: SecAggClient(c, params, layout, graph[c]) for c in layout.clients}
+    server = SecAggServer(params, layout, graph)
+    traffic = {"messages": 0, "bytes": 0}
+
+    def sent(*payloads: object) -> None:
+        for p in payloads:
+            traffic["messages"] += 1
+            traffic["bytes"] += _size(p)
+
+    for c, client in clients.items():
+        server.public_keys[c] = client.advertise_keys()
+        sent(server.public_keys[c])
+    shares = {}
+    for c, client in clients.items():
+        if gone("share", c):
+            continue
+        visible = {j: server.public_keys[j] for j in graph[c]}
+        shares[c] = client.share_keys(visible)
+        sent(shares[c])
+    routed = server.route_shares(shares)
+    for c in sorted(shares):
+        if gone("input", c):
+            continue
+        masked = clients[c].masked_input(routed.get(c, {}), updates[c], weights[c], quantise_seed(c))
+        problem = server.check_input(c, masked)
+        if problem is not None:
+            raise ValueError(f"client {c}: {problem}")
+        server.inputs[c] = masked
+        sent(masked)
+    answers = {}
+    for c in sorted(shares):
+        if gone("unmask", c):
+            continue
+        answers[c] = clients[c].unmask_shares(sorted(server.inputs), server.dropped())
+        sent(answers[c])
+    return server.unmask(answers, current), traffic
+
+
+def _size(payload: object) -> int:
+    if isinstance(payload, bytes):
+        return len(payload)
+    if isinstance(payload, np.ndarray):
+        return int(payload.nbytes)
+    if isinstance(payload, Mapping):
+        return sum(_size(v) for v in payload.values())
+    if isinstance(payload, tuple | list):
+        return sum(_size(v) for v in payload)
+    return 8
