@@ -118,6 +118,8 @@ def _wait_for_round(run_dir: Path, round_number: int, timeout: float) -> None:
             "fedhello",
             ("privacy.mode=central", "privacy.clip_norm=0.05", "privacy.noise_multiplier=0.5"),
         ),
+        # secure aggregation: keys, shares, masked inputs and unmasking as message rounds
+        ("fedhello", ("secure_aggregation.enabled=true", "secure_aggregation.neighbours=2")),
     ],
 )
 def test_simulation_engine_equals_in_process(

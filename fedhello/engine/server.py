@@ -34,7 +34,15 @@ from fedhello.method.budgets import Cost
 from fedhello.method.fisher import FisherOptions, fisher_layer_scores
 from fedhello.method.groups import poisson_sample_clients, sample_clients
 from fedhello.privacy.mechanism import clip_update, planned_coverage, private_mean
-from fedhello.privacy.secagg import WEIGHT, SecAggParams, SkippedRound, secure_layout, secure_round
+from fedhello.privacy.secagg import (
+    WEIGHT,
+    RoundLayout,
+    SecAggParams,
+    SkippedRound,
+    full_update,
+    secure_layout,
+    secure_round,
+)
 from fedhello.records import ClientRecord, RoundRecord
 from fedhello.seeding import Stream, derived_seed, numpy_rng
 
@@ -53,6 +61,9 @@ class FederatedServer:
             else exp.adapted.lora_state(with_base=self.method.changes_base)
         )
         self.global_state: State = {k: v.detach().cpu().clone() for k, v in initial.items()}
+        self.secure_stats: dict[str, float] | None = None  # the last secure round's messages, bytes, seconds
+        # (round, unmasked result): what an engine that ran the protocol itself (Flower) left here
+        self.secure_result: tuple[int, dict[str, np.ndarray] | SkippedRound] | None = None
         fed = exp.cfg.federation
         self.norm_bound: NormBound | None = (
             None
@@ -131,6 +142,11 @@ class FederatedServer:
 
         A rejected update is left out and its reason recorded; a round whose every update is
         rejected leaves the global model as it was."""
+        if self.secure_result is not None and self.secure_result[0] == plan.round_number:
+            # the engine ran the protocol (Flower): no plain update reached the server, the masked
+            # inputs' slots and shapes were checked as they came (privacy/secagg.py)
+            self.global_state = self.aggregate(plan, [])
+            return self.round_record(plan, results, {})
         accepted, rejected = self.screen(plan, results)
         if accepted or (self.central_privacy and plan.clients):  # the noise is added in any case
             self.global_state = self.aggregate(plan, accepted)
@@ -190,35 +206,19 @@ class FederatedServer:
 
     def secure_aggregate(self, plan: RoundPlan, accepted: list[ClientUpdate]) -> State:
         """Secure aggregation (docs/privacy.md): the clients run SecAgg+ per tensor with the server,
-        which learns only each tensor's weighted sum and summed weight; the next state is the
-        current one plus their ratio (under central privacy: plus the noised sum over the planned
-        contributors). In process, both sides run here, in memory (`secure_round`); a round the
-        server cannot unmask (too few neighbours answered) leaves the state as it was."""
-        cfg, weighting = self.exp.cfg, self.exp.cfg.federation.weighting
-        shapes = self.upload_shapes(plan)
-        updates, weights = {}, {}
-        for u in accepted:
-            full = {}
-            for name, delta in u.deltas.items():
-                shape = self.global_state[name].shape
-                full[name] = self.method.to_full(name, delta.double(), shape).numpy()
-                if tuple(delta.shape) != tuple(shape):  # a rank slice: 1 where it covers
-                    ones = torch.ones(delta.shape, dtype=torch.float64)
-                    full[name + WEIGHT] = self.method.to_full(name, ones, shape).numpy()
-            updates[u.client_id] = full
-            weights[u.client_id] = int(u.num_samples) if weighting == "samples" else 1
-        layout = secure_layout({c: shapes[c] for c in updates}, self.global_state)
-        bound = sum((len(self.exp.client_indices[c]) if weighting == "samples" else 1) for c in updates)
-        settings = cfg.secure_aggregation
-        params = SecAggParams(
-            settings.threshold,
-            settings.neighbours,
-            settings.clipping_range,
-            settings.field_bits,
-            max(1, bound),
-        )
-        current = {k: np.zeros(tuple(v.shape)) for k, v in self.global_state.items()}
-        result, _ = secure_round(
+        which learns only each tensor's weighted sum and summed weight. The Flower engine runs the
+        protocol as message rounds and leaves its result in `secure_result`; in process, both
+        sides run here, in memory (`secure_round`) on the accepted updates."""
+        if self.secure_result is not None and self.secure_result[0] == plan.round_number:
+            return self.apply_secure(plan, self.secure_result[1])
+        cfg = self.exp.cfg
+        params, layout = self.secure_setup(plan, [u.client_id for u in accepted])
+        shapes = {k: tuple(v.shape) for k, v in self.global_state.items()}
+        updates = {u.client_id: full_update(u.deltas, shapes, self.method.to_full) for u in accepted}
+        weights = {u.client_id: self.secure_weight(u.num_samples) for u in accepted}
+        current = {k: np.zeros(shape) for k, shape in shapes.items()}
+        start = time.perf_counter()
+        result, traffic = secure_round(
             params,
             layout,
             updates,
@@ -226,12 +226,37 @@ class FederatedServer:
             current,
             lambda c: derived_seed(cfg.seed, Stream.SECURE_AGGREGATION, plan.round_number, c),
         )
+        self.secure_stats = {**traffic, "seconds": time.perf_counter() - start}
+        return self.apply_secure(plan, result)
+
+    def secure_weight(self, num_samples: float) -> int:
+        """A client's integer weight in the secure mean (its sample count, or 1 under uniform weighting)."""
+        return int(num_samples) if self.exp.cfg.federation.weighting == "samples" else 1
+
+    def secure_setup(self, plan: RoundPlan, clients: list[int]) -> tuple[SecAggParams, RoundLayout]:
+        """The round's public protocol settings and layout, for the clients that trained: the
+        bound on a tensor's summed weight is their partitions' sizes (1 each when uniform)."""
+        shapes = self.upload_shapes(plan)
+        layout = secure_layout({c: shapes[c] for c in clients}, self.global_state)
+        bound = sum(self.secure_weight(len(self.exp.client_indices[c])) for c in clients)
+        s = self.exp.cfg.secure_aggregation
+        return SecAggParams(s.threshold, s.neighbours, s.clipping_range, s.field_bits, max(1, bound)), layout
+
+    def apply_secure(self, plan: RoundPlan, result: dict[str, np.ndarray] | SkippedRound) -> State:
+        """The next state from the unmasked means: the current one plus each mean (under central
+        privacy: plus the noised sum over the planned contributors); a round the server could not
+        unmask (too few neighbours answered) leaves the state as it was."""
         if isinstance(result, SkippedRound):
+            if self.secure_stats is not None:
+                self.secure_stats["skipped"] = 1
             log.warning("round %d: %s", plan.round_number, result.describe())
             return {k: v.clone() for k, v in self.global_state.items()}
         out = {k: v.clone() for k, v in self.global_state.items()}
         privacy = self.exp.privacy if self.central_privacy else None
-        noise = torch.Generator().manual_seed(derived_seed(cfg.seed, Stream.PRIVACY, plan.round_number, 0))
+        noise = torch.Generator().manual_seed(
+            derived_seed(self.exp.cfg.seed, Stream.PRIVACY, plan.round_number, 0)
+        )
+        shapes = self.upload_shapes(plan)
         coverage = planned_coverage(shapes, self.global_state, self.method.to_full) if privacy else {}
         for name in sorted(k for k in result if not k.endswith(WEIGHT)):
             step = torch.from_numpy(result[name])
@@ -281,20 +306,27 @@ class FederatedServer:
             primary_metric=self.exp.task.primary_metric,
             probabilities=plan.probabilities,
             epsilon=None if self.exp.privacy is None else self.exp.privacy.epsilon(plan.round_number),
-            extras={}
-            if plan.extra is None
-            else {plan.extra.kind: plan.extra.model_dump(mode="json", exclude_none=True)},
+            extras=(
+                {}
+                if plan.extra is None
+                else {plan.extra.kind: plan.extra.model_dump(mode="json", exclude_none=True)}
+            )
+            | ({} if self.secure_stats is None else {"secure_aggregation": dict(self.secure_stats)}),
         )
 
     def client_record(self, a: Assignment, r: ClientResult, accepted: bool) -> ClientRecord:
         c = r.update.client_id
         bytes_up = payload_bytes(r.update.deltas)
+        samples = int(r.update.num_samples) if accepted else 0
+        if self.secure:  # the server sees masked int64 tensors in global shapes, and no sample count
+            keys = self.exp.adapted.trained_names(a.layers, self.exp.train_head)
+            bytes_up, samples = 8 * sum(self.global_state[k].numel() for k in keys), 0
         return ClientRecord(
             client=c,
             group=self.exp.group_of(c).name,
             layers=list(r.layers),
             rank=a.rank,
-            samples=int(r.update.num_samples) if accepted else 0,
+            samples=samples,
             steps=r.steps,
             train_loss=None if self.exp.privacy is not None else r.train_loss,  # not sent under DP
             seconds=r.seconds,

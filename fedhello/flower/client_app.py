@@ -12,6 +12,7 @@ import functools
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import psutil
@@ -21,7 +22,7 @@ from flwr.clientapp import ClientApp
 from fedhello.config import config_from_dict
 from fedhello.engine.client import ClientResult, train_assignment
 from fedhello.engine.experiment import Experiment, prepare_experiment
-from fedhello.flower import wire
+from fedhello.flower import secure, wire
 from fedhello.flower.identity import sign_claim
 from fedhello.flower.run_config import config_of, settings_of
 
@@ -66,7 +67,14 @@ def client_train(msg: Message, context: Context, defaults: Mapping[str, Any]) ->
     pid = context.node_config.get("partition-id")
     result = train_message(exp, msg.content, None if pid is None else int(pid))
     start = time.perf_counter()
+    public = None
+    if exp.cfg.secure_aggregation.enabled:  # the update stays here until the protocol masks it
+        public = secure.keep_update(exp, result.update.deltas, result.update.num_samples, context)
+        update = replace(result.update, deltas={}, num_samples=1)
+        result = replace(result, update=update)
     content = wire.encode_reply(result)
+    if public is not None:
+        content[secure.PUBLIC] = public
     timings = {
         "process-age": age,
         "setup": setup,
@@ -90,6 +98,19 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return Message(client_train(msg, context, base), reply_to=msg)
+
+    # secure aggregation's message rounds (flower/secure.py)
+    @app.query("secagg_share")
+    def secagg_share(msg: Message, context: Context) -> Message:
+        return Message(secure.answer_share(msg, context), reply_to=msg)
+
+    @app.query("secagg_input")
+    def secagg_input(msg: Message, context: Context) -> Message:
+        return Message(secure.answer_input(msg, context), reply_to=msg)
+
+    @app.query("secagg_unmask")
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return Message(secure.answer_unmask(msg, context), reply_to=msg)
 
     return app
 

@@ -25,7 +25,7 @@ from fedhello.engine.client import ClientResult
 from fedhello.engine.experiment import Experiment
 from fedhello.engine.server import FederatedServer
 from fedhello.errors import UserError
-from fedhello.flower import wire
+from fedhello.flower import secure, wire
 from fedhello.flower.identity import load_partition_keys, new_challenge, verify_claim
 from fedhello.flower.run_config import ACCEPT_UNVERIFIED, OUT_DIR, RESUME, SIMULATION, config_of, settings_of
 from fedhello.method.aggregation import ClientUpdate
@@ -209,6 +209,7 @@ class FlowerTrainer:
             )
             sent[self.nodes[c]] = c
         results = []
+        public_keys: dict[int, tuple[bytes, bytes]] = {}
         for reply in self.grid.send_and_receive(messages, timeout=flower.round_timeout):
             node = reply.metadata.src_node_id
             if node not in sent:
@@ -222,10 +223,35 @@ class FlowerTrainer:
                 self.last_error = f"node {node} (client {sent.pop(node)}): {reply.error.reason}"
                 log.warning("round %d: %s", plan.round_number, self.last_error)
                 continue
-            results.append(result_from_reply(reply.content, sent.pop(node)))
+            client = sent.pop(node)
+            results.append(result_from_reply(reply.content, client))
+            keys = secure.public_keys_of(reply.content)
+            if keys is not None:
+                public_keys[client] = keys
         if len(results) < flower.min_replies:
             raise UserError(self._too_few(plan, results, silent=sorted(sent.values())))
+        if self.exp.cfg.secure_aggregation.enabled:
+            self._secure(plan, server, public_keys)
         return sorted(results, key=lambda r: r.update.client_id)
+
+    def _secure(
+        self, plan: RoundPlan, server: FederatedServer, public_keys: dict[int, tuple[bytes, bytes]]
+    ) -> None:
+        """Secure aggregation's message rounds with the clients that trained (flower/secure.py);
+        the server then applies the unmasked means (`FederatedServer.secure_result`)."""
+        params, layout = server.secure_setup(plan, sorted(public_keys))
+        result, stats = secure.secure_stages(
+            self.grid,
+            self.nodes,
+            plan.round_number,
+            self.exp.cfg.seed,
+            params,
+            layout,
+            public_keys,
+            self.exp.cfg.flower.round_timeout,
+        )
+        server.secure_result = (plan.round_number, result)
+        server.secure_stats = stats
 
     def _too_few(self, plan: RoundPlan, results: list[ClientResult], silent: list[int]) -> str:
         """The one line a round with fewer than `flower.min_replies` replies ends the run with:

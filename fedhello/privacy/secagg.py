@@ -109,6 +109,22 @@ class RoundLayout:
         return out
 
 
+def full_update(
+    deltas: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], to_full: Callable[[str, Any, Any], Any]
+) -> dict[str, np.ndarray]:
+    """A client's update as the protocol masks it: every tensor in its global shape (a rank slice
+    zero-padded by the method's `to_full`) and, for a slice, `name#weight`: 1 where it covers."""
+    import torch
+
+    out = {}
+    for name, delta in deltas.items():
+        shape = torch.Size(shapes[name])
+        out[name] = to_full(name, delta.double(), shape).numpy()
+        if tuple(delta.shape) != tuple(shape):
+            out[name + WEIGHT] = to_full(name, torch.ones(delta.shape, dtype=torch.float64), shape).numpy()
+    return out
+
+
 def secure_layout(
     shapes: Mapping[int, Mapping[str, tuple[int, ...]]], state: Mapping[str, Any]
 ) -> RoundLayout:
@@ -201,6 +217,31 @@ class SecAggClient:
     _held: dict[int, tuple[bytes, bytes]] = field(
         default_factory=dict, repr=False
     )  # from -> (b share, sk share)
+
+    def saved(self) -> dict[str, bytes]:
+        """What this client must keep between the protocol's messages (a Flower ClientApp keeps
+        it in its node's `context.state`): its private keys, its seed, the keys it was shown and
+        the shares it holds."""
+        out = {"cipher": _private_bytes(self._cipher_key), "mask": _private_bytes(self._mask_key)}
+        if hasattr(self, "_seed"):
+            out["seed"] = self._seed
+        for c, (cipher, mask) in self._public.items():
+            out[f"public.{c}.cipher"], out[f"public.{c}.mask"] = cipher, mask
+        for c, (seed_share, key_share) in self._held.items():
+            out[f"held.{c}.seed"], out[f"held.{c}.key"] = seed_share, key_share
+        return out
+
+    def restore(self, saved: Mapping[str, bytes]) -> None:
+        """Take back what `saved` kept."""
+        self._cipher_key, self._mask_key = _load_private(saved["cipher"]), _load_private(saved["mask"])
+        if "seed" in saved:
+            self._seed = saved["seed"]
+        for key, value in saved.items():
+            parts = key.split(".")
+            if parts[0] == "public" and parts[2] == "cipher":
+                self._public[int(parts[1])] = (value, saved[f"public.{parts[1]}.mask"])
+            elif parts[0] == "held" and parts[2] == "seed":
+                self._held[int(parts[1])] = (value, saved[f"held.{parts[1]}.key"])
 
     # 1. key advertisement
     def advertise_keys(self) -> tuple[bytes, bytes]:
