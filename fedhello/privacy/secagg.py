@@ -10,8 +10,8 @@ tensors both of them send:
    the pairwise mask seeds) and sends the public keys; the server forwards them to its
    neighbours (a ring of `neighbours` clients, SecAgg+'s sparse graph);
 2. share keys: each client draws a private mask seed b, splits b and its masking secret key into
-   Shamir shares (`threshold` of them reconstruct), and sends each neighbour its shares,
-   encrypted with their agreed key, through the server;
+   Shamir shares (`threshold` of them reconstruct), keeps one and sends each neighbour its
+   shares, encrypted with their agreed key, through the server;
 3. masked input: each client quantises its update (Flower's stochastic quantisation into
    [0, Q)), multiplies it by its integer weight, and adds, modulo 2^field_bits, its private mask
    PRG(b) and for every neighbour that trains the same tensor the pairwise mask +-PRG(s_ij)
@@ -71,10 +71,10 @@ class SecAggParams:
     field_bits: int
     weight_bound: int  # the largest the summed weight of a tensor can be (the plan's sample bound)
 
-    def effective_threshold(self, neighbours: int) -> int:
-        """The shares that rebuild a secret: `threshold`, or every neighbour in a round too small
-        for it (then no dropout is tolerated)."""
-        return max(1, min(self.threshold, neighbours))
+    def effective_threshold(self, holders: int) -> int:
+        """The shares that rebuild a secret: `threshold`, or every holder (the client and its
+        neighbours) in a round too small for it (then no dropout is tolerated)."""
+        return max(1, min(self.threshold, holders))
 
     @property
     def modulus(self) -> int:
@@ -256,11 +256,15 @@ class SecAggClient:
         neighbour (keyed by the neighbour's id)."""
         self._public = {c: public_keys[c] for c in self.neighbours if c in public_keys}
         self._seed = os.urandom(32)
-        n, t = len(self.neighbours), self.params.effective_threshold(len(self.neighbours))
-        seed_shares = create_shares(self._seed, t, n)
-        key_shares = create_shares(_private_bytes(self._mask_key), t, n)
+        holders = sorted([*self.neighbours, self.client])  # a client keeps one share itself, as in SecAgg+
+        t = self.params.effective_threshold(len(holders))
+        seed_shares = create_shares(self._seed, t, len(holders))
+        key_shares = create_shares(_private_bytes(self._mask_key), t, len(holders))
         out = {}
-        for j, seed_share, key_share in zip(self.neighbours, seed_shares, key_shares, strict=True):
+        for j, seed_share, key_share in zip(holders, seed_shares, key_shares, strict=True):
+            if j == self.client:
+                self._held[j] = (seed_share, key_share)
+                continue
             if j not in self._public:
                 continue
             key = generate_shared_key(self._cipher_key, _load_public(self._public[j][0]))
@@ -307,7 +311,7 @@ class SecAggClient:
         for slot in masked:
             masked[slot] = (masked[slot] + own[slot]) % p.modulus
         for j in self.neighbours:
-            if j not in self._held:  # a neighbour that never shared its keys is left out
+            if j not in self._held or j == self.client:  # a neighbour that never shared its keys is left out
                 continue
             both = sorted(set(names) & set(self.layout.tensors.get(j, ())))
             if not both:
@@ -323,7 +327,7 @@ class SecAggClient:
     def unmask_shares(self, sent_input: Sequence[int], dropped: Sequence[int]) -> dict[int, bytes]:
         """For each neighbour that sent masked input, its share of b; for each that dropped after
         sharing keys, its share of the mask secret key."""
-        out = {c: self._held[c][0] for c in sent_input if c in self._held and c != self.client}
+        out = {c: self._held[c][0] for c in sent_input if c in self._held}
         out |= {c: self._held[c][1] for c in dropped if c in self._held}
         return out
 
@@ -389,7 +393,7 @@ class SecAggServer:
         lost = []
         for c in senders + dropped:
             shares = [a[c] for a in answers.values() if c in a]
-            needed = p.effective_threshold(len(self.neighbours[c]))
+            needed = p.effective_threshold(len(self.neighbours[c]) + 1)
             if len(shares) < needed:
                 lost.append(c)
                 continue

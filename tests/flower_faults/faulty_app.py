@@ -1,11 +1,16 @@
 """A Flower app for fault tests: fedhello's ServerApp, and fedhello's ClientApp except that a
-SuperNode whose node config says `fault='malformed'` replies without its tensors."""
+SuperNode whose node config says `fault='malformed'` replies without its tensors, and one that
+says `fault='gone-after-input'` disappears during secure aggregation after its masked input."""
 
 from __future__ import annotations
 
+import os
+
+import psutil
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedhello.flower import secure
 from fedhello.flower.client_app import client_train, query_reply
 from fedhello.flower.server_app import server_app
 
@@ -25,3 +30,26 @@ def train(msg: Message, context: Context) -> Message:
     if context.node_config.get("fault") == "malformed":
         content = RecordDict({k: v for k, v in content.items() if k != "arrays"})
     return Message(content, reply_to=msg)
+
+
+# Secure aggregation's message rounds (fedhello/flower/secure.py). A SuperNode whose node config
+# says `fault='gone-after-input'` sends its masked input, then disappears: asked for its unmasking
+# shares, its ClientApp kills its SuperNode and itself, as a machine that crashed would.
+@client_app.query("secagg_share")
+def secagg_share(msg: Message, context: Context) -> Message:
+    return Message(secure.answer_share(msg, context), reply_to=msg)
+
+
+@client_app.query("secagg_input")
+def secagg_input(msg: Message, context: Context) -> Message:
+    return Message(secure.answer_input(msg, context), reply_to=msg)
+
+
+@client_app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    if context.node_config.get("fault") == "gone-after-input":
+        node = psutil.Process().parent()
+        if node is not None:
+            node.kill()
+        os._exit(1)
+    return Message(secure.answer_unmask(msg, context), reply_to=msg)
