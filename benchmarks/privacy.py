@@ -86,9 +86,7 @@ def table(out: Path) -> str:
             spent = "-" if not p else f"{p['epsilon']:.3g}"
             z = "-" if not p else f"{p['noise_multiplier']:.3g}"
             target = {"none": "inf (no DP)"}.get(eps, eps)
-            lines.append(
-                f"| {method} | {target} | {spent} | {z} | {s['final_test_accuracy']:.3f} |"
-            )
+            lines.append(f"| {method} | {target} | {spent} | {z} | {s['final_test_accuracy']:.3f} |")
     if baseline is not None:
         lines.append(f"\nMajority-class test accuracy: {baseline:.3f}.")
     return "\n".join(lines)

@@ -4,8 +4,9 @@ bytes per round, and the final accuracy of both (docs/privacy.md).
 
     .venv/bin/python benchmarks/secagg.py [--out benchmarks/results/secagg.json] [--threads 1]
 
-Both runs use the default config (offline MiniLM, the reference federation) and one seed; runs go
-to runs/secagg/{plain,secure} and are resumed when interrupted. The protocol's figures are what
+Both runs use the default config (offline MiniLM, the reference federation) and one seed, and run
+at the same time (one thread each) so that both meet the same load; runs go to
+runs/secagg/{plain,secure} and are resumed when interrupted. The protocol's figures are what
 `secure_round` counted: every key, share, masked input and unmasking message, as the bytes a
 network would carry (masked tensors are int64: twice a float32 update).
 """
@@ -17,10 +18,13 @@ import json
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from fedhello.records import read_records
+
+SECURE = "secure_aggregation.enabled=true"
 
 
 def run(name: str, overrides: list[str], threads: int) -> Path:
@@ -57,8 +61,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/secagg.json")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    plain = figures(run("plain", [], args.threads))
-    secure = figures(run("secure", ["secure_aggregation.enabled=true"], args.threads))
+    with ThreadPoolExecutor(2) as pool:  # side by side: both runs meet the same load
+        runs = list(pool.map(lambda a: run(*a, args.threads), [("plain", []), ("secure", [SECURE])]))
+    plain, secure = figures(runs[0]), figures(runs[1])
     result = {
         "plain": plain,
         "secure": secure,

@@ -173,6 +173,7 @@ def secure_stages(
     }
 
     def ask(stage: str, contents: Mapping[int, RecordDict]) -> dict[int, RecordDict]:
+        began = time.perf_counter()
         messages = [
             Message(content, dst_node_id=nodes[c], message_type=stage, group_id=str(round_number))
             for c, content in contents.items()
@@ -187,6 +188,7 @@ def secure_stages(
                 out[c] = reply.content
                 stats["messages"] += 1
                 stats["bytes"] += _record_bytes(reply.content)
+        stats[f"{stage.removeprefix('query.secagg_')}_seconds"] = time.perf_counter() - began
         return out
 
     def setup(c: int) -> ConfigRecord:
