@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The comparisons at equal device budgets (issue 24): every method under the same per-group
-# memory budgets. MiniLM: 11 methods, 3 data settings x 2 client ratios x 5 seeds; then MPNet.
+# memory budgets. MiniLM: 11 methods, 3 data settings x 2 client ratios x 5 seeds; then MPNet;
+# then SmolLM2 instruction tuning.
 # Finished cells are kept in benchmarks/results/equal-budgets-*/cells/ and skipped when this is
 # run again, so an interrupted grid is completed by running it again.
 set -euo pipefail
@@ -16,3 +17,9 @@ $FH compare benchmarks/configs/equal-budgets-mpnet.yaml \
   --methods fedhello,fed-pilot,fedra,gd-inverted_triangle,hetlora,flora,fedit \
   --seeds 3 --settings iid,noniid --rocs 1:1:1 --jobs 2 \
   --out benchmarks/results/equal-budgets-mpnet --no-report
+# SmolLM2 instruction tuning (30 blocks) at equal budgets: 5 methods, IID, 1:1:1, 2 seeds; exact
+# match leads, ROUGE-L is recorded too (lm.primary_metric, fedhello/tasks/causal_lm.py).
+$FH compare benchmarks/configs/equal-budgets-smollm2.yaml \
+  --methods fedhello,fed-pilot,fedra,gd-inverted_triangle,flora \
+  --seeds 2 --settings iid --rocs 1:1:1 --jobs 1 \
+  --out benchmarks/results/equal-budgets-smollm2 --no-report
