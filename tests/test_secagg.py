@@ -174,13 +174,15 @@ def test_the_server_cannot_recover_an_update_from_what_it_receives() -> None:
     assert not np.any(np.isclose(payload / p.modulus * 2 - 1, values, atol=1e-3))
 
 
-def test_a_run_with_secure_aggregation_equals_the_plain_run(
+def test_a_run_with_secure_aggregation_equals_the_plain_run_also_under_central_privacy(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
-    for method in ("fedhello", "hetlora"):
-        plain, secure_run = tmp_path / f"{method}-plain", tmp_path / f"{method}-secure"
-        assert main(["run", *tiny_overrides(f"method={method}"), "--out", str(plain)]) == 0
-        overrides = tiny_overrides(f"method={method}", "secure_aggregation.enabled=true")
+    central_dp = ("privacy.mode=central", "privacy.clip_norm=0.05", "privacy.noise_multiplier=0.5")
+    for method, extra in [("fedhello", ()), ("hetlora", ()), ("fedhello", central_dp)]:
+        name = f"{method}-{len(extra)}"
+        plain, secure_run = tmp_path / f"{name}-plain", tmp_path / f"{name}-secure"
+        assert main(["run", *tiny_overrides(f"method={method}", *extra), "--out", str(plain)]) == 0
+        overrides = tiny_overrides(f"method={method}", *extra, "secure_aggregation.enabled=true")
         assert main(["run", *overrides, "--out", str(secure_run)]) == 0
         a, b = read_records(plain / "metrics.jsonl"), read_records(secure_run / "metrics.jsonl")
         assert [r.round for r in a] == [r.round for r in b]

@@ -258,10 +258,12 @@ class FederatedServer:
         )
         shapes = self.upload_shapes(plan)
         coverage = planned_coverage(shapes, self.global_state, self.method.to_full) if privacy else {}
-        for name in sorted(k for k in result if not k.endswith(WEIGHT)):
-            step = torch.from_numpy(result[name])
+        sent = {k for k in result if not k.endswith(WEIGHT)}
+        for name in sorted(sent | set(coverage)):  # under central privacy every planned tensor is noised
+            zero = torch.zeros(self.global_state[name].shape, dtype=torch.float64)
+            step = torch.from_numpy(result[name]) if name in sent else zero
             if privacy is not None:  # the sum (weights are 1 under DP), noised, over the planned contributors
-                total = step * torch.from_numpy(result[name + WEIGHT])
+                total = step * torch.from_numpy(result[name + WEIGHT]) if name in sent else zero
                 total += torch.randn(total.shape, generator=noise, dtype=torch.float64) * privacy.noise_std
                 step = torch.where(coverage[name] > 0, total / coverage[name].clamp(min=1.0), 0.0)
             out[name] = (self.global_state[name].double() + step).to(self.global_state[name].dtype)
