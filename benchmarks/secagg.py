@@ -2,7 +2,7 @@
 without it (median of rounds, the two runs side by side), the protocol's extra messages and
 bytes per round, and the final accuracy of both (docs/privacy.md).
 
-    .venv/bin/python benchmarks/secagg.py [--out benchmarks/results/secagg.json] [--threads 1]
+    .venv/bin/python benchmarks/secagg.py [--out benchmarks/results/secagg.json] [--threads 1] [--deployed]
 
 Both runs use the default config (offline MiniLM, the reference federation) and one seed, and run
 at the same time (one thread each) so that both meet the same load; runs go to
@@ -56,20 +56,67 @@ def figures(out: Path) -> dict[str, Any]:
     }
 
 
+def deployed(out: Path) -> dict[str, Any]:
+    """The small experiment of benchmarks/flower_overhead.py (3 clients, 3 rounds) on a local
+    deployment (TLS, node authentication, one SuperNode per client), without and with secure
+    aggregation: median rounds and the protocol's three message rounds, stage by stage."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import yaml
+    from flower_overhead import SMALL
+
+    from fedhello import load_config
+    from fedhello.deploy.federation import LocalDeployment
+
+    figures_by_run = {}
+    for name, extra in [("plain", []), ("secure", [SECURE])]:
+        cfg = load_config(overrides=[*SMALL, *extra])
+        work = (out / f"deployed-{name}").resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        cfg_path = work / "config.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        with LocalDeployment(work / "deployment", cfg.partition.num_clients) as fed:
+            fed.run(cfg_path, work / "run", timeout=3600)
+        records = read_records(work / "run" / "metrics.jsonl")
+        later = records[1:]  # round 1 also finds the nodes
+        stages = [r.extras.get("secure_aggregation", {}) for r in later]
+        figures_by_run[name] = {
+            "median_round_seconds": statistics.median(r.round_seconds for r in later),
+            "stage_seconds_median": {
+                stage: statistics.median(s[f"{stage}_seconds"] for s in stages)
+                for stage in ("share", "input", "unmask")
+                if all(f"{stage}_seconds" in s for s in stages) and stages
+            },
+            "protocol_messages_per_round": statistics.median(s.get("messages", 0) for s in stages),
+            "protocol_bytes_per_round": statistics.median(s.get("bytes", 0) for s in stages),
+        }
+    return figures_by_run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/secagg.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--deployed", action="store_true", help="also the small experiment on a local deployment"
+    )
     args = parser.parse_args()
     with ThreadPoolExecutor(2) as pool:  # side by side: both runs meet the same load
         runs = list(pool.map(lambda a: run(*a, args.threads), [("plain", []), ("secure", [SECURE])]))
     plain, secure = figures(runs[0]), figures(runs[1])
-    result = {
+    result: dict[str, Any] = {
         "plain": plain,
         "secure": secure,
         "round_time_ratio": secure["median_round_seconds"] / plain["median_round_seconds"],
         "accuracy_difference": secure["final_test_accuracy"] - plain["final_test_accuracy"],
     }
+    if args.deployed:
+        result["deployed"] = deployed(Path("runs/secagg"))
+        d = result["deployed"]
+        print(
+            f"deployed, small experiment: median round {d['plain']['median_round_seconds']:.2f} s plain, "
+            f"{d['secure']['median_round_seconds']:.2f} s secure; the stages "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in d["secure"]["stage_seconds_median"].items())
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(
