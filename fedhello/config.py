@@ -346,7 +346,10 @@ class SecureAggregationConfig(StrictModel):
         2, ge=1, description="Shares that rebuild a client's secrets: its neighbours that must answer."
     )
     clipping_range: float = Field(
-        8.0, gt=0, description="Each coordinate of an update is clipped to [-c, c] before quantisation."
+        1.0,
+        gt=0,
+        description="Each coordinate of an update is clipped to [-c, c] before quantisation (AdamW moves a "
+        "coordinate by about lr per step: 0.08 in a round of the defaults); the quantisation step is 2c / Q.",
     )
     field_bits: int = Field(
         48, ge=16, le=52, description="Masks and sums live modulo 2^field_bits (exact in float64 up to 52)."

@@ -34,6 +34,7 @@ elliptic-curve keys; nothing cryptographic is written here.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -55,6 +56,8 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
+
+log = logging.getLogger(__name__)
 
 CURVE = ec.SECP384R1()
 WEIGHT = "#weight"  # suffix of a tensor's weight slot
@@ -291,6 +294,14 @@ class SecAggClient:
             self._held[src] = (seed_share, key_share)
         p, mine = self.params, self.layout.tensors[self.client]
         names = sorted(mine)
+        clipped = sum(int(np.sum(np.abs(update[n]) > p.clipping_range)) for n in names)
+        if clipped:  # only the client sees this: its own values are never sent in the clear
+            log.warning(
+                "secure aggregation: client %d clipped %d coordinates to +-%g (raise secure_aggregation.clipping_range)",
+                self.client,
+                clipped,
+                p.clipping_range,
+            )
         with _numpy_seeded(quantise_seed):
             values = quantize(
                 [np.asarray(update[n], dtype=np.float64) for n in names],
