@@ -30,6 +30,7 @@ from fedhello.privacy.secagg import (
     SecAggParams,
     SecAggServer,
     SkippedRound,
+    fresh_keys,
     full_update,
     ring_neighbours,
 )
@@ -51,12 +52,11 @@ def keep_update(
     shapes = {k: tuple(v.shape) for k, v in exp.adapted.lora_state(with_base=exp.method.changes_base).items()}
     update = full_update(deltas, shapes, exp.method.to_full)
     weight = int(num_samples) if exp.cfg.federation.weighting == "samples" else 1
-    client = SecAggClient(-1, SecAggParams(1, 1, 1.0, 16, 1), RoundLayout({}, {}, {}), [])
-    cipher, mask = client.advertise_keys()
+    private, (cipher, mask) = fresh_keys()
     context.state[UPDATE] = ArrayRecord(
         {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in update.items()}
     )
-    context.state[STATE] = ConfigRecord({**client.saved(), "weight": weight})
+    context.state[STATE] = ConfigRecord({**private, "weight": weight})
     return ConfigRecord({"cipher": cipher, "mask": mask})
 
 

@@ -187,6 +187,16 @@ def _load_private(data: bytes) -> ec.EllipticCurvePrivateKey:
     return key
 
 
+def fresh_keys() -> tuple[dict[str, bytes], tuple[bytes, bytes]]:
+    """A client's two fresh key pairs for one round: the private halves as `SecAggClient.restore`
+    takes them, and the public halves it advertises (encryption, mask agreement)."""
+    cipher, mask = ec.generate_private_key(CURVE), ec.generate_private_key(CURVE)
+    return {"cipher": _private_bytes(cipher), "mask": _private_bytes(mask)}, (
+        _public_bytes(cipher),
+        _public_bytes(mask),
+    )
+
+
 def _masks(seed: bytes, slots: Sequence[tuple[str, tuple[int, ...]]], modulus: int) -> dict[str, np.ndarray]:
     """Flower's mask generator over these slots, in their order."""
     arrays = pseudo_rand_gen(seed, modulus, [shape for _, shape in slots])
@@ -249,9 +259,9 @@ class SecAggClient:
     # 1. key advertisement
     def advertise_keys(self) -> tuple[bytes, bytes]:
         """Two fresh public keys: (encryption of shares, agreement of mask seeds)."""
-        self._cipher_key = ec.generate_private_key(CURVE)
-        self._mask_key = ec.generate_private_key(CURVE)
-        return _public_bytes(self._cipher_key), _public_bytes(self._mask_key)
+        private, public = fresh_keys()
+        self.restore(private)
+        return public
 
     # 2. share keys
     def share_keys(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
