@@ -217,8 +217,11 @@ def secure_stages(
     )
     for c, reply in inputs.items():
         masked = {k: v.numpy() for k, v in reply.array_records["masked"].to_torch_state_dict().items()}
-        if server.check_input(c, masked) is None:
+        problem = server.check_input(c, masked)
+        if problem is None:
             server.inputs[c] = masked
+        else:  # left out, as a client that dropped before its input
+            log.warning("round %d: secure aggregation: client %d %s; left out", round_number, c, problem)
     lists = ConfigRecord({"senders": sorted(server.inputs), "dropped": server.dropped()})
     answers = ask(UNMASK, {c: RecordDict({"secagg": setup(c), "unmask": lists}) for c in shared})
     result = server.unmask(
