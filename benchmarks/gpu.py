@@ -54,44 +54,36 @@ def vit_model(tiny: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
     return ViTForImageClassification(cfg), {"image_size": size, "batch": 4 if tiny else 64}
 
 
-def smollm_model(tiny: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+TINY_LLAMA = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+
+
+def llama_model(
+    tiny: bool, shape: dict[str, int], batch: int, **settings: Any
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A Llama-shaped decoder with random weights: `shape` (or the tiny one), 512 tokens a row."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=1000 if tiny else 49152,
-        hidden_size=64 if tiny else 576,
-        intermediate_size=128 if tiny else 1536,
-        num_hidden_layers=4 if tiny else 30,
-        num_attention_heads=4 if tiny else 9,
-        num_key_value_heads=2 if tiny else 3,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    )
+    cfg = LlamaConfig(**(TINY_LLAMA if tiny else shape), max_position_embeddings=2048, **settings)
     return LlamaForCausalLM(cfg), {
         "tokens": 32 if tiny else 512,
-        "batch": 4 if tiny else 16,
+        "batch": 4 if tiny else batch,
         "vocab": cfg.vocab_size,
     }
+
+
+def smollm_model(tiny: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """SmolLM2-135M's shape."""
+    shape = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+             "num_attention_heads": 9, "num_key_value_heads": 3}  # fmt: skip
+    return llama_model(tiny, shape, 16, tie_word_embeddings=True)
 
 
 def llama_1b_model(tiny: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """TinyLlama-1.1B's shape with random weights (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=1000 if tiny else 32000,
-        hidden_size=64 if tiny else 2048,
-        intermediate_size=128 if tiny else 5632,
-        num_hidden_layers=4 if tiny else 22,
-        num_attention_heads=4 if tiny else 32,
-        num_key_value_heads=2 if tiny else 4,
-        max_position_embeddings=2048,
-    )
-    return LlamaForCausalLM(cfg), {
-        "tokens": 32 if tiny else 512,
-        "batch": 4 if tiny else 8,
-        "vocab": cfg.vocab_size,
-    }
+    """TinyLlama-1.1B's shape (no download)."""
+    shape = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+             "num_attention_heads": 32, "num_key_value_heads": 4}  # fmt: skip
+    return llama_model(tiny, shape, 8)
 
 
 def quantised_llm(device: torch.device, tiny: bool, steps: int) -> dict[str, Any]:

@@ -20,28 +20,31 @@ def minilm_dir() -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-block BERT with hidden size 32 and MiniLM's tokenizer: real mechanics, no download."""
+def save_tiny_bert(d: Path, hidden_size: int = 32) -> Path:
+    """A 4-block BERT of `hidden_size` (intermediate twice that) with MiniLM's tokenizer, saved
+    to `d`: real mechanics, no download."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    d = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     cfg = BertConfig(
         vocab_size=tok.vocab_size,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=4,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden_size,
         max_position_embeddings=128,
         num_labels=2,
     )
-    import torch
-
     torch.manual_seed(0)
     BertForSequenceClassification(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-block BERT with hidden size 32 and MiniLM's tokenizer: real mechanics, no download."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +78,16 @@ def tiny_overrides(tiny_bert_dir: Path, token_cache: Path) -> Callable[..., list
         ]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache folder (FEDHELLO_CACHE_DIR) shared by one test module: its calibrations are made
+    by the first test that needs them and loaded by the others."""
+    d = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDHELLO_CACHE_DIR", str(d))
+        yield d
 
 
 @pytest.fixture

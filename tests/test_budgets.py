@@ -4,7 +4,7 @@ method, calibration against measurement, `fedhello plan`, and runs that respect 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -150,14 +150,6 @@ def test_every_method_sends_only_sets_within_the_limits(name: str) -> None:
 
 
 # -- calibration and runs (tiny BERT) ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEDHELLO_CACHE_DIR", str(d))
-        yield d
 
 
 @pytest.fixture

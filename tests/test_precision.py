@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,36 +32,14 @@ bnb = pytest.importorskip(
 
 
 @pytest.fixture(scope="module")
-def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEDHELLO_CACHE_DIR", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def tiny_overrides(
     tiny_overrides: Callable[..., list[str]], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., list[str]]:
     """The tiny BERT at hidden size 64: bitsandbytes' 4-bit CPU kernels need whole 64-value
     blocks per row (the shared tiny BERT's 32 would leave nothing quantised)."""
-    from conftest import minilm_dir
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from conftest import save_tiny_bert
 
-    d = tmp_path_factory.mktemp("tiny-bert-64")
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
+    d = save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-64"), hidden_size=64)
 
     def make(*extra: str) -> list[str]:
         return tiny_overrides(f"model.name={d}", *extra)
@@ -153,7 +131,7 @@ def test_checkpointing_gives_the_same_update_and_recomputes_only_trained_blocks(
 
 
 def test_cost_model_counts_quantised_bytes_and_checkpointing(
-    tiny_overrides: Callable[..., list[str]], module_cache: Path, fast_calibration: None
+    tiny_overrides: Callable[..., list[str]], shared_cache: Path, fast_calibration: None
 ) -> None:
     from fedhello.engine.calibration import calibrated
 
@@ -180,7 +158,7 @@ def budget_groups(low: int, high: int) -> str:
 
 def test_plan_shows_more_layers_with_nf4_and_checkpointing_and_a_run_stays_within(
     tiny_overrides: Callable[..., list[str]],
-    module_cache: Path,
+    shared_cache: Path,
     fast_calibration: None,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],

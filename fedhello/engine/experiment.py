@@ -130,12 +130,10 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
             f"model.quantization: {cfg.method} merges its updates into the base weights, which "
             f"{cfg.model.quantization} would have to re-quantise every round; use quantization: none"
         )
-    if cfg.secure_aggregation.enabled and method.central_privacy_refusal() is not None:
-        raise UserError(
-            f"secure_aggregation.enabled: the server sees only sums of updates; {method.central_privacy_refusal()}"
-        )
-    refusal = method.central_privacy_refusal() if cfg.privacy.mode == "central" else None
-    if refusal is not None:
+    refusal = method.central_privacy_refusal()  # the method needs individual updates or reports
+    if refusal is not None and cfg.secure_aggregation.enabled:
+        raise UserError(f"secure_aggregation.enabled: the server sees only sums of updates; {refusal}")
+    if refusal is not None and cfg.privacy.mode == "central":
         raise UserError(f"privacy.mode: central needs a noised mean of clipped updates; {refusal}")
     return Experiment(
         cfg,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -85,6 +85,24 @@ def client_train(msg: Message, context: Context, defaults: Mapping[str, Any]) ->
     return content
 
 
+Answer = Callable[[Message, Context], RecordDict]
+
+
+def register_secure_aggregation(app: ClientApp, unmask: Answer = secure.answer_unmask) -> None:
+    """Secure aggregation's three message rounds (flower/secure.py) on a ClientApp; `unmask`
+    replaces the last step (a fault test's ClientApp disappears there)."""
+    for action, answer in [
+        ("secagg_share", secure.answer_share),
+        ("secagg_input", secure.answer_input),
+        ("secagg_unmask", unmask),
+    ]:
+
+        def handler(msg: Message, context: Context, answer: Answer = answer) -> Message:
+            return Message(answer(msg, context), reply_to=msg)
+
+        app.query(action)(handler)
+
+
 def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     """The ClientApp: answers which partition it holds, and trains when asked; `defaults` (a
     config object, out-dir, resume) stand in for the run config."""
@@ -99,19 +117,7 @@ def make_client_app(defaults: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         return Message(client_train(msg, context, base), reply_to=msg)
 
-    # secure aggregation's message rounds (flower/secure.py)
-    @app.query("secagg_share")
-    def secagg_share(msg: Message, context: Context) -> Message:
-        return Message(secure.answer_share(msg, context), reply_to=msg)
-
-    @app.query("secagg_input")
-    def secagg_input(msg: Message, context: Context) -> Message:
-        return Message(secure.answer_input(msg, context), reply_to=msg)
-
-    @app.query("secagg_unmask")
-    def secagg_unmask(msg: Message, context: Context) -> Message:
-        return Message(secure.answer_unmask(msg, context), reply_to=msg)
-
+    register_secure_aggregation(app)
     return app
 
 

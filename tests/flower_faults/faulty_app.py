@@ -11,7 +11,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedhello.flower import secure
-from fedhello.flower.client_app import client_train, query_reply
+from fedhello.flower.client_app import client_train, query_reply, register_secure_aggregation
 from fedhello.flower.server_app import server_app
 
 __all__ = ["client_app", "server_app"]
@@ -35,22 +35,14 @@ def train(msg: Message, context: Context) -> Message:
 # Secure aggregation's message rounds (fedhello/flower/secure.py). A SuperNode whose node config
 # says `fault='gone-after-input'` sends its masked input, then disappears: asked for its unmasking
 # shares, its ClientApp kills its SuperNode and itself, as a machine that crashed would.
-@client_app.query("secagg_share")
-def secagg_share(msg: Message, context: Context) -> Message:
-    return Message(secure.answer_share(msg, context), reply_to=msg)
-
-
-@client_app.query("secagg_input")
-def secagg_input(msg: Message, context: Context) -> Message:
-    return Message(secure.answer_input(msg, context), reply_to=msg)
-
-
-@client_app.query("secagg_unmask")
-def secagg_unmask(msg: Message, context: Context) -> Message:
+def unmask(msg: Message, context: Context) -> RecordDict:
     if context.node_config.get("fault") == "gone-after-input":
         for ancestor in psutil.Process().parents():  # the SuperNode that started this ClientApp
             if any("flower-supernode" in part for part in ancestor.cmdline()):
                 ancestor.kill()
                 break
         os._exit(1)
-    return Message(secure.answer_unmask(msg, context), reply_to=msg)
+    return secure.answer_unmask(msg, context)
+
+
+register_secure_aggregation(client_app, unmask)
