@@ -21,4 +21,7 @@ export HF_HUB_OFFLINE=1
 .venv/bin/ruff check fedhello tests benchmarks
 .venv/bin/ruff format --check fedhello tests benchmarks
 .venv/bin/mypy fedhello
-exec .venv/bin/pytest "$@"
+# Two workers (pytest-xdist): the Flower deployments mostly wait on their processes' polling,
+# so the rest of the suite runs beside them; each group of Ray simulations or deployments stays on
+# one worker (tests/test_flower.py). Arguments after the command go to pytest.
+exec .venv/bin/pytest -n 2 --dist loadgroup "$@"

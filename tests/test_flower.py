@@ -40,6 +40,11 @@ from fedhello.method.base import RoundPlan
 
 pytestmark = pytest.mark.slow  # Flower simulation and SuperLink/SuperNode processes
 
+# Under pytest-xdist (scripts/test.sh runs two workers) each kind runs on one worker, one test at
+# a time: two Ray clusters or two deployments at once would only compete for the same two cores.
+on_ray = pytest.mark.xdist_group("ray")
+on_deployment = pytest.mark.xdist_group("deployment")
+
 needs_nginx = pytest.mark.skipif(
     find_nginx() is None and not os.environ.get("FEDHELLO_REQUIRE_NGINX"),
     reason="nginx is not installed (apt-get install nginx-light): the secured deployment puts it in front "
@@ -122,6 +127,7 @@ def _wait_for_round(run_dir: Path, round_number: int, timeout: float) -> None:
         ("fedhello", ("secure_aggregation.enabled=true", "secure_aggregation.neighbours=2")),
     ],
 )
+@on_ray
 def test_simulation_engine_equals_in_process(
     method: str, extra: tuple[str, ...], tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
@@ -134,6 +140,7 @@ def test_simulation_engine_equals_in_process(
     assert summary["rounds_completed"] == 2
 
 
+@on_ray
 def test_a_simulated_round_without_replies_ends_in_one_line_exit_2(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,6 +166,7 @@ def test_a_simulated_round_without_replies_ends_in_one_line_exit_2(
 
 
 @needs_nginx
+@on_deployment
 def test_deployment_with_tls_and_auth_equals_in_process(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
@@ -186,6 +194,7 @@ FAULTY_APP = Path(__file__).with_name("flower_faults")
 
 
 @needs_nginx
+@on_deployment
 def test_a_dead_supernode_and_a_malformed_reply_do_not_stop_a_secured_run(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
@@ -229,6 +238,7 @@ def test_a_dead_supernode_and_a_malformed_reply_do_not_stop_a_secured_run(
 
 
 @needs_nginx
+@on_deployment
 def test_secure_aggregation_recovers_a_supernode_killed_after_its_masked_input(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:
@@ -259,6 +269,7 @@ def test_secure_aggregation_recovers_a_supernode_killed_after_its_masked_input(
 
 
 @needs_nginx
+@on_deployment
 def test_only_registered_supernodes_join_and_the_control_api_is_not_client_facing(tmp_path: Path) -> None:
     with LocalDeployment(tmp_path / "deploy", num_supernodes=2) as fed:
         nodes = _wait_for_nodes(fed, 2)
@@ -323,6 +334,7 @@ def _status(fed: LocalDeployment, path: str) -> int:
         return int(e.code)
 
 
+@on_deployment
 def test_interrupted_flower_run_resumes_from_its_checkpoint(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:

@@ -335,6 +335,7 @@ def test_vit_run_resumes_exactly_and_is_reproducible(
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # one Ray cluster at a time (tests/test_flower.py)
 def test_vit_flower_simulation_round_equals_in_process(
     image_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:

@@ -6,21 +6,25 @@ receives says nothing about an update; runs with it equal runs without."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.quantization import dequantize
 from scipy import stats
 
 from fedhello.cli import main
+from fedhello.engine import server as engine_server
 from fedhello.privacy.secagg import (
     WEIGHT,
     RoundLayout,
-    SecAggClient,
     SecAggParams,
-    SecAggServer,
     SkippedRound,
+    masks_for,
     ring_neighbours,
     secure_round,
 )
@@ -126,6 +130,38 @@ def test_more_dropouts_than_the_threshold_allows_skip_the_round_naming_clients_a
     assert "fewer than threshold" in text and "round skipped" in text and "a" in result.tensors
 
 
+def test_a_run_skips_a_round_it_cannot_unmask_and_goes_on(
+    tiny_overrides: Callable[..., list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The engine's side of too many dropouts: in round 2 every client but one is gone before
+    unmasking, so the server cannot remove the masks; the round is recorded as skipped, the
+    global adapters stay as they were (round 2 evaluates as round 1) and round 3 trains."""
+    real, rounds = engine_server.secure_round, []
+
+    def two_gone_in_round_two(*args: Any, **kwargs: Any) -> Any:
+        rounds.append(len(rounds) + 1)
+        if rounds[-1] == 2:
+            survivor = args[1].clients[0]
+            kwargs["gone"] = lambda stage, c: stage == "unmask" and c != survivor
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_server, "secure_round", two_gone_in_round_two)
+    out = tmp_path / "run"
+    overrides = tiny_overrides("secure_aggregation.enabled=true", "secure_aggregation.threshold=2")
+    with caplog.at_level(logging.WARNING):
+        assert main(["run", *overrides, "--out", str(out)]) == 0
+    records = read_records(out / "metrics.jsonl")
+    assert [r.round for r in records] == [1, 2, 3] and rounds == [1, 2, 3]
+    skipped = [r.extras["secure_aggregation"].get("skipped") for r in records]
+    assert skipped == [None, 1, None]
+    assert records[1].metrics["test"] == records[0].metrics["test"]
+    assert records[2].metrics["test"] != records[1].metrics["test"]
+    assert any("round 2: secure aggregation: fewer than threshold" in m for m in caplog.messages)
+
+
 def test_sparse_ring_of_neighbours_is_symmetric_and_masks_still_cancel() -> None:
     graph = ring_neighbours([1, 2, 3, 5, 7, 9, 11], 4)
     assert all(len(v) == 4 for v in graph.values())
@@ -143,35 +179,88 @@ def test_sparse_ring_of_neighbours_is_symmetric_and_masks_still_cancel() -> None
         assert np.abs(result[name] - mean).max() <= step(p), name
 
 
-def intercepted_input(update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What the server receives from client 1 in one run of the first three steps."""
-    p, lay = params(), layout()
-    graph = ring_neighbours(lay.clients, p.neighbours)
-    clients = {c: SecAggClient(c, p, lay, graph[c]) for c in lay.clients}
-    server = SecAggServer(p, lay, graph)
-    keys = {c: cl.advertise_keys() for c, cl in clients.items()}
-    routed = server.route_shares({c: cl.share_keys(keys) for c, cl in clients.items()})
-    ups = updates(5)
+Seen = dict[str, dict[int, object]]
+
+
+def eavesdrop(tensors: dict[int, tuple[str, ...]], update: dict[str, np.ndarray]) -> Seen:
+    """Every message the server receives, stage by stage, in one run of the protocol in which
+    client 1 sends `update` (fresh keys and seeds each time, as in a real run)."""
+    ups = {c: {n: np.full(SHAPES[n], 0.01 * c) for n in ts} for c, ts in tensors.items()}
     ups[1] = update
-    return clients[1].masked_input(routed[1], ups[1], WEIGHTS[1], quantise_seed=7)
+    seen: Seen = {}
+    secure_round(
+        params(),
+        layout(tensors),
+        ups,
+        WEIGHTS,
+        zeros(),
+        lambda c: 7,
+        observe=lambda stage, c, message: seen.setdefault(stage, {}).__setitem__(c, message),
+    )
+    return seen
 
 
-def test_the_server_cannot_recover_an_update_from_what_it_receives() -> None:
+def attack(tensors: dict[int, tuple[str, ...]], seen: Seen) -> np.ndarray:
+    """The server's best use of everything it received against client 1: rebuild client 1's
+    private seed b from the unmasking shares and take PRG(b) off its masked input. What is left
+    is client 1's weighted, quantised update plus its pairwise masks (integers modulo 2^bits)."""
+    p, lay = params(), layout(tensors)
+    answers = [a for a in seen["unmask"].values() if isinstance(a, dict) and 1 in a]
+    seed = combine_shares([a[1] for a in answers][: p.effective_threshold(p.neighbours + 1)])
+    names = sorted(tensors[1])
+    private_mask = masks_for(seed, lay.slots(names), p.modulus)
+    masked = seen["input"][1]
+    assert isinstance(masked, dict)
+    return np.concatenate([((masked[n] - private_mask[n]) % p.modulus).ravel() for n in names])
+
+
+def decode(residual: np.ndarray) -> np.ndarray:
+    """Read a residual as client 1's update: right exactly when no pairwise mask is in it."""
+    p = params()
+    return np.asarray(dequantize([residual / WEIGHTS[1]], p.clipping_range, p.quantisation_range)[0])
+
+
+def test_nothing_the_server_receives_reveals_an_update() -> None:
+    """Keys, encrypted shares, masked inputs and unmasking shares: the server combines all of
+    them and still finds client 1's update hidden by the pairwise masks of its neighbours, and
+    two runs with the same update look unrelated. The same attack recovers the update exactly
+    when client 1 shares no tensor with anyone, which shows that the attack is a real one."""
     rng = np.random.default_rng(6)
     update = {n: rng.normal(0, 0.1, SHAPES[n]) for n in TENSORS[1]}
-    first, second = intercepted_input(update), intercepted_input(update)
-    p = params()
-    sent = np.concatenate([first[n].ravel() for n in sorted(first)]).astype(np.float64)
-    again = np.concatenate([second[n].ravel() for n in sorted(second)]).astype(np.float64)
     values = np.concatenate([update[n].ravel() for n in sorted(update)])
-    payload = np.concatenate([first[n].ravel() for n in sorted(update)]).astype(np.float64)
-    # the same update, other masks: unrelated payloads, each uniform over [0, 2^field_bits)
-    assert np.mean(sent == again) < 0.01
-    assert abs(np.corrcoef(sent, again)[0, 1]) < 0.2
-    for payload_run in (sent, again):
-        assert stats.kstest(payload_run / p.modulus, "uniform").pvalue > 1e-3
-    assert abs(np.corrcoef(payload, values)[0, 1]) < 0.2  # nothing of the update shows
-    assert not np.any(np.isclose(payload / p.modulus * 2 - 1, values, atol=1e-3))
+    first, second = eavesdrop(TENSORS, update), eavesdrop(TENSORS, update)
+    assert set(first) == {"keys", "shares", "input", "unmask"}
+    for stage in first:  # nothing repeats between two runs: no fixed key, share or mask
+        for c, message in first[stage].items():
+            assert _flat(message) != _flat(second[stage][c]), (stage, c)
+    # no client dropped, so every unmasking share is of a sender's b, none of a mask key
+    assert all(set(a) <= set(first["input"]) for a in first["unmask"].values())  # type: ignore[call-overload]
+    # The masks come from fresh key pairs (the OS's randomness), so each check is a statistical
+    # test at a level (1e-6) that a correct implementation fails once in a million runs, while a
+    # residual that carries the update fails it with certainty.
+    level = 1e-6
+    p = params()
+    residuals = [attack(TENSORS, run) for run in (first, second)]
+    assert stats.pearsonr(residuals[0].astype(float), residuals[1].astype(float)).pvalue > level
+    for residual in residuals:  # uniform over [0, 2^field_bits), unrelated to the update
+        assert stats.kstest(residual / p.modulus, "uniform").pvalue > level
+        assert stats.pearsonr(residual.astype(float), values).pvalue > level
+        assert not np.any(np.isclose(decode(residual), values, atol=step(p)))
+    alone = {**TENSORS, 1: ("b",), 3: ("a", "c", "head")}  # only client 1 trains 'b'
+    exposed = decode(attack(alone, eavesdrop(alone, {"b": update["b"]})))
+    assert np.abs(exposed - update["b"].ravel()).max() <= step(p)  # a sum of one is that one
+
+
+def _flat(message: object) -> bytes:
+    if isinstance(message, bytes):
+        return message
+    if isinstance(message, np.ndarray | np.generic):
+        return np.asarray(message).tobytes()
+    if isinstance(message, dict):
+        return b"".join(_flat(message[k]) for k in sorted(message))
+    if isinstance(message, tuple):
+        return b"".join(_flat(m) for m in message)
+    raise TypeError(type(message))
 
 
 def test_a_run_with_secure_aggregation_equals_the_plain_run_also_under_central_privacy(

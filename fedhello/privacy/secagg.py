@@ -197,7 +197,9 @@ def fresh_keys() -> tuple[dict[str, bytes], tuple[bytes, bytes]]:
     )
 
 
-def _masks(seed: bytes, slots: Sequence[tuple[str, tuple[int, ...]]], modulus: int) -> dict[str, np.ndarray]:
+def masks_for(
+    seed: bytes, slots: Sequence[tuple[str, tuple[int, ...]]], modulus: int
+) -> dict[str, np.ndarray]:
     """Flower's mask generator over these slots, in their order."""
     arrays = pseudo_rand_gen(seed, modulus, [shape for _, shape in slots])
     return {name: np.asarray(a, dtype=np.int64) for (name, _), a in zip(slots, arrays, strict=True)}
@@ -328,7 +330,7 @@ class SecAggClient:
                 masked[name + WEIGHT] = np.asarray(cover, dtype=np.int64) * weight
             else:
                 masked[name + WEIGHT] = np.full(slot_shape, weight, dtype=np.int64)
-        own = _masks(self._seed, self.layout.slots(names), p.modulus)
+        own = masks_for(self._seed, self.layout.slots(names), p.modulus)
         for slot in masked:
             masked[slot] = (masked[slot] + own[slot]) % p.modulus
         for j in self.neighbours:
@@ -338,7 +340,7 @@ class SecAggClient:
             if not both:
                 continue
             seed = generate_shared_key(self._mask_key, _load_public(self._public[j][1]))
-            pair = _masks(seed, self.layout.slots(both), p.modulus)
+            pair = masks_for(seed, self.layout.slots(both), p.modulus)
             sign = 1 if self.client < j else -1
             for slot, mask in pair.items():
                 masked[slot] = (masked[slot] + sign * mask) % p.modulus
@@ -431,7 +433,7 @@ class SecAggServer:
             for slot, value in masked.items():
                 totals[slot] = (totals.get(slot, 0) + value) % p.modulus
         for c in senders:  # private masks
-            own = _masks(seeds[c], self.layout.slots(self.layout.tensors[c]), p.modulus)
+            own = masks_for(seeds[c], self.layout.slots(self.layout.tensors[c]), p.modulus)
             for slot, mask in own.items():
                 totals[slot] = (totals[slot] - mask) % p.modulus
         for d in dropped:  # the dropped clients' pairwise masks in their neighbours' inputs
@@ -443,7 +445,7 @@ class SecAggServer:
                     continue
                 seed = generate_shared_key(keys[d], _load_public(self.public_keys[j][1]))
                 sign = 1 if j < d else -1  # j added sign(j, d) * mask; take it out
-                for slot, mask in _masks(seed, self.layout.slots(both), p.modulus).items():
+                for slot, mask in masks_for(seed, self.layout.slots(both), p.modulus).items():
                     totals[slot] = (totals[slot] - sign * mask) % p.modulus
         out = {}
         for name in sorted({s for s in totals if not s.endswith(WEIGHT)}):
@@ -467,31 +469,34 @@ def secure_round(
     current: Mapping[str, np.ndarray],
     quantise_seed: Callable[[int], int],
     gone: Dropout | None = None,
+    observe: Callable[[str, int, object], None] | None = None,
 ) -> tuple[dict[str, np.ndarray] | SkippedRound, dict[str, int]]:
     """The whole protocol in memory, for the in-process engine and tests (the Flower engine runs
     the same client and server steps as message rounds): the unmasked means, and the messages
-    and bytes each stage moved."""
+    and bytes each stage moved. `observe(stage, client, payload)` sees every message the server
+    receives ("keys", "shares", "input", "unmask"), as an eavesdropping server would."""
     gone = gone or (lambda stage, client: False)
     graph = ring_neighbours(layout.clients, params.neighbours)
     clients = {c: SecAggClient(c, params, layout, graph[c]) for c in layout.clients}
     server = SecAggServer(params, layout, graph)
     traffic = {"messages": 0, "bytes": 0}
 
-    def sent(*payloads: object) -> None:
-        for p in payloads:
-            traffic["messages"] += 1
-            traffic["bytes"] += _size(p)
+    def sent(stage: str, client: int, payload: object) -> None:
+        traffic["messages"] += 1
+        traffic["bytes"] += _size(payload)
+        if observe is not None:
+            observe(stage, client, payload)
 
     for c, client in clients.items():
         server.public_keys[c] = client.advertise_keys()
-        sent(server.public_keys[c])
+        sent("keys", c, server.public_keys[c])
     shares = {}
     for c, client in clients.items():
         if gone("share", c):
             continue
         visible = {j: server.public_keys[j] for j in graph[c]}
         shares[c] = client.share_keys(visible)
-        sent(shares[c])
+        sent("shares", c, shares[c])
     routed = server.route_shares(shares)
     for c in sorted(shares):
         if gone("input", c):
@@ -502,13 +507,13 @@ def secure_round(
             log.warning("secure aggregation: client %d %s; left out", c, problem)
             continue
         server.inputs[c] = masked
-        sent(masked)
+        sent("input", c, masked)
     answers = {}
     for c in sorted(shares):
         if gone("unmask", c):
             continue
         answers[c] = clients[c].unmask_shares(sorted(server.inputs), server.dropped())
-        sent(answers[c])
+        sent("unmask", c, answers[c])
     return server.unmask(answers, current), traffic
 
 
