@@ -1,6 +1,7 @@
 """A Flower app for fault tests: fedhello's ServerApp, and fedhello's ClientApp except that a
 SuperNode whose node config says `fault='malformed'` replies without its tensors, and one that
-says `fault='gone-after-input'` disappears during secure aggregation after its masked input."""
+says `fault='gone-after-input-N'` disappears during round N's secure aggregation after its masked
+input."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ def train(msg: Message, context: Context) -> Message:
 
 
 # Secure aggregation's message rounds (fedhello/flower/secure.py). A SuperNode whose node config
-# says `fault='gone-after-input'` sends its masked input, then disappears: asked for its unmasking
-# shares, its ClientApp kills its SuperNode and itself, as a machine that crashed would.
+# says `fault='gone-after-input-N'` sends its masked input in round N, then disappears: asked for
+# its unmasking shares, its ClientApp kills its SuperNode and itself, as a machine that crashed would.
 def unmask(msg: Message, context: Context) -> RecordDict:
-    if context.node_config.get("fault") == "gone-after-input":
+    if context.node_config.get("fault") == f"gone-after-input-{msg.metadata.group_id}":
         for ancestor in psutil.Process().parents():  # the SuperNode that started this ClientApp
             if any("flower-supernode" in part for part in ancestor.cmdline()):
                 ancestor.kill()
