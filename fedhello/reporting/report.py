@@ -232,14 +232,15 @@ def not_beating_baseline(grid: GridResults) -> list[str]:
 
 
 def cost_table(grid: GridResults, roc: str) -> str:
-    """Per method, pooled over settings and seeds: memory and step time per group, bytes, compute."""
+    """Per method, pooled over settings and seeds: memory and step time per group, bytes, and
+    clients' compute seconds (medians: timings on a shared machine have outliers)."""
     methods = grid.ordered("method")
     summary = grid.summary
     groups = list(summary.groups)
     head = (
         "| method | "
         + " | ".join(f"{g} ({summary.layer_budget(g)} layers): peak MiB, step s" for g in groups)
-        + " | upload MB/round | download MB/round | upload MB total | download MB total | client compute s total |"
+        + " | upload MB/round | download MB/round | upload MB total | download MB total | client compute s per run (median) |"
     )
     lines = [head, "|---" * (6 + len(groups)) + "|"]
     for m in methods:
@@ -257,7 +258,9 @@ def cost_table(grid: GridResults, roc: str) -> str:
         down = np.mean([r.bytes_down for r in rounds]) / 1e6
         up_total = np.mean(_values(cells, _uploaded)) / 1e6
         down_total = np.mean(_values(cells, _downloaded)) / 1e6
-        compute = np.mean(_values(cells, _client_seconds))
+        compute = np.median(
+            _values(cells, _client_seconds)
+        )  # a wall-clock time: one stalled run must not move it
         lines.append(
             f"| {m} | {per_group} | {up:.2f} | {down:.2f} | {up_total:.1f} | {down_total:.1f} | {compute:.0f} |"
         )
