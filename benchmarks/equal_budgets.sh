@@ -18,8 +18,9 @@ $FH compare benchmarks/configs/equal-budgets-mpnet.yaml \
   --seeds 3 --settings iid,noniid --rocs 1:1:1 --jobs 2 \
   --out benchmarks/results/equal-budgets-mpnet --no-report
 # SmolLM2 instruction tuning (30 blocks) at equal budgets: 5 methods, IID, 1:1:1, 2 seeds; exact
-# match leads, ROUGE-L is recorded too (lm.primary_metric, fedhello/tasks/causal_lm.py).
+# match leads, ROUGE-L is recorded too (lm.primary_metric, fedhello/tasks/causal_lm.py). About an
+# hour per cell on one core of the development machine; two cells of about 3 GiB side by side.
 $FH compare benchmarks/configs/equal-budgets-smollm2.yaml \
   --methods fedhello,fed-pilot,fedra,gd-inverted_triangle,flora \
-  --seeds 2 --settings iid --rocs 1:1:1 --jobs 1 \
+  --seeds 2 --settings iid --rocs 1:1:1 --jobs 2 \
   --out benchmarks/results/equal-budgets-smollm2 --no-report
