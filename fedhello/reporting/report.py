@@ -258,9 +258,7 @@ def cost_table(grid: GridResults, roc: str) -> str:
         down = np.mean([r.bytes_down for r in rounds]) / 1e6
         up_total = np.mean(_values(cells, _uploaded)) / 1e6
         down_total = np.mean(_values(cells, _downloaded)) / 1e6
-        compute = np.median(
-            _values(cells, _client_seconds)
-        )  # a wall-clock time: one stalled run must not move it
+        compute = np.median(_values(cells, _client_seconds))
         lines.append(
             f"| {m} | {per_group} | {up:.2f} | {down:.2f} | {up_total:.1f} | {down_total:.1f} | {compute:.0f} |"
         )
