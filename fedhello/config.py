@@ -354,6 +354,15 @@ class SecureAggregationConfig(StrictModel):
     field_bits: int = Field(
         48, ge=16, le=52, description="Masks and sums live modulo 2^field_bits (exact in float64 up to 52)."
     )
+    limbs: int = Field(
+        2,
+        ge=1,
+        le=3,
+        description="Quantised limbs per value, each quantising what the one before left at a Q times finer "
+        "step: 1 is SecAgg+'s single quantisation (a mean within 2c/Q, about 1e-9 with the defaults, which "
+        "training then amplifies); 2 carries the mean to float64's precision, so a run follows the plain "
+        "run; each limb is one more masked copy of the update to send.",
+    )
 
     @field_validator("threshold")
     @classmethod

@@ -41,9 +41,14 @@ TENSORS = {
 WEIGHTS = {1: 10, 2: 20, 3: 5, 5: 7, 7: 3}
 
 
-def params(threshold: int = 3, neighbours: int = 4) -> SecAggParams:
+def params(threshold: int = 3, neighbours: int = 4, limbs: int = 2) -> SecAggParams:
     return SecAggParams(
-        threshold, neighbours, clipping_range=1.0, field_bits=48, weight_bound=sum(WEIGHTS.values())
+        threshold,
+        neighbours,
+        clipping_range=1.0,
+        field_bits=48,
+        weight_bound=sum(WEIGHTS.values()),
+        limbs=limbs,
     )
 
 
@@ -70,8 +75,14 @@ def zeros() -> dict[str, np.ndarray]:
 
 
 def step(p: SecAggParams) -> float:
-    """One quantisation step: the largest error of a (weighted mean of) stochastically rounded values."""
+    """The first limb's quantisation step: how far a stochastically rounded value can move."""
     return 2 * p.clipping_range / p.quantisation_range
+
+
+def tolerance(p: SecAggParams) -> float:
+    """The largest error of a secure mean: the last limb's step, plus float64's rounding of
+    values below 1 (a few ulps of 2^-53)."""
+    return p.resolution() + 1e-15
 
 
 def secure(ups: dict[int, dict[str, np.ndarray]], lay: RoundLayout, p: SecAggParams, gone=None):  # type: ignore[no-untyped-def]
@@ -85,11 +96,30 @@ def test_sums_equal_plain_aggregation_within_the_quantisation_step_for_layer_set
     assert isinstance(result, dict)
     expected = plain_mean(ups)
     for name, value in expected.items():
-        assert np.abs(result[name] - value).max() <= step(p), name
+        assert np.abs(result[name] - value).max() <= tolerance(p), name
         contributors = sum(WEIGHTS[c] for c in TENSORS if name in TENSORS[c])
         assert np.all(result[name + WEIGHT] == contributors)  # the summed weight, never one client's
-    assert step(p) < 1e-8
+    assert tolerance(p) < 2e-15
     assert traffic["messages"] == 4 * len(TENSORS)  # keys, shares, masked input, unmasking shares
+
+
+def test_two_limbs_carry_the_mean_to_float64_precision_and_one_to_the_quantisation_step() -> None:
+    """One limb (SecAgg+ as published) leaves each mean within 2c/Q of the plain one, about 1e-9;
+    training amplifies such differences until a run leaves the plain run's path. Two limbs leave
+    float64's rounding only, so the float32 state the server builds is the plain one, bit for bit.
+    (The unmasked sums are exact integers, so the result does not depend on the masks.)"""
+    ups = updates(7)
+    expected = plain_mean(ups)
+    errors = {}
+    for limbs in (1, 2):
+        result, _ = secure(ups, layout(), params(limbs=limbs))
+        assert isinstance(result, dict)
+        errors[limbs] = max(np.abs(result[n] - v).max() for n, v in expected.items())
+        if limbs == 2:
+            for name, value in expected.items():
+                assert np.array_equal(result[name].astype(np.float32), value.astype(np.float32)), name
+    assert 1e-12 < errors[1] <= step(params(limbs=1))
+    assert errors[2] <= 1e-15
 
 
 def test_rank_slices_are_averaged_over_the_clients_that_cover_each_coordinate() -> None:
@@ -106,8 +136,8 @@ def test_rank_slices_are_averaged_over_the_clients_that_cover_each_coordinate() 
     both = [c for c in TENSORS if "a" in TENSORS[c]]
     top = sum(WEIGHTS[c] * ups[c]["a"][:2] for c in both) / sum(WEIGHTS[c] for c in both)
     bottom = sum(WEIGHTS[c] * ups[c]["a"][2:] for c in full) / sum(WEIGHTS[c] for c in full)
-    assert np.abs(result["a"][:2] - top).max() <= step(p)
-    assert np.abs(result["a"][2:] - bottom).max() <= step(p)
+    assert np.abs(result["a"][:2] - top).max() <= tolerance(p)
+    assert np.abs(result["a"][2:] - bottom).max() <= tolerance(p)
 
 
 def test_a_client_gone_after_its_masked_input_is_recovered_and_one_gone_before_is_left_out() -> None:
@@ -115,11 +145,11 @@ def test_a_client_gone_after_its_masked_input_is_recovered_and_one_gone_before_i
     after, _ = secure(ups, layout(), p, gone=lambda stage, c: stage == "unmask" and c == 3)
     assert isinstance(after, dict)
     for name, value in plain_mean(ups).items():
-        assert np.abs(after[name] - value).max() <= step(p), name
+        assert np.abs(after[name] - value).max() <= tolerance(p), name
     before, _ = secure(ups, layout(), p, gone=lambda stage, c: stage == "input" and c == 3)
     assert isinstance(before, dict)
     for name, value in plain_mean(ups, without=(3,)).items():
-        assert np.abs(before[name] - value).max() <= step(p), name
+        assert np.abs(before[name] - value).max() <= tolerance(p), name
 
 
 def test_more_dropouts_than_the_threshold_allows_skip_the_round_naming_clients_and_tensors() -> None:
@@ -176,7 +206,7 @@ def test_sparse_ring_of_neighbours_is_symmetric_and_masks_still_cancel() -> None
     for name in SHAPES:
         cs = [c for c in tensors if name in tensors[c]]
         mean = sum(weights[c] * ups[c][name] for c in cs) / sum(weights[c] for c in cs)
-        assert np.abs(result[name] - mean).max() <= step(p), name
+        assert np.abs(result[name] - mean).max() <= tolerance(p), name
 
 
 Seen = dict[str, dict[int, object]]
@@ -208,7 +238,7 @@ def attack(tensors: dict[int, tuple[str, ...]], seen: Seen) -> np.ndarray:
     answers = [a for a in seen["unmask"].values() if isinstance(a, dict) and 1 in a]
     seed = combine_shares([a[1] for a in answers][: p.effective_threshold(p.neighbours + 1)])
     names = sorted(tensors[1])
-    private_mask = masks_for(seed, lay.slots(names), p.modulus)
+    private_mask = masks_for(seed, lay.slots(names, p.limbs), p.modulus)
     masked = seen["input"][1]
     assert isinstance(masked, dict)
     return np.concatenate([((masked[n] - private_mask[n]) % p.modulus).ravel() for n in names])
@@ -277,7 +307,10 @@ def test_a_run_with_secure_aggregation_equals_the_plain_run_also_under_central_p
         assert [r.round for r in a] == [r.round for r in b]
         for x, y in zip(a, b, strict=True):
             assert [c.layers for c in x.clients] == [c.layers for c in y.clients]
-            assert abs(x.metrics["test"]["accuracy"] - y.metrics["test"]["accuracy"]) < 0.005, method
+            if method == "hetlora":  # its norm-weighted rule gives way to the mean (docs/privacy.md)
+                assert abs(x.metrics["test"]["accuracy"] - y.metrics["test"]["accuracy"]) < 0.005
+            else:  # two limbs carry the means to float64's precision: the same float32 states
+                assert x.metrics == y.metrics, (method, extra, x.round)
         summary = json.loads((secure_run / "summary.json").read_text())
         assert summary["rounds_completed"] == 3
 

@@ -240,7 +240,9 @@ class FederatedServer:
         layout = secure_layout({c: shapes[c] for c in clients}, self.global_state)
         bound = sum(self.secure_weight(len(self.exp.client_indices[c])) for c in clients)
         s = self.exp.cfg.secure_aggregation
-        return SecAggParams(s.threshold, s.neighbours, s.clipping_range, s.field_bits, max(1, bound)), layout
+        return SecAggParams(
+            s.threshold, s.neighbours, s.clipping_range, s.field_bits, max(1, bound), s.limbs
+        ), layout
 
     def apply_secure(self, plan: RoundPlan, result: dict[str, np.ndarray] | SkippedRound) -> State:
         """The next state from the unmasked means: the current one plus each mean (under central

@@ -121,6 +121,7 @@ def encode_setup(
                     params.clipping_range,
                     params.field_bits,
                     params.weight_bound,
+                    params.limbs,
                 ]
             ),
             "layout": json.dumps(
@@ -138,7 +139,7 @@ def encode_setup(
 
 
 def decode_setup(config: ConfigRecord) -> tuple[SecAggParams, RoundLayout, list[int], int]:
-    t, n, c, bits, bound = json.loads(str(config["params"]))
+    t, n, c, bits, bound, limbs = json.loads(str(config["params"]))
     raw = json.loads(str(config["layout"]))
     layout = RoundLayout(
         {int(k): tuple(v) for k, v in raw["tensors"].items()},
@@ -147,7 +148,7 @@ def decode_setup(config: ConfigRecord) -> tuple[SecAggParams, RoundLayout, list[
     )
     neighbours = config["neighbours"]
     assert isinstance(neighbours, list)
-    params = SecAggParams(int(t), int(n), float(c), int(bits), int(bound))
+    params = SecAggParams(int(t), int(n), float(c), int(bits), int(bound), int(limbs))
     return params, layout, [int(x) for x in neighbours], int(str(config["client"]))
 
 

@@ -13,10 +13,12 @@ tensors both of them send:
    Shamir shares (`threshold` of them reconstruct), keeps one and sends each neighbour its
    shares, encrypted with their agreed key, through the server;
 3. masked input: each client quantises its update (Flower's stochastic quantisation into
-   [0, Q)), multiplies it by its integer weight, and adds, modulo 2^field_bits, its private mask
-   PRG(b) and for every neighbour that trains the same tensor the pairwise mask +-PRG(s_ij)
-   (sign by id order). Its weight goes along, masked the same way, so the weighted mean needs no
-   plain count;
+   [0, Q]) in `limbs` limbs: the first quantises the value clipped to [-c, c], each next one
+   what the limb before left, at a Q times finer step, so that two limbs carry a value to about
+   1e-16 of its size (float64's own precision) where one carries it to 2c/Q. It multiplies every
+   limb by its integer weight and adds, modulo 2^field_bits, its private mask PRG(b) and for
+   every neighbour that trains the same tensor the pairwise mask +-PRG(s_ij) (sign by id order).
+   Its weight goes along, masked the same way, so the weighted mean needs no plain count;
 4. unmasking: the server names who sent masked input and who dropped; the survivors send their
    shares of the senders' b and of the dropped clients' secret keys; the server rebuilds them,
    removes the private masks and the dropped clients' leftover pairwise masks, and divides each
@@ -50,7 +52,7 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     encrypt,
     generate_shared_key,
 )
-from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_utils import (
     pseudo_rand_gen,
     share_keys_plaintext_concat,
@@ -61,6 +63,7 @@ log = logging.getLogger(__name__)
 
 CURVE = ec.SECP384R1()
 WEIGHT = "#weight"  # suffix of a tensor's weight slot
+LIMB = "#limb"  # suffix of a tensor's finer limbs: name#limb1, name#limb2, ...
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class SecAggParams:
     clipping_range: float
     field_bits: int
     weight_bound: int  # the largest the summed weight of a tensor can be (the plan's sample bound)
+    limbs: int = 1  # quantised limbs per value, each Q times finer than the one before
 
     def effective_threshold(self, holders: int) -> int:
         """The shares that rebuild a secret: `threshold`, or every holder (the client and its
@@ -89,6 +93,18 @@ class SecAggParams:
         below 2^31: Flower's quantiser rounds into int32)."""
         return max(2, min((self.modulus - 1) // max(1, self.weight_bound), 2**31 - 2))
 
+    def limb_ranges(self) -> list[float]:
+        """The clipping range of each limb: c, then each limb's quantisation step (2 range / Q),
+        which bounds what the limb before leaves."""
+        ranges = [self.clipping_range]
+        for _ in range(1, self.limbs):
+            ranges.append(2 * ranges[-1] / self.quantisation_range)
+        return ranges
+
+    def resolution(self) -> float:
+        """The step of the last limb: with exact arithmetic the largest error of a mean."""
+        return 2 * self.limb_ranges()[-1] / self.quantisation_range
+
 
 @dataclass(frozen=True)
 class RoundLayout:
@@ -104,11 +120,14 @@ class RoundLayout:
     def clients(self) -> list[int]:
         return sorted(self.tensors)
 
-    def slots(self, names: Sequence[str]) -> list[tuple[str, tuple[int, ...]]]:
-        """The masked slots of these tensors, in one canonical order: each tensor, then its weight."""
+    def slots(self, names: Sequence[str], limbs: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+        """The masked slots of these tensors, in one canonical order: each tensor (its first
+        limb), its finer limbs, then its weight."""
         out = []
         for name in sorted(names):
-            out += [(name, self.shapes[name]), (name + WEIGHT, self.weight_shapes[name])]
+            out.append((name, self.shapes[name]))
+            out += [(f"{name}{LIMB}{i}", self.shapes[name]) for i in range(1, limbs)]
+            out.append((name + WEIGHT, self.weight_shapes[name]))
         return out
 
 
@@ -315,22 +334,21 @@ class SecAggClient:
                 p.clipping_range,
             )
         with _numpy_seeded(quantise_seed):
-            values = quantize(
-                [np.asarray(update[n], dtype=np.float64) for n in names],
-                p.clipping_range,
-                p.quantisation_range,
-            )
+            limbs = quantise_in_limbs([np.asarray(update[n], dtype=np.float64) for n in names], p)
         masked: dict[str, np.ndarray] = {}
-        for name, q in zip(names, values, strict=True):
+        for i, name in enumerate(names):
             cover = update.get(name + WEIGHT)
             slot_shape = self.layout.weight_shapes[name]
-            masked[name] = np.asarray(q, dtype=np.int64) * weight
-            if cover is not None:  # zero-padded coordinates carry no weight and no value
-                masked[name] = masked[name] * np.asarray(cover, dtype=np.int64)
+            for k, limb in enumerate(limbs):
+                slot = name if k == 0 else f"{name}{LIMB}{k}"
+                masked[slot] = np.asarray(limb[i], dtype=np.int64) * weight
+                if cover is not None:  # zero-padded coordinates carry no weight and no value
+                    masked[slot] = masked[slot] * np.asarray(cover, dtype=np.int64)
+            if cover is not None:
                 masked[name + WEIGHT] = np.asarray(cover, dtype=np.int64) * weight
             else:
                 masked[name + WEIGHT] = np.full(slot_shape, weight, dtype=np.int64)
-        own = masks_for(self._seed, self.layout.slots(names), p.modulus)
+        own = masks_for(self._seed, self.layout.slots(names, p.limbs), p.modulus)
         for slot in masked:
             masked[slot] = (masked[slot] + own[slot]) % p.modulus
         for j in self.neighbours:
@@ -340,7 +358,7 @@ class SecAggClient:
             if not both:
                 continue
             seed = generate_shared_key(self._mask_key, _load_public(self._public[j][1]))
-            pair = masks_for(seed, self.layout.slots(both), p.modulus)
+            pair = masks_for(seed, self.layout.slots(both, p.limbs), p.modulus)
             sign = 1 if self.client < j else -1
             for slot, mask in pair.items():
                 masked[slot] = (masked[slot] + sign * mask) % p.modulus
@@ -392,7 +410,7 @@ class SecAggServer:
     def check_input(self, client: int, masked: Mapping[str, np.ndarray]) -> str | None:
         """What can be checked of a masked input: its slots and their shapes (the values are
         uniformly random to the server)."""
-        expected = dict(self.layout.slots(self.layout.tensors[client]))
+        expected = dict(self.layout.slots(self.layout.tensors[client], self.params.limbs))
         if set(masked) != set(expected):
             return f"sent slots {sorted(set(masked) ^ set(expected))[:3]} outside its plan"
         for slot, shape in expected.items():
@@ -433,7 +451,7 @@ class SecAggServer:
             for slot, value in masked.items():
                 totals[slot] = (totals.get(slot, 0) + value) % p.modulus
         for c in senders:  # private masks
-            own = masks_for(seeds[c], self.layout.slots(self.layout.tensors[c]), p.modulus)
+            own = masks_for(seeds[c], self.layout.slots(self.layout.tensors[c], p.limbs), p.modulus)
             for slot, mask in own.items():
                 totals[slot] = (totals[slot] - mask) % p.modulus
         for d in dropped:  # the dropped clients' pairwise masks in their neighbours' inputs
@@ -445,16 +463,37 @@ class SecAggServer:
                     continue
                 seed = generate_shared_key(keys[d], _load_public(self.public_keys[j][1]))
                 sign = 1 if j < d else -1  # j added sign(j, d) * mask; take it out
-                for slot, mask in masks_for(seed, self.layout.slots(both), p.modulus).items():
+                for slot, mask in masks_for(seed, self.layout.slots(both, p.limbs), p.modulus).items():
                     totals[slot] = (totals[slot] - sign * mask) % p.modulus
         out = {}
-        for name in sorted({s for s in totals if not s.endswith(WEIGHT)}):
+        centre, ranges = p.quantisation_range / 2, p.limb_ranges()
+        for name in sorted({s for s in totals if "#" not in s}):
             weight = totals[name + WEIGHT].astype(np.float64)
-            mean_q = np.where(weight > 0, totals[name].astype(np.float64) / np.maximum(weight, 1), 0.0)
-            value = dequantize([mean_q], p.clipping_range, p.quantisation_range)[0]
+            covered = np.maximum(weight, 1)
+            # limb k's weighted sum is sum_i w_i (x_ik + r_k) / step_k, x_ik the limb's value and
+            # r_k its range: centred exactly in float64 (every term < 2^52), then scaled
+            value = np.zeros(np.shape(totals[name]), dtype=np.float64)
+            for k, r in enumerate(ranges):
+                total = totals[name if k == 0 else f"{name}{LIMB}{k}"].astype(np.float64)
+                value += (total - weight * centre) / covered * (2 * r / p.quantisation_range)
             out[name] = np.where(weight > 0, value, np.asarray(current[name], dtype=np.float64))
             out[name + WEIGHT] = np.broadcast_to(weight, np.shape(out[name])).copy()
         return out
+
+
+def quantise_in_limbs(values: Sequence[np.ndarray], p: SecAggParams) -> list[list[np.ndarray]]:
+    """Flower's stochastic quantiser, once per limb: limb 0 quantises the values clipped to
+    [-c, c], each next limb what the limbs before leave (within one step of theirs) at a step Q
+    times finer. Limb k's integers q satisfy value_k = q * step_k - range_k, up to its rounding."""
+    centre = p.quantisation_range / 2
+    rest = [np.clip(v, -p.clipping_range, p.clipping_range) for v in values]
+    limbs = []
+    for r in p.limb_ranges():
+        q = quantize(rest, r, p.quantisation_range)
+        limbs.append(q)
+        step = 2 * r / p.quantisation_range
+        rest = [v - (np.asarray(qi, dtype=np.float64) - centre) * step for v, qi in zip(rest, q, strict=True)]
+    return limbs
 
 
 Dropout = Callable[[str, int], bool]
