@@ -358,10 +358,10 @@ class SecureAggregationConfig(StrictModel):
         2,
         ge=1,
         le=3,
-        description="Quantised limbs per value, each quantising what the one before left at a Q times finer "
-        "step: 1 is SecAgg+'s single quantisation (a mean within 2c/Q, about 1e-9 with the defaults, which "
-        "training then amplifies); 2 carries the mean to float64's precision, so a run follows the plain "
-        "run; each limb is one more masked copy of the update to send.",
+        description="Quantised limbs per value, each quantising what the ones before left at a Q/2 times "
+        "finer step: 1 is SecAgg+'s single quantisation (a mean within 2c/Q, about 2e-9 with the defaults, "
+        "which training then amplifies); 2 carries a float32 value exactly (c a power of two), so a run "
+        "follows the plain run; each limb is one more masked copy of the update to send.",
     )
 
     @field_validator("threshold")

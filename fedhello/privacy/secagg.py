@@ -14,8 +14,8 @@ tensors both of them send:
    shares, encrypted with their agreed key, through the server;
 3. masked input: each client quantises its update (Flower's stochastic quantisation into
    [0, Q]) in `limbs` limbs: the first quantises the value clipped to [-c, c], each next one
-   what the limb before left, at a Q times finer step, so that two limbs carry a value to about
-   1e-16 of its size (float64's own precision) where one carries it to 2c/Q. It multiplies every
+   what the limbs before left, at a step Q/2 times finer, so that two limbs carry a float32
+   value exactly (`quantise_in_limbs`) where one carries it to within 2c/Q. It multiplies every
    limb by its integer weight and adds, modulo 2^field_bits, its private mask PRG(b) and for
    every neighbour that trains the same tensor the pairwise mask +-PRG(s_ij) (sign by id order).
    Its weight goes along, masked the same way, so the weighted mean needs no plain count;
@@ -89,21 +89,29 @@ class SecAggParams:
 
     @property
     def quantisation_range(self) -> int:
-        """Q: a weighted sum of quantised values stays below the modulus, so nothing wraps (and
-        below 2^31: Flower's quantiser rounds into int32)."""
-        return max(2, min((self.modulus - 1) // max(1, self.weight_bound), 2**31 - 2))
+        """Q: the largest power of two for which a weighted sum of quantised values stays below
+        the modulus, so nothing wraps, and at most 2^30 (Flower's quantiser rounds into int32).
+        A power of two keeps every step a power of two when c is one: then the limbs represent
+        a float32 value exactly (see `quantise_in_limbs`)."""
+        bound = max(2, min((self.modulus - 1) // max(1, self.weight_bound), 2**30))
+        return 1 << (bound.bit_length() - 1)
 
     def limb_ranges(self) -> list[float]:
-        """The clipping range of each limb: c, then each limb's quantisation step (2 range / Q),
-        which bounds what the limb before leaves."""
+        """Each limb's clipping range: c, then twice the step of the limb before (what a limb
+        leaves is within one of its steps; the factor two is room for float64's rounding of the
+        first limb's input)."""
         ranges = [self.clipping_range]
         for _ in range(1, self.limbs):
-            ranges.append(2 * ranges[-1] / self.quantisation_range)
+            ranges.append(4 * ranges[-1] / self.quantisation_range)
         return ranges
 
+    def limb_steps(self) -> list[float]:
+        """Each limb's quantisation step, 2 range / Q: 2c / Q, then Q / 2 times finer each."""
+        return [2 * r / self.quantisation_range for r in self.limb_ranges()]
+
     def resolution(self) -> float:
-        """The step of the last limb: with exact arithmetic the largest error of a mean."""
-        return 2 * self.limb_ranges()[-1] / self.quantisation_range
+        """The last limb's step: the largest quantisation error of a mean."""
+        return self.limb_steps()[-1]
 
 
 @dataclass(frozen=True)
@@ -466,33 +474,36 @@ class SecAggServer:
                 for slot, mask in masks_for(seed, self.layout.slots(both, p.limbs), p.modulus).items():
                     totals[slot] = (totals[slot] - sign * mask) % p.modulus
         out = {}
-        centre, ranges = p.quantisation_range / 2, p.limb_ranges()
+        centre = p.quantisation_range // 2
         for name in sorted({s for s in totals if "#" not in s}):
-            weight = totals[name + WEIGHT].astype(np.float64)
-            covered = np.maximum(weight, 1)
-            # limb k's weighted sum is sum_i w_i (x_ik + r_k) / step_k, x_ik the limb's value and
-            # r_k its range: centred exactly in float64 (every term < 2^52), then scaled
+            weight = totals[name + WEIGHT]
+            covered = np.maximum(weight, 1).astype(np.float64)
+            # limb k's sum is sum_i w_i (v_ik / step_k + Q/2), v_ik the part of x_i it carries:
+            # centred in integers (exact), then divided and scaled. For one contributor every
+            # step is exact, so a float32 value comes back as itself, as plain aggregation gives it.
             value = np.zeros(np.shape(totals[name]), dtype=np.float64)
-            for k, r in enumerate(ranges):
-                total = totals[name if k == 0 else f"{name}{LIMB}{k}"].astype(np.float64)
-                value += (total - weight * centre) / covered * (2 * r / p.quantisation_range)
+            for k, step in enumerate(p.limb_steps()):
+                centred = totals[name if k == 0 else f"{name}{LIMB}{k}"] - weight * centre
+                value = value + centred.astype(np.float64) / covered * step
             out[name] = np.where(weight > 0, value, np.asarray(current[name], dtype=np.float64))
-            out[name + WEIGHT] = np.broadcast_to(weight, np.shape(out[name])).copy()
+            out[name + WEIGHT] = np.broadcast_to(weight.astype(np.float64), np.shape(out[name])).copy()
         return out
 
 
 def quantise_in_limbs(values: Sequence[np.ndarray], p: SecAggParams) -> list[list[np.ndarray]]:
     """Flower's stochastic quantiser, once per limb: limb 0 quantises the values clipped to
-    [-c, c], each next limb what the limbs before leave (within one step of theirs) at a step Q
-    times finer. Limb k's integers q satisfy value_k = q * step_k - range_k, up to its rounding."""
-    centre = p.quantisation_range / 2
+    [-c, c], each next limb what the limbs before left (`limb_ranges`). Limb k's integers q carry
+    (q - Q/2) * step_k. With c a power of two every step is one and each subtraction below is
+    exact; a float32 value of at least 2^23 times the last step (2^-34 with the defaults) lies
+    on the last limb's grid, so the last limb rounds nothing: two limbs carry such a value
+    exactly, and the mean of one contributor is its value to the bit."""
+    centre = p.quantisation_range // 2
     rest = [np.clip(v, -p.clipping_range, p.clipping_range) for v in values]
     limbs = []
-    for r in p.limb_ranges():
+    for r, step in zip(p.limb_ranges(), p.limb_steps(), strict=True):
         q = quantize(rest, r, p.quantisation_range)
         limbs.append(q)
-        step = 2 * r / p.quantisation_range
-        rest = [v - (np.asarray(qi, dtype=np.float64) - centre) * step for v, qi in zip(rest, q, strict=True)]
+        rest = [v - (np.asarray(qi, dtype=np.int64) - centre) * step for v, qi in zip(rest, q, strict=True)]
     return limbs
 
 
