@@ -76,7 +76,7 @@ class SecAggParams:
     clipping_range: float
     field_bits: int
     weight_bound: int  # the largest the summed weight of a tensor can be (the plan's sample bound)
-    limbs: int = 1  # quantised limbs per value, each Q times finer than the one before
+    limbs: int = 1  # quantised limbs per value, each Q/2 times finer than the one before
 
     def effective_threshold(self, holders: int) -> int:
         """The shares that rebuild a secret: `threshold`, or every holder (the client and its
@@ -91,8 +91,8 @@ class SecAggParams:
     def quantisation_range(self) -> int:
         """Q: the largest power of two for which a weighted sum of quantised values stays below
         the modulus, so nothing wraps, and at most 2^30 (Flower's quantiser rounds into int32).
-        A power of two keeps every step a power of two when c is one: then the limbs represent
-        a float32 value exactly (see `quantise_in_limbs`)."""
+        A power of two keeps every step a power of two when c is one (the default is 1.0): then
+        two limbs carry a float32 value exactly (`quantise_in_limbs`)."""
         bound = max(2, min((self.modulus - 1) // max(1, self.weight_bound), 2**30))
         return 1 << (bound.bit_length() - 1)
 
