@@ -109,8 +109,10 @@ def test_two_limbs_give_the_plain_float32_state_and_one_limb_does_not() -> None:
     update exactly: a tensor with one contributor comes back bit for bit, a mean of several to
     float64's rounding, and the server's new float32 state (global + mean, as the engine builds
     it) equals plain aggregation's, also where global + mean falls on a rounding tie, which a
-    1e-18 error would break the other way. The unmasked sums are exact integers, so the result
-    does not depend on the masks."""
+    1e-18 error would break the other way. (Where the exact mean of several is itself a float32
+    tie, plain aggregation's own float64 rounding decides, and the two can differ by an ulp:
+    docs/privacy.md; these weights make no such tie.) The unmasked sums are exact integers, so
+    the result does not depend on the masks."""
     tensors = {**TENSORS, 1: ("b",), 3: ("a", "c", "head")}  # 'b' has one contributor
     rng = np.random.default_rng(7)
     ups = {
