@@ -8,7 +8,8 @@ Both runs use the default config (offline MiniLM) with seed 0, and run at the sa
 each) so that both meet the same load; seeds 1.. add their final accuracies. Runs go to
 runs/secagg/{plain,secure}-seed<N> and are resumed when interrupted. The protocol's figures are what
 `secure_round` counted: every key, share, masked input and unmasking message, as the bytes a
-network would carry (masked tensors are int64: twice a float32 update).
+network would carry (each limb of a masked tensor is int64: with the default two limbs, four
+times a float32 update).
 """
 
 from __future__ import annotations
