@@ -17,5 +17,6 @@ $FH compare benchmarks/configs/reference-mpnet.yaml \
 # the grids at equal device budgets are run by benchmarks/equal_budgets.sh; reported here with the rest
 $FH report benchmarks/results/reference benchmarks/results/reference-mpnet \
   benchmarks/results/equal-budgets-minilm benchmarks/results/equal-budgets-mpnet \
+  benchmarks/results/equal-budgets-smollm2 \
   --to docs/results.md --notes docs/results-notes.md \
   --command-line "bash benchmarks/reference.sh"

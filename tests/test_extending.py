@@ -263,6 +263,23 @@ def test_report_reads_every_committed_cell(tmp_path: Path) -> None:
     assert "nan" not in against
 
 
+def test_report_marks_the_lowest_perplexity_as_the_best() -> None:
+    """Each column's best mean is bold in its own direction: exact match highest, perplexity
+    lowest (the committed SmolLM2 cells at equal budgets)."""
+    from fedhello.reporting.report import GridResults, accuracy_table
+
+    grid = GridResults.load(REPO / "benchmarks" / "results" / "equal-budgets-smollm2")
+    lines = accuracy_table(grid, "1:1:1").splitlines()
+    columns = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {r.split("|")[1].strip().split(" (")[0]: r.strip("|").split("|") for r in lines[2:-1]}
+    for column, pick in [("iid: final", max), ("iid: final perplexity", min)]:
+        i = columns.index(column)
+        means = {m: float(cells[i].strip(" *").split(" ")[0]) for m, cells in rows.items()}
+        best = pick(means, key=lambda m: means[m])
+        assert rows[best][i].strip().startswith("**"), (column, best)
+        assert sum("**" in cells[i] for cells in rows.values()) == 1, column
+
+
 def test_tensorboard_tracking_matches_metrics_jsonl(
     tiny_overrides: Callable[..., list[str]], tmp_path: Path
 ) -> None:

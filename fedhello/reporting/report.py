@@ -26,6 +26,7 @@ import numpy as np
 from fedhello.grid import git_commit, load_cells
 from fedhello.method.registry import DEFAULT_METHOD
 from fedhello.reporting.summary import SCORE_LABELS, ScoreKind, Summary, beats_baseline
+from fedhello.tasks.metrics import LOWER_IS_BETTER
 
 MiB = 2**20
 FLAG = "†"  # marks a score that does not beat the trivial baseline
@@ -80,7 +81,13 @@ class GridResults:
 
     @property
     def higher_is_better(self) -> bool:
+        """For the primary metric (the task says)."""
         return self.summary.higher_is_better if self.cells else True
+
+    def higher_is_better_for(self, metric: str) -> bool:
+        """For any metric: the task's word for its primary one, the name for the rest (a
+        report's extra columns include perplexity)."""
+        return self.higher_is_better if metric == self.metric else metric not in LOWER_IS_BETTER
 
     @property
     def summary(self) -> Summary:
@@ -115,7 +122,7 @@ class GridResults:
         base = self.baseline(setting, metric)
         if np.isnan(base) or np.isnan(value):
             return True
-        return bool(beats_baseline(value, base, self.higher_is_better))
+        return bool(beats_baseline(value, base, self.higher_is_better_for(metric or self.metric)))
 
 
 SummaryValue = Callable[[Summary], float | None]
@@ -190,7 +197,7 @@ def accuracy_table(grid: GridResults, roc: str) -> str:
     for s in settings:
         for a, kind, metric in columns:
             means = [_mean_std(_scores(grid.group(s, roc, m), kind, metric))[0] for m in methods]
-            pick = np.nanmax if grid.higher_is_better else np.nanmin
+            pick = np.nanmax if grid.higher_is_better_for(metric) else np.nanmin
             best[(s, a)] = pick(means) if not all(np.isnan(means)) else float("nan")
     for m in methods:
         row = []

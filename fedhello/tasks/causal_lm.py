@@ -48,12 +48,12 @@ if TYPE_CHECKING:
     from fedhello.method.fisher import FisherOptions
 from fedhello.tasks import register_task
 from fedhello.tasks.base import Examples, Task, batches
+from fedhello.tasks.metrics import LOWER_IS_BETTER
 
 log = logging.getLogger(__name__)
 
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 INPUT_BLOCK = "### Input:\n{input}\n\n"
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
-"""Classification metrics shared by classification tasks (plain numpy)."""
+"""Metrics shared by tasks and reports (plain numpy)."""
 
 from __future__ import annotations
 
 import numpy as np
+
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})  # every other metric: higher is better
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
