@@ -66,6 +66,11 @@ WEIGHT = "#weight"  # suffix of a tensor's weight slot
 LIMB = "#limb"  # suffix of a tensor's finer limbs: name#limb1, name#limb2, ...
 
 
+def limb_slot(name: str, k: int) -> str:
+    """The masked slot of a tensor's limb k: the tensor's own name for limb 0."""
+    return name if k == 0 else f"{name}{LIMB}{k}"
+
+
 @dataclass(frozen=True)
 class SecAggParams:
     """What every client of a round is told (`secure_aggregation` in the config, plus the round's
@@ -134,7 +139,7 @@ class RoundLayout:
         out = []
         for name in sorted(names):
             out.append((name, self.shapes[name]))
-            out += [(f"{name}{LIMB}{i}", self.shapes[name]) for i in range(1, limbs)]
+            out += [(limb_slot(name, k), self.shapes[name]) for k in range(1, limbs)]
             out.append((name + WEIGHT, self.weight_shapes[name]))
         return out
 
@@ -348,7 +353,7 @@ class SecAggClient:
             cover = update.get(name + WEIGHT)
             slot_shape = self.layout.weight_shapes[name]
             for k, limb in enumerate(limbs):
-                slot = name if k == 0 else f"{name}{LIMB}{k}"
+                slot = limb_slot(name, k)
                 masked[slot] = np.asarray(limb[i], dtype=np.int64) * weight
                 if cover is not None:  # zero-padded coordinates carry no weight and no value
                     masked[slot] = masked[slot] * np.asarray(cover, dtype=np.int64)
@@ -483,7 +488,7 @@ class SecAggServer:
             # step is exact, so a float32 value comes back as itself, as plain aggregation gives it.
             value = np.zeros(np.shape(totals[name]), dtype=np.float64)
             for k, step in enumerate(p.limb_steps()):
-                centred = totals[name if k == 0 else f"{name}{LIMB}{k}"] - weight * centre
+                centred = totals[limb_slot(name, k)] - weight * centre
                 value = value + centred.astype(np.float64) / covered * step
             out[name] = np.where(weight > 0, value, np.asarray(current[name], dtype=np.float64))
             out[name + WEIGHT] = np.broadcast_to(weight.astype(np.float64), np.shape(out[name])).copy()
